@@ -1,0 +1,48 @@
+"""TurboStudio: `python app.py --help` lists every option.
+
+Parse settings, load the model, build the Blocks app, launch; nothing else.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import sys
+
+
+def main(argv=None) -> int:
+    import settings as settings_mod
+
+    try:
+        s = settings_mod.from_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engines.base import EngineError
+    from engines.manager import EngineManager
+    from ui.app import build_app
+    from ui.common import Context
+
+    manager = EngineManager(s.cache_dir, s.engine_options())
+    atexit.register(manager.close)
+    if not s.no_load:
+        def progress(frac, msg):
+            print(f"[{frac * 100:5.1f}%] {msg}", flush=True)
+        try:
+            info = manager.load(s.model, s.engine, progress=progress)
+        except EngineError as e:
+            print(f"error: {e.message}", file=sys.stderr)
+            return 1
+        print(f"Loaded {info.model} on {info.backend} ({info.device}): {info.reason}", flush=True)
+    ctx = Context(settings=s, manager=manager)
+    demo = build_app(ctx)
+    info = manager.info()
+    concurrency = s.concurrency or (info.max_batch if info else 16)
+    demo.queue(default_concurrency_limit=concurrency, max_size=s.max_queue)
+    demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,
+                auth=s.auth_pairs(), root_path=s.root_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""LMDeploy backends: TurboMind and LMDeploy's PyTorch engine, one adapter with two engine configs.
+
+Both run behind ``lmdeploy.pipeline``: it owns an asyncio loop thread and batches every request it
+is given continuously, so ``stream`` simply submits one request per call and relays the deltas; many
+callers at once are batched by the engine itself (no lock here). Each call gets its own LMDeploy
+``Session``; ``abort(session_id)`` cancels that session's request inside the engine, and a consumer
+that stops iterating early (a closed Gradio stream) aborts it too.
+
+LMDeploy is imported only when this backend is built, so the app runs without it.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from typing import Iterator, Sequence
+
+from .base import ChatMessage, Delta, EngineError, EngineInfo, EngineUnavailable, GenParams, ModelLoadError
+from .models import read_config
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("turbomind", "pytorch")
+
+
+def lmdeploy_available() -> tuple[bool, str]:
+    try:
+        import lmdeploy  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
+        return False, f"LMDeploy is not installed ({type(e).__name__}); `pip install -r requirements-gpu.txt`"
+    return True, ""
+
+
+def turbomind_supports(path: str, trust_remote_code: bool = False) -> tuple[bool, str]:
+    from lmdeploy.turbomind.supported_models import is_supported
+
+    try:
+        ok = is_supported(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        return False, f"TurboMind cannot read this model ({e})"
+    return ok, "" if ok else "TurboMind does not support this architecture"
+
+
+def _image_part(img) -> dict:
+    """An OpenAI-style image part for LMDeploy's multimodal processor (a PIL image or a path)."""
+    if isinstance(img, str):
+        from PIL import Image
+
+        img = Image.open(img)
+    return {"type": "image_data", "image_data": {"data": img}}
+
+
+class LMDeployEngine:
+    def __init__(self, resolved, *, backend: str = "turbomind", model_format: str = "hf",
+                 quant_policy: int = 0, cache_max_entry_count: float = 0.8,
+                 session_len: int | None = None, tp: int = 1, dtype: str = "auto",
+                 trust_remote_code: bool = False, max_batch: int | None = None, **_ignored):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}")
+        ok, why = lmdeploy_available()
+        if not ok:
+            raise EngineUnavailable(why)
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EngineUnavailable(f"LMDeploy's {backend} engine needs a CUDA GPU; none is visible.")
+        n_gpu = torch.cuda.device_count()
+        if tp > n_gpu:
+            raise EngineUnavailable(f"--tp {tp} asks for {tp} GPUs but {n_gpu} is visible.")
+        from lmdeploy import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
+
+        self._GenerationConfig = GenerationConfig
+        cfg = read_config(resolved.path) if resolved.local else {}
+        self.vision = "vision_config" in cfg
+        common = dict(tp=tp, cache_max_entry_count=cache_max_entry_count, session_len=session_len,
+                      quant_policy=quant_policy, dtype=dtype)
+        if max_batch:
+            common["max_batch_size"] = max_batch
+        if backend == "turbomind":
+            if resolved.local:
+                ok, why = turbomind_supports(resolved.path, trust_remote_code)
+                if not ok:
+                    raise ModelLoadError(f"{why}: {resolved.spec!r}. Try the 'pytorch' or "
+                                         "'transformers' engine.")
+            engine_cfg = TurbomindEngineConfig(model_format=None if model_format == "hf" else model_format,
+                                               **common)
+        else:
+            engine_cfg = PytorchEngineConfig(**common)
+        try:
+            self.pipe = pipeline(resolved.path, backend_config=engine_cfg, log_level="ERROR",
+                                 trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - LMDeploy raises many types; the UI needs one
+            gc.collect()
+            torch.cuda.empty_cache()
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"LMDeploy ({backend}) cannot load {resolved.spec!r}: {msg}") from e
+        bc = self.pipe.backend_config
+        self._sessions: dict[str, list] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._tokenizer = None
+        self._path = resolved.path
+        self.info = EngineInfo(
+            backend=backend, model=resolved.spec, model_path=resolved.path, device="cuda",
+            dtype=str(getattr(bc, "dtype", dtype)), context_length=int(bc.session_len or 2048),
+            vision=self.vision, max_batch=int(bc.max_batch_size or 64),
+            extra={"tp": tp, "quant_policy": quant_policy, "model_format": model_format,
+                   "cache_max_entry_count": cache_max_entry_count})
+
+    def _messages(self, messages: Sequence[ChatMessage]) -> list[dict]:
+        out = []
+        for m in messages:
+            if m.images:
+                parts = [{"type": "text", "text": m.content}] + [_image_part(i) for i in m.images]
+                out.append({"role": m.role, "content": parts})
+            else:
+                out.append({"role": m.role, "content": m.content})
+        return out
+
+    def _gen_config(self, p: GenParams):
+        kw = dict(max_new_tokens=p.max_new_tokens, repetition_penalty=p.repetition_penalty)
+        if p.greedy:
+            kw.update(do_sample=False, top_k=1)
+        else:
+            kw.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+        if p.seed is not None:
+            kw["random_seed"] = p.seed
+        return self._GenerationConfig(**kw)
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        eng = self.pipe.async_engine
+        try:
+            prompt = eng.chat_template.messages2prompt(self._messages(messages))
+            return len(eng.tokenizer.encode(prompt, add_bos=True))
+        except Exception:  # noqa: BLE001 - an estimate is fine for trimming the history
+            text = "".join(m.content for m in messages)
+            return len(eng.tokenizer.encode(text)) + 8 * len(messages)
+
+    def stream(self, messages: Sequence[ChatMessage], params: GenParams, *,
+               session_id: str) -> Iterator[Delta]:
+        if self._closed:
+            raise EngineError("This model was unloaded.", code="engine_unavailable")
+        session = self.pipe.session()
+        with self._lock:
+            self._sessions.setdefault(session_id, []).append(session)
+        it = self.pipe.stream_infer(self._messages(messages), sessions=session,
+                                    gen_config=self._gen_config(params))
+        return self._relay(it, session, session_id)
+
+    def _relay(self, it, session, session_id) -> Iterator[Delta]:
+        finished = False
+        tokens = 0
+        try:
+            for out in it:
+                tokens = out.generate_token_len
+                if out.finish_reason == "error":
+                    finished = True
+                    yield Delta(out.text or "", tokens, "error",
+                                out.error_message or "LMDeploy reported an error")
+                    return
+                if out.finish_reason:
+                    finished = True
+                yield Delta(out.text or "", tokens, out.finish_reason)
+            if not finished:
+                yield Delta("", tokens, "stop")
+        finally:
+            if not finished:
+                try:
+                    session.abort()
+                except Exception:  # noqa: BLE001
+                    log.debug("abort after early close failed", exc_info=True)
+            with self._lock:
+                lst = self._sessions.get(session_id, [])
+                if session in lst:
+                    lst.remove(session)
+                if not lst:
+                    self._sessions.pop(session_id, None)
+            try:
+                session.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def abort(self, session_id: str) -> None:
+        with self._lock:
+            sessions = list(self._sessions.get(session_id, []))
+        for s in sessions:
+            try:
+                s.abort()
+            except Exception:  # noqa: BLE001
+                log.debug("abort failed", exc_info=True)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.pipe.close()
+        finally:
+            self.pipe = None
+            gc.collect()
+            import torch
+
+            torch.cuda.empty_cache()

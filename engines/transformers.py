@@ -1,0 +1,514 @@
+"""Hugging Face Transformers backend (CPU or CUDA), with continuous batching.
+
+Why our own decode loop instead of ``model.generate`` with a streamer:
+
+* **Batching across users.** One scheduler thread owns the model. Requests from any number of
+  sessions join a running batch at the next step and leave it when they finish or are aborted
+  (continuous batching, as TurboMind and LMDeploy-PyTorch do). On CPU or GPU the per-step cost of
+  a small batch is close to that of one sequence, so N users get nearly N times the throughput,
+  where N threads each calling ``generate`` would fight over the same memory bandwidth.
+* **Per-request sampling state.** Each request samples from its own ``torch.Generator``, so a seed
+  reproduces an answer even while other users share the batch (``torch.manual_seed`` is global).
+* **Exact control.** ``max_new_tokens`` is exact, abort takes effect at the next step, and text is
+  detokenized incrementally (bounded work per token, like vLLM's ``detokenize_incrementally``).
+
+Batched decoding left-pads the KV caches of the rows to a common length and passes an attention
+mask and explicit position ids; prefill runs one request at a time (no padding in the prompt pass).
+A request alone in the batch takes exactly the path ``model.generate`` takes, so greedy output is
+token-for-token the same as ``generate(do_sample=False)`` (the contract tests check this).
+Models whose cache is not a plain list of full-attention layers (sliding-window hybrids,
+linear-attention layers) or whose positions are not 1-D (Qwen2-VL's M-RoPE) are decoded
+round-robin instead: every active request advances one token per turn, with its own cache.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from .base import ChatMessage, ContextTooLong, Delta, EngineError, EngineInfo, GenParams, ModelLoadError
+from .models import read_config
+
+log = logging.getLogger(__name__)
+
+# Model types whose decode positions are plain 1-D token positions (safe to batch with padding).
+_NON_1D_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"}
+
+
+class IncrementalDetokenizer:
+    """Turns token ids into text deltas with bounded work per token.
+
+    Decodes a short window ``tokens[prefix:]`` and compares it with ``tokens[prefix:read]`` so that
+    multi-token characters and tokenizers that merge spaces across tokens come out right; a trailing
+    U+FFFD (an incomplete UTF-8 sequence) is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
+        new_text = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text):]
+            self.prefix, self.read = self.read, len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        prefix_text = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
+        new_text = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
+        self.prefix = self.read = len(self.ids)
+        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+
+
+@dataclass(eq=False)
+class _Request:
+    session_id: str
+    inputs: dict                 # model inputs for the prefill (input_ids, maybe pixel_values ...)
+    params: GenParams
+    max_new: int                 # max_new_tokens, capped by the context
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generator: object = None
+    seen: object = None          # tensor of token ids seen (prompt + reply), for repetition_penalty
+    generated: int = 0
+    length: int = 0              # tokens in this row's cache
+    cache: object = None         # own cache while outside a batch
+    next_token: int | None = None
+    detok: IncrementalDetokenizer | None = None
+
+
+class TransformersEngine:
+    """The ``transformers`` backend. Thread-safe: ``stream`` may be called from many threads."""
+
+    def __init__(self, resolved, *, device: str = "auto", dtype: str = "auto",
+                 session_len: int | None = None, trust_remote_code: bool = False,
+                 max_batch: int = 16, **_ignored):
+        import torch
+
+        self._torch = torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device 'cuda' was asked for but no CUDA GPU is visible.",
+                              code="engine_unavailable")
+        self.device = torch.device(device)
+        if dtype == "auto":
+            if self.device.type == "cuda":
+                dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            else:
+                dtype = "float32"
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ModelLoadError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+        self.dtype = getattr(torch, dtype)
+        path = resolved.path
+        cfg = read_config(path) if resolved.local else {}
+        self.vision = "vision_config" in cfg
+        self.processor = None
+        t0 = time.perf_counter()
+        try:
+            self._load(path, trust_remote_code)
+        except EngineError:
+            raise
+        except torch.OutOfMemoryError as e:
+            self._free()
+            raise ModelLoadError(f"Out of memory while loading {resolved.spec!r} on {device}: {e}") from e
+        except (OSError, ValueError, KeyError, ImportError, TypeError, RuntimeError) as e:
+            self._free()
+            raise ModelLoadError(f"transformers cannot load {resolved.spec!r}: {_first_line(e)}") from e
+        self.load_seconds = time.perf_counter() - t0
+        mcfg = self.model.config
+        text_cfg = getattr(mcfg, "text_config", None) or mcfg
+        ctx = getattr(text_cfg, "max_position_embeddings", None) or 2048
+        self.context_length = int(min(session_len, ctx) if session_len else ctx)
+        self.eos_ids = self._eos_ids()
+        self.batchable = self._batchable(mcfg)
+        self.max_batch = max_batch
+        self.info = EngineInfo(
+            backend="transformers", model=resolved.spec, model_path=path, device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""), context_length=self.context_length,
+            vision=self.vision, max_batch=self.max_batch,
+            extra={"batching": "continuous" if self.batchable else "round-robin",
+                   "load_seconds": round(self.load_seconds, 2),
+                   "architecture": (getattr(mcfg, "architectures", None) or ["?"])[0]})
+        self._pending: queue.Queue[_Request] = queue.Queue()
+        self._active: list[_Request] = []
+        self._lock = threading.Lock()   # guards _active membership seen by abort()
+        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="transformers-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ loading
+    def _load(self, path: str, trust_remote_code: bool):
+        import transformers as tf
+
+        kw = dict(dtype=self.dtype, trust_remote_code=trust_remote_code)
+        if self.vision:
+            self.processor = tf.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.tokenizer = self.processor.tokenizer
+            self.model = tf.AutoModelForImageTextToText.from_pretrained(path, **kw)
+        else:
+            self.tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.model = tf.AutoModelForCausalLM.from_pretrained(path, **kw)
+        self.model.to(self.device).eval()
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gc_ = getattr(self.model, "generation_config", None)
+        for src in (getattr(gc_, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(int(i) for i in src)
+        return ids
+
+    def _batchable(self, mcfg) -> bool:
+        if getattr(mcfg, "model_type", "") in _NON_1D_POSITIONS:
+            return False
+        try:
+            from transformers.cache_utils import DynamicCache, DynamicLayer
+        except ImportError:
+            return False
+        try:
+            cache = DynamicCache(config=mcfg)
+        except TypeError:
+            return False
+        layers = getattr(cache, "layers", [])
+        return all(type(layer) is DynamicLayer for layer in layers)
+
+    # ------------------------------------------------------------------ prompt
+    def _template(self, messages: Sequence[ChatMessage]) -> list[dict]:
+        out = []
+        for m in messages:
+            if self.vision and m.role == "user":
+                parts = [{"type": "image"} for _ in m.images] + [{"type": "text", "text": m.content}]
+                out.append({"role": m.role, "content": parts})
+            elif self.vision:
+                out.append({"role": m.role, "content": [{"type": "text", "text": m.content}]})
+            else:
+                out.append({"role": m.role, "content": m.content})
+        return out
+
+    def _prompt_text(self, messages: Sequence[ChatMessage]) -> str:
+        templ = self.processor if self.vision else self.tokenizer
+        msgs = self._template(messages)
+        if getattr(templ, "chat_template", None):
+            try:
+                return templ.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # e.g. a template that refuses a system turn
+                if messages and messages[0].role == "system" and len(messages) > 1:
+                    merged = [ChatMessage(messages[1].role, messages[0].content + "\n\n" + messages[1].content,
+                                          messages[1].images)] + list(messages[2:])
+                    return self._prompt_text(merged)
+                raise EngineError(f"The model's chat template failed: {_first_line(e)}") from e
+        # No chat template: a plain transcript the base model can continue.
+        lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
+        return "\n".join(lines) + "\nAssistant:"
+
+    def _encode(self, messages: Sequence[ChatMessage]) -> dict:
+        text = self._prompt_text(messages)
+        if self.vision:
+            images = [img for m in messages for img in m.images]
+            enc = self.processor(text=text, images=images or None, return_tensors="pt")
+            return {k: v for k, v in enc.items()}
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        return {"input_ids": enc["input_ids"]}
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return int(self._encode(messages)["input_ids"].shape[-1])
+
+    # ------------------------------------------------------------------ public API
+    def stream(self, messages: Sequence[ChatMessage], params: GenParams, *,
+               session_id: str) -> Iterator[Delta]:
+        if self._closed.is_set():
+            raise EngineError("This model was unloaded.", code="engine_unavailable")
+        inputs = self._encode(messages)
+        n_prompt = int(inputs["input_ids"].shape[-1])
+        room = self.context_length - n_prompt
+        if room < 1:
+            raise ContextTooLong(f"The prompt takes {n_prompt} tokens; the model's context is "
+                                 f"{self.context_length}.")
+        req = _Request(session_id=session_id, inputs=inputs, params=params,
+                       max_new=min(params.max_new_tokens, room))
+        self._pending.put(req)
+        self._wake.set()
+        return self._drain(req)
+
+    def _drain(self, req: _Request) -> Iterator[Delta]:
+        tokens = 0
+        try:
+            while True:
+                item = req.out.get()
+                # Coalesce what is already queued into one delta (fewer UI updates, no text lost).
+                items = [item]
+                while items[-1].finish_reason is None:
+                    try:
+                        items.append(req.out.get_nowait())
+                    except queue.Empty:
+                        break
+                text = "".join(d.text for d in items)
+                last = items[-1]
+                tokens = last.tokens
+                yield Delta(text, tokens, last.finish_reason, last.error)
+                if last.finish_reason is not None:
+                    return
+        finally:
+            req.cancelled.set()   # a consumer that stops early aborts the request
+            self._wake.set()
+
+    def abort(self, session_id: str) -> None:
+        with self._lock:
+            reqs = [r for r in self._active if r.session_id == session_id]
+        reqs += [r for r in list(self._pending.queue) if r.session_id == session_id]
+        for r in reqs:
+            r.cancelled.set()
+        self._wake.set()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self._free()
+
+    def _free(self):
+        for name in ("model", "tokenizer", "processor"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        gc.collect()
+        torch = self._torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ scheduler
+    def _loop(self):
+        torch = self._torch
+        batch_cache = None      # DynamicCache holding every active row, left-padded
+        batch_rows: list[_Request] = []
+        mask = None
+        while not self._closed.is_set():
+            admitted = []
+            while len(self._active) + len(admitted) < self.max_batch:
+                try:
+                    admitted.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            with torch.inference_mode():
+                for req in admitted:
+                    if req.cancelled.is_set():
+                        self._finish(req, "abort")
+                        continue
+                    try:
+                        self._prefill(req)
+                    except Exception as e:  # noqa: BLE001 - reported to that user, loop goes on
+                        self._fail(req, e)
+                        continue
+                    with self._lock:
+                        self._active.append(req)
+                # Drop finished or cancelled rows.
+                done = [r for r in self._active if r.cancelled.is_set() or r.next_token is None]
+                for r in done:
+                    self._finish(r, "abort")   # no-op for rows that already finished
+                if done:
+                    with self._lock:
+                        self._active = [r for r in self._active if r not in done]
+                if not self._active:
+                    batch_cache, batch_rows, mask = None, [], None
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    if self.batchable:
+                        if batch_rows != self._active:
+                            batch_cache, mask = self._restack(batch_rows, batch_cache, self._active)
+                            batch_rows = list(self._active)
+                        batch_cache, mask = self._step_batched(batch_rows, batch_cache, mask)
+                    else:
+                        for r in list(self._active):
+                            self._step_single(r)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail the batch, keep serving
+                    log.exception("decode step failed")
+                    for r in list(self._active):
+                        self._fail(r, e)
+                    with self._lock:
+                        self._active = []
+                    batch_cache, batch_rows, mask = None, [], None
+                    self._empty_cache()
+        for r in list(self._active) + list(self._pending.queue):
+            self._finish(r, "abort")
+
+    def _empty_cache(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
+    def _prefill(self, req: _Request):
+        torch = self._torch
+        inputs = {k: (v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device))
+                  for k, v in req.inputs.items() if hasattr(v, "to")}
+        req.inputs = None
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(**inputs, past_key_values=cache, use_cache=True)
+        req.cache = out.past_key_values
+        ids = inputs["input_ids"][0]
+        req.length = int(ids.shape[0])
+        req.seen = ids.clone()
+        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+        req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        req.detok = IncrementalDetokenizer(self.tokenizer)
+        self._accept(req, out.logits[0, -1])
+
+    def _accept(self, req: _Request, logits) -> None:
+        """Sample the next token from ``logits`` and emit it (or finish the request)."""
+        tok = self._sample(req, logits)
+        req.generated += 1
+        if tok in self.eos_ids:
+            req.next_token = None
+            self._finish(req, "stop")
+            return
+        req.seen = self._torch.cat([req.seen, req.seen.new_tensor([tok])])
+        text = req.detok.push(tok)
+        if req.generated >= req.max_new or req.cancelled.is_set():
+            text += req.detok.flush()
+            req.out.put(Delta(text, req.generated))
+            req.next_token = None
+            self._finish(req, "abort" if req.cancelled.is_set() and req.generated < req.max_new else "length")
+            return
+        req.next_token = tok
+        req.out.put(Delta(text, req.generated))
+
+    def _sample(self, req: _Request, logits) -> int:
+        torch = self._torch
+        p = req.params
+        logits = logits.float()
+        if p.repetition_penalty != 1.0:
+            seen = req.seen
+            score = logits.gather(0, seen)
+            score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+            logits = logits.scatter(0, seen, score)
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, idx = torch.sort(logits, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            cum = probs.cumsum(-1)
+            remove = cum - probs > p.top_p   # keep the first token that crosses top_p
+            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=req.generator))
+
+    def _step_single(self, req: _Request):
+        torch = self._torch
+        ids = torch.tensor([[req.next_token]], device=self.device)
+        out = self.model(input_ids=ids, past_key_values=req.cache, use_cache=True)
+        req.cache = out.past_key_values
+        req.length += 1
+        self._accept(req, out.logits[0, -1])
+
+    # --- batched decoding over left-padded caches
+    @staticmethod
+    def _layers(cache):
+        if hasattr(cache, "layers"):
+            return [(layer.keys, layer.values) for layer in cache.layers]
+        return list(zip(cache.key_cache, cache.value_cache))  # transformers 4.x
+
+    def _restack(self, old_rows, old_cache, rows):
+        """Build one left-padded cache for ``rows`` from the old batch and the rows' own caches."""
+        torch = self._torch
+        from transformers import DynamicCache
+
+        if old_cache is not None:
+            old_layers = self._layers(old_cache)
+            width = old_layers[0][0].shape[2]
+            for i, r in enumerate(old_rows):
+                if r in rows:  # keep only this row's valid (right-aligned) part
+                    r.cache = [(k[i:i + 1, :, width - r.length:], v[i:i + 1, :, width - r.length:])
+                               for k, v in old_layers]
+        width = max(r.length for r in rows)
+        per_layer = []
+        n_layers = None
+        row_layers = []
+        for r in rows:
+            layers = r.cache if isinstance(r.cache, list) else self._layers(r.cache)
+            row_layers.append(layers)
+            n_layers = len(layers)
+        for li in range(n_layers):
+            ks, vs = [], []
+            for r, layers in zip(rows, row_layers):
+                k, v = layers[li]
+                pad = width - r.length
+                if pad:
+                    k = torch.nn.functional.pad(k, (0, 0, pad, 0))
+                    v = torch.nn.functional.pad(v, (0, 0, pad, 0))
+                ks.append(k)
+                vs.append(v)
+            per_layer.append((torch.cat(ks), torch.cat(vs)))
+        for r in rows:
+            r.cache = None
+        cache = DynamicCache(config=self.model.config)
+        for li, (k, v) in enumerate(per_layer):
+            cache.update(k, v, li)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            mask[i, width - r.length:] = 1
+        return cache, mask
+
+    def _step_batched(self, rows, cache, mask):
+        torch = self._torch
+        ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        pos = torch.tensor([[r.length] for r in rows], device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        for i, r in enumerate(rows):
+            r.length += 1
+            self._accept(r, logits[i])
+        return out.past_key_values, mask
+
+    # --- endings
+    def _finish(self, req: _Request, reason: str):
+        if getattr(req, "_done", False):
+            return
+        req._done = True
+        req.cache = None
+        req.out.put(Delta(req.detok.flush() if req.detok else "", req.generated, reason))
+
+    def _fail(self, req: _Request, exc: Exception):
+        if getattr(req, "_done", False):
+            return
+        req._done = True
+        req.cache = None
+        torch = self._torch
+        if isinstance(exc, torch.OutOfMemoryError):
+            msg = "Out of memory during generation; try a shorter prompt or fewer max_new_tokens."
+            self._empty_cache()
+        else:
+            msg = f"Generation failed: {_first_line(exc)}"
+        req.out.put(Delta("", req.generated, "error", msg))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:500]

@@ -1,0 +1,173 @@
+"""Every knob of TurboStudio in one typed place.
+
+This is the only module that reads ``sys.argv`` or environment variables (imitating vLLM's
+``envs.py``): pages and engines receive a :class:`Settings` instance and never look elsewhere.
+Command-line options are named like LMDeploy's CLI (``--model-format``, ``--quant-policy``,
+``--cache-max-entry-count``, ``--session-len``, ``--tp``), so the tutorial's commands carry over.
+Each option can also come from an environment variable ``TURBOSTUDIO_<NAME>`` (handy for a hosted
+Space, where there is no command line); an explicit command-line flag wins.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+ENGINES = ("auto", "transformers", "turbomind", "pytorch")
+DEVICES = ("auto", "cpu", "cuda")
+MODEL_FORMATS = ("hf", "awq")
+QUANT_POLICIES = (0, 4, 8)
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "turbostudio")
+
+
+@dataclass
+class Settings:
+    """The app's settings; see ``python app.py --help`` for the meaning of each."""
+
+    model: str | None = None          # None: the built-in default (SmolLM2-135M-Instruct)
+    engine: str = "auto"              # auto | transformers | turbomind | pytorch
+    device: str = "auto"              # transformers backend only: auto | cpu | cuda
+    dtype: str = "auto"               # auto | float32 | float16 | bfloat16
+    model_format: str = "hf"          # hf | awq (TurboMind)
+    quant_policy: int = 0             # KV cache: 0 (off), 8 (int8), 4 (int4)
+    cache_max_entry_count: float = 0.8  # share of free GPU memory for the KV cache (LMDeploy)
+    session_len: int | None = None    # context length; None: the model's own
+    tp: int = 1                       # tensor parallel GPUs (LMDeploy)
+    trust_remote_code: bool = False
+    server_name: str = "127.0.0.1"
+    server_port: int = 7860
+    share: bool = False
+    auth: str | None = None           # "user:password" or a file of such lines
+    root_path: str | None = None
+    cache_dir: str = field(default_factory=_default_cache_dir)
+    concurrency: int | None = None    # generation events run at once; None: sized from the engine
+    max_queue: int = 64               # waiting events before "busy" is answered
+    max_input_chars: int = 16000
+    max_new_tokens_limit: int = 4096
+    no_load: bool = False             # start without loading a model (tests, admin-only setups)
+
+    def validate(self) -> "Settings":
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.model_format not in MODEL_FORMATS:
+            raise ValueError(f"--model-format must be one of {', '.join(MODEL_FORMATS)}")
+        if self.quant_policy not in QUANT_POLICIES:
+            raise ValueError("--quant-policy must be 0 (off), 4 (int4) or 8 (int8)")
+        if not 0.0 < self.cache_max_entry_count <= 1.0:
+            raise ValueError("--cache-max-entry-count must be in (0, 1]")
+        if self.session_len is not None and self.session_len < 16:
+            raise ValueError("--session-len must be at least 16")
+        if self.tp < 1:
+            raise ValueError("--tp must be at least 1")
+        if not 0 < self.server_port < 65536:
+            raise ValueError("--server-port must be in 1..65535")
+        return self
+
+    def auth_pairs(self) -> list[tuple[str, str]] | None:
+        """``--auth`` as (user, password) pairs: "user:pw" or a file with one such line each."""
+        if not self.auth:
+            return None
+        lines = [self.auth]
+        if os.path.isfile(self.auth):
+            lines = Path(self.auth).read_text().splitlines()
+        pairs = []
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, sep, pw = line.partition(":")
+            if not sep or not user or not pw:
+                raise ValueError("--auth takes user:password (or a file of such lines)")
+            pairs.append((user, pw))
+        return pairs
+
+    def engine_options(self) -> dict:
+        """The options every engine backend receives (see ``engines.registry.create``)."""
+        return dict(device=self.device, dtype=self.dtype, model_format=self.model_format,
+                    quant_policy=self.quant_policy, cache_max_entry_count=self.cache_max_entry_count,
+                    session_len=self.session_len, tp=self.tp,
+                    trust_remote_code=self.trust_remote_code)
+
+
+_HELP = {
+    "model": "model folder or hub id (default: the built-in SmolLM2-135M-Instruct)",
+    "engine": "inference engine; auto picks TurboMind, then LMDeploy-PyTorch, then Transformers",
+    "device": "device for the transformers engine",
+    "dtype": "weights/activation dtype",
+    "model_format": "weight format for TurboMind (awq: 4-bit AWQ from `lmdeploy lite auto_awq`)",
+    "quant_policy": "KV-cache quantization: 0 off, 8 int8, 4 int4 (LMDeploy engines)",
+    "cache_max_entry_count": "share of free GPU memory given to the KV cache (LMDeploy engines)",
+    "session_len": "context length in tokens (default: the model's)",
+    "tp": "GPUs one model spans (tensor parallel, LMDeploy engines)",
+    "trust_remote_code": "allow models that ship their own Python code",
+    "server_name": "address to bind; 127.0.0.1 keeps it local (use an SSH tunnel)",
+    "server_port": "port to serve on",
+    "share": "create a public Gradio share link (requires --auth)",
+    "auth": "user:password, or a file with one user:password a line",
+    "root_path": "URL prefix when served behind a reverse proxy",
+    "cache_dir": "where converted models and app data are kept",
+    "concurrency": "generation requests served at once (default: sized from the engine)",
+    "max_queue": "requests allowed to wait before new ones are told the app is busy",
+    "max_input_chars": "longest accepted user message, in characters",
+    "max_new_tokens_limit": "largest max_new_tokens a user may ask for",
+    "no_load": "start the app without loading a model",
+}
+_CHOICES = {"engine": ENGINES, "device": DEVICES, "model_format": MODEL_FORMATS,
+            "quant_policy": QUANT_POLICIES}
+
+
+def _env_value(name: str, typ, env) -> object | None:
+    raw = env.get("TURBOSTUDIO_" + name.upper())
+    if raw is None or raw == "":
+        return None
+    if typ is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if typ is int:
+        return int(raw)
+    if typ is float:
+        return float(raw)
+    return raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="app.py", description="TurboStudio: chat with LLMs and VLMs on your own GPU (or CPU).")
+    defaults = Settings()
+    hints = {f.name: f.type for f in dataclasses.fields(Settings)}
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        hint = str(hints[f.name])
+        if hint == "bool":
+            p.add_argument(flag, action="store_true", default=None, help=_HELP[f.name])
+            continue
+        typ = int if hint.startswith("int") else float if hint.startswith("float") else str
+        p.add_argument(flag, type=typ, default=None, choices=_CHOICES.get(f.name),
+                       help=_HELP[f.name] + (f" (default: {default})" if default not in (None, "") else ""))
+    return p
+
+
+def from_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Settings:
+    """Settings from the command line, then ``TURBOSTUDIO_*`` variables, then defaults."""
+    env = os.environ if env is None else env
+    ns = build_parser().parse_args(argv)
+    s = Settings()
+    for f in dataclasses.fields(Settings):
+        hint = str(f.type)
+        typ = bool if hint == "bool" else int if hint.startswith("int") else \
+            float if hint.startswith("float") else str
+        val = getattr(ns, f.name)
+        if val is None:
+            val = _env_value(f.name, typ, env)
+        if val is not None:
+            setattr(s, f.name, val)
+    return s.validate()

@@ -1,0 +1,44 @@
+"""Put the pages together into one Blocks app, with the public API endpoints."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import gradio as gr
+
+from . import chat, engines
+from .common import Context, session_id
+
+
+
+def build_app(ctx: Context) -> gr.Blocks:
+    settings, manager = ctx.settings, ctx.manager
+    with gr.Blocks(title="TurboStudio") as demo:
+        header = gr.Markdown(_header(ctx), elem_id="header")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                chat.build(ctx)
+            with gr.Tab("Engines", id="engines"):
+                status = engines.build(ctx)
+
+        def api_chat(messages: list, params: dict | None = None, request: gr.Request = None) -> Iterator[str]:
+            yield from chat.api_chat(manager, settings, messages, params or {}, request)
+
+        def engine_info() -> dict:
+            return engines.engine_info(ctx)
+
+        gr.api(api_chat, api_name="chat", concurrency_id="generate", concurrency_limit="default",
+               api_description="Stream a reply: messages [{role, content}], params {max_new_tokens, "
+                               "temperature, top_p, top_k, repetition_penalty, seed}. Each update is "
+                               "the reply so far.")
+        gr.api(engine_info, api_name="engine_info", api_description="What engine and model are loaded.")
+        # a tab that closes aborts whatever it was generating
+        demo.unload(lambda request: manager.abort(session_id(request)))
+        demo.load(lambda: (_header(ctx), engines.describe(ctx)), None, [header, status],
+                  api_visibility="private")
+    return demo
+
+
+def _header(ctx: Context) -> str:
+    info = ctx.manager.info()
+    running = f"{info.model} · {info.backend} · {info.device}" if info else "no model loaded"
+    return f"## TurboStudio\n<sub>{running}</sub>"

@@ -1,0 +1,248 @@
+"""Chat page: streaming multi-turn chat through the model's own chat template.
+
+The conversation lives in a per-browser-session ``gr.State`` as plain turns ``{"role", "content"}``
+(assistant turns also carry ``stats``); the Chatbot only displays it, with each reply's speed under
+it. What the model sees is the turns alone, so stats never leak into the prompt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Iterator
+
+import gradio as gr
+
+from engines.base import ChatMessage, ContextTooLong, EngineError, GenParams
+from engines.manager import EngineManager
+
+from .common import Context, SamplingControls, fmt_stats, make_params, session_id, user_error
+
+UPDATE_INTERVAL = 0.05   # seconds between UI updates while streaming (text is coalesced, not dropped)
+
+
+def to_messages(turns: list[dict], system: str | None = None) -> list[ChatMessage]:
+    msgs = [ChatMessage("system", system.strip())] if system and system.strip() else []
+    msgs += [ChatMessage(t["role"], t["content"], tuple(t.get("images") or ())) for t in turns]
+    return msgs
+
+
+def display(turns: list[dict]) -> list[dict]:
+    out = []
+    for t in turns:
+        content = t["content"]
+        stats = fmt_stats(t.get("stats"))
+        if t["role"] == "assistant" and stats:
+            content = f"{content}\n\n<sub>{stats}</sub>"
+        out.append({"role": t["role"], "content": content})
+    return out
+
+
+def stream_reply(manager: EngineManager, messages: list[ChatMessage], params: GenParams,
+                 sid: str, interval: float = UPDATE_INTERVAL) -> Iterator[tuple[str, dict | None, str | None]]:
+    """Yield (reply so far, stats or None until the end, notice or None), throttled to ``interval``.
+
+    The history is trimmed to the context first (a notice says how many turns were dropped);
+    engine errors become ``gr.Error`` with the engine's message.
+    """
+    try:
+        fit = manager.fit(messages, params)
+    except Exception as e:  # noqa: BLE001
+        raise user_error(e) from e
+    notice = None
+    if fit.dropped:
+        notice = (f"The conversation is longer than the model's context: the {fit.dropped} oldest "
+                  f"turn(s) were left out of the prompt.")
+    t0 = time.perf_counter()
+    text, ttft, last_yield, last = "", None, 0.0, None
+    try:
+        for d in manager.stream(fit.messages, params, session_id=sid, prompt_tokens=fit.prompt_tokens):
+            last = d
+            if d.text:
+                text += d.text
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+            if d.finish_reason == "error":
+                raise EngineError(d.error or "generation failed")
+            now = time.perf_counter()
+            if d.finish_reason is None and now - last_yield >= interval:
+                last_yield = now
+                yield text, None, notice
+    except (EngineError, ValueError) as e:
+        raise user_error(e) from e
+    seconds = time.perf_counter() - t0
+    tokens = last.tokens if last else 0
+    tps = (tokens - 1) / (seconds - ttft) if ttft is not None and tokens > 1 and seconds > ttft else 0.0
+    stats = {"ttft": ttft, "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tps, 2),
+             "finish_reason": last.finish_reason if last else "abort",
+             "prompt_tokens": fit.prompt_tokens, "dropped_turns": fit.dropped}
+    yield text, stats, notice
+
+
+def build(ctx: Context):
+    settings, manager = ctx.settings, ctx.manager
+    conv = gr.State([])
+    with gr.Row():
+        with gr.Column(scale=4):
+            chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy"], elem_id="chatbot",
+                                 feedback_options=None)
+            with gr.Row():
+                box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                                 lines=1, max_lines=8, elem_id="chat-input")
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+                stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop")
+            with gr.Row():
+                regen = gr.Button("Regenerate", size="sm", elem_id="chat-regenerate")
+                undo = gr.Button("Undo last turn", size="sm", elem_id="chat-undo")
+                edit = gr.Button("Edit last message", size="sm", elem_id="chat-edit")
+                clear = gr.Button("Clear", size="sm", elem_id="chat-clear")
+            status = gr.Markdown("", elem_id="chat-status")
+        with gr.Column(scale=2):
+            system = gr.Textbox(label="System prompt", lines=3, placeholder="(optional)",
+                                elem_id="system-prompt")
+            sampling = SamplingControls(settings)
+            with gr.Accordion("Export / import", open=False):
+                export_btn = gr.DownloadButton("Export chat (JSON)", size="sm")
+                import_btn = gr.UploadButton("Import chat (JSON)", file_types=[".json"], size="sm")
+
+    def respond(message, turns, system_prompt, *pvals, request: gr.Request = None):
+        message = (message or "")
+        if not message.strip():
+            gr.Info("Type a message first: nothing was sent.")
+            yield gr.update(), turns, display(turns), gr.update()
+            return
+        if len(message) > settings.max_input_chars:
+            raise gr.Error(f"The message has {len(message)} characters; the limit is "
+                           f"{settings.max_input_chars}.", title="Message too long")
+        params = make_params(settings, *pvals)
+        turns = list(turns) + [{"role": "user", "content": message}]
+        yield from _run(turns, system_prompt, params, request)
+
+    def _run(turns, system_prompt, params, request):
+        sid = session_id(request)
+        shown = turns + [{"role": "assistant", "content": ""}]
+        yield "", turns, display(shown), "*generating…*"
+        stats = None
+        text = ""
+        try:
+            for text, stats, notice in stream_reply(manager, to_messages(turns, system_prompt), params, sid):
+                if notice:
+                    gr.Warning(notice)
+                # the partial reply is kept in the state too, so Stop loses nothing
+                shown = turns + [{"role": "assistant", "content": text}]
+                yield gr.update(), shown, display(shown), gr.update()
+        except gr.Error:
+            # nothing is lost: the user's message goes back into the box, the history stays as it was
+            yield turns[-1]["content"], turns[:-1], display(turns[:-1]), ""
+            raise
+        turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
+        yield gr.update(), turns, display(turns), ""
+
+    def regenerate(turns, system_prompt, *pvals, request: gr.Request = None):
+        params = make_params(settings, *pvals)
+        turns = list(turns)
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        if not turns:
+            gr.Info("Nothing to regenerate yet.")
+            yield gr.update(), turns, display(turns), gr.update()
+            return
+        yield from _run(turns, system_prompt, params, request)
+
+    def on_stop(request: gr.Request = None):
+        manager.abort(session_id(request))
+
+    def undo_last(turns):
+        turns = list(turns)
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        if turns:
+            turns.pop()
+        return turns, display(turns)
+
+    def edit_last(turns):
+        turns = list(turns)
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        text = turns.pop()["content"] if turns else ""
+        return text, turns, display(turns)
+
+    def export_chat(turns, system_prompt):
+        data = {"format": "turbostudio-chat", "version": 1, "system": system_prompt or "",
+                "messages": [{k: t[k] for k in ("role", "content", "stats") if k in t} for t in turns]}
+        fd, path = tempfile.mkstemp(prefix="chat-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+        return path
+
+    def import_chat(file):
+        try:
+            with open(file if isinstance(file, str) else file.name, encoding="utf-8") as f:
+                data = json.load(f)
+            turns = parse_chat_json(data)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise gr.Error(f"Not a chat export: {e}", title="Import failed") from e
+        system_prompt = data.get("system", "") if isinstance(data, dict) else ""
+        return turns, display(turns), system_prompt
+
+    outputs = [box, conv, chatbot, status]
+    inputs = [box, conv, system, *sampling.values]
+    common = dict(concurrency_id="generate", concurrency_limit="default")
+    e1 = box.submit(respond, inputs, outputs, api_name="send", **common)
+    e2 = send.click(respond, inputs, outputs, api_visibility="private", **common)
+    e3 = regen.click(regenerate, [conv, system, *sampling.values], outputs, api_name="regenerate", **common)
+    stop.click(on_stop, None, None, cancels=[e1, e2, e3], api_name="stop", queue=False)
+    undo.click(undo_last, conv, [conv, chatbot], api_name="undo", queue=False)
+    edit.click(edit_last, conv, [box, conv, chatbot], api_name="edit_last", queue=False)
+    clear.click(lambda: ([], [], ""), None, [conv, chatbot, status], api_name="clear", queue=False)
+    export_btn.click(export_chat, [conv, system], export_btn, api_visibility="private")
+    import_btn.upload(import_chat, import_btn, [conv, chatbot, system], api_visibility="private")
+    return chatbot
+
+
+def parse_chat_json(data) -> list[dict]:
+    """Turns from an exported chat (ours, or a bare list of OpenAI-style messages)."""
+    msgs = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(msgs, list):
+        raise ValueError("expected a list of messages")
+    turns = []
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or \
+                not isinstance(m.get("content"), str):
+            raise ValueError("each message needs role user/assistant and text content")
+        t = {"role": m["role"], "content": m["content"]}
+        if m["role"] == "assistant" and isinstance(m.get("stats"), dict):
+            t["stats"] = m["stats"]
+        turns.append(t)
+    return turns
+
+
+def api_chat(manager: EngineManager, settings, messages, params, request: gr.Request | None):
+    """The public ``/chat`` endpoint: OpenAI-style messages and a dict of sampling parameters in,
+    the reply streamed out (each update is the whole reply so far)."""
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except ValueError as e:
+            raise gr.Error("messages must be a JSON list of {role, content}", title="Invalid input") from e
+    if not isinstance(messages, list) or not messages:
+        raise gr.Error("messages must be a non-empty list of {role, content}", title="Invalid input")
+    try:
+        msgs = [ChatMessage.from_dict(m) for m in messages]
+        p = GenParams.from_dict(params if isinstance(params, dict) else json.loads(params or "{}"))
+        if p.max_new_tokens > settings.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens must be in [1, {settings.max_new_tokens_limit}]")
+    except ValueError as e:
+        raise gr.Error(str(e), title="Invalid input") from e
+    if msgs[-1].role != "user" or not msgs[-1].content.strip():
+        raise gr.Error("The last message must be a non-empty user message.", title="Invalid input")
+    if sum(len(m.content) for m in msgs if m.role == "user") > settings.max_input_chars * 4 or \
+            len(msgs[-1].content) > settings.max_input_chars:
+        raise gr.Error(f"Input too long: the limit is {settings.max_input_chars} characters a message.",
+                       title="Invalid input")
+    for text, _stats, _notice in stream_reply(manager, msgs, p, session_id(request)):
+        yield text
+
+
+__all__ = ["build", "api_chat", "stream_reply", "parse_chat_json", "ContextTooLong"]
