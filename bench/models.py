@@ -1,0 +1,117 @@
+"""Random-weight models of real shapes, with SmolLM2's real tokenizer (``assets/tokenizers/smollm2``).
+
+No model hub is reachable on CI or on the GPU test machine, and weights do not matter for speed or
+memory: a model of a real architecture and size with random weights runs exactly the same kernels.
+Tests use the tiny shapes; benchmarks use real ones (SmolLM2-135M, a 1.8B InternLM2-like Llama,
+Llama-2-7B). ``python -m bench.models SHAPE OUT`` writes one to a folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKENIZER_DIR = os.path.join(HERE, "..", "assets", "tokenizers", "smollm2")
+VOCAB = 49152
+
+# Llama-architecture shapes: (hidden, intermediate, layers, heads, kv_heads)
+SHAPES = {
+    "tiny": (256, 688, 4, 4, 2),              # ~30M params with the 49k vocab; CPU tests
+    "smollm2-135m": (576, 1536, 30, 9, 3),
+    "1.8b": (2048, 8192, 24, 16, 8),          # the gpu-kit's 1.8B shape (InternLM2-1.8B-like)
+    "llama2-7b": (4096, 11008, 32, 32, 32),
+}
+
+
+def copy_tokenizer(out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(TOKENIZER_DIR):
+        if name != "README.md":
+            shutil.copy(os.path.join(TOKENIZER_DIR, name), out_dir)
+
+
+def llama_config(shape: str, max_pos: int = 4096, **overrides):
+    from transformers import LlamaConfig
+
+    hidden, inter, layers, heads, kv = SHAPES[shape]
+    kw = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max_pos,
+              bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+              rope_theta=10000.0, architectures=["LlamaForCausalLM"])
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def build_llama(out_dir: str, shape: str = "tiny", *, device: str = "cpu", dtype: str = "float32",
+                seed: int = 0, max_pos: int = 4096) -> str:
+    """Write a random-weight Llama of ``shape`` with SmolLM2's tokenizer to ``out_dir``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    cfg = llama_config(shape, max_pos=max_pos)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    copy_tokenizer(tmp)
+    os.replace(tmp, out_dir)
+    del model
+    return out_dir
+
+
+def build_tiny_llava(out_dir: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                     image_size: int = 64, patch: int = 16) -> str:
+    """A tiny LLaVA-1.5-style model: a small random CLIP vision tower and a tiny Llama text side
+    with SmolLM2's tokenizer plus an ``<image>`` token, saved with a LlavaProcessor."""
+    import torch
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    text_cfg = llama_config("tiny", vocab_size=len(tok))
+    vision_cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, image_size=image_size, patch_size=patch,
+                                  projection_dim=64)
+    cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu")
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(cfg).to(getattr(torch, dtype))
+    n_patches = (image_size // patch) ** 2
+    improc = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                crop_size={"height": image_size, "width": image_size})
+    template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+                "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+                "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+                "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    proc = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=patch,
+                          vision_feature_select_strategy="default", chat_template=template,
+                          num_additional_image_tokens=1)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    proc.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    del model, n_patches
+    return out_dir
+
+
+if __name__ == "__main__":
+    shape, out = sys.argv[1], sys.argv[2]
+    dev = sys.argv[3] if len(sys.argv) > 3 else "cpu"
+    if shape == "tiny-llava":
+        print(build_tiny_llava(out, device=dev))
+    else:
+        print(build_llama(out, shape, device=dev, dtype="bfloat16" if dev == "cuda" else "float32"))

@@ -1,0 +1,178 @@
+"""The engine contract, run over every backend this machine has.
+
+On CPU: Transformers with the real SmolLM2 and with a tiny random-weight Llama. On a GPU (marker
+``gpu``): TurboMind, LMDeploy's PyTorch engine and Transformers-CUDA on the tiny Llama.
+"""
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+
+import pytest
+
+from engines.base import ChatMessage, ContextTooLong, GenParams
+
+gpu = pytest.mark.gpu
+BACKENDS = [
+    pytest.param(("transformers", "smollm2", "cpu"), id="transformers-smollm2"),
+    pytest.param(("transformers", "tiny", "cpu"), id="transformers-tiny"),
+    pytest.param(("transformers", "tiny", "cuda"), id="transformers-cuda-tiny", marks=gpu),
+    pytest.param(("turbomind", "tiny", "cuda"), id="turbomind-tiny", marks=gpu),
+    pytest.param(("pytorch", "tiny", "cuda"), id="pytorch-tiny", marks=gpu),
+]
+PROMPT = [ChatMessage("user", "Write a long poem about the sea and the stars, with many verses.")]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def engine(request):
+    backend, model, device = request.param
+    from engines import registry
+
+    resolved = request.getfixturevalue("smollm2" if model == "smollm2" else "tiny_llama")
+    opts = {"device": device} if backend == "transformers" else {"cache_max_entry_count": 0.2,
+                                                                  "session_len": 4096}
+    eng = registry.create(resolved, backend, **opts)
+    yield eng
+    eng.close()
+
+
+def collect(it):
+    text, deltas = "", []
+    for d in it:
+        text += d.text
+        deltas.append(d)
+    return text, deltas
+
+
+def reference_greedy(engine, messages, n: int) -> str:
+    """The same model's greedy answer through a path that does not stream."""
+    if engine.info.backend == "transformers":
+        import torch
+
+        ids = engine._encode(messages)["input_ids"].to(engine.device)
+        with torch.inference_mode():
+            out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                        do_sample=False, top_k=None, top_p=None, temperature=None)
+        return engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    from lmdeploy import GenerationConfig
+
+    msgs = [{"role": m.role, "content": m.content} for m in messages]
+    return engine.pipe.infer(msgs, gen_config=GenerationConfig(max_new_tokens=n, do_sample=False,
+                                                               top_k=1)).text
+
+
+def test_info_describes_what_runs(engine):
+    info = engine.info
+    assert info.backend in ("transformers", "turbomind", "pytorch")
+    assert info.context_length >= 1024
+    assert info.vision is False
+    assert info.device.startswith(("cpu", "cuda"))
+
+
+def test_streamed_text_equals_non_streamed_greedy(engine):
+    text, deltas = collect(engine.stream(PROMPT, GenParams(temperature=0, max_new_tokens=24), session_id="s"))
+    assert len(deltas) > 1, "a reply must arrive in several deltas"
+    assert deltas[-1].finish_reason in ("stop", "length")
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    assert text == reference_greedy(engine, PROMPT, 24)
+
+
+def test_max_new_tokens_is_exact(engine):
+    for n in (1, 17):
+        _, deltas = collect(engine.stream(PROMPT, GenParams(temperature=0, max_new_tokens=n), session_id="m"))
+        assert deltas[-1].tokens == n
+        assert deltas[-1].finish_reason == "length"
+        counts = [d.tokens for d in deltas]
+        assert counts == sorted(counts), "the running token count never goes back"
+
+
+def test_seed_reproduces_and_differs(engine):
+    p = GenParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=32, seed=1234)
+    a, _ = collect(engine.stream(PROMPT, p, session_id="x"))
+    b, _ = collect(engine.stream(PROMPT, p, session_id="y"))
+    c, _ = collect(engine.stream(PROMPT, p.replace(seed=4321), session_id="z"))
+    assert a == b
+    assert a != c
+
+
+def test_abort_stops_a_stream(engine):
+    it = engine.stream(PROMPT, GenParams(temperature=1.0, max_new_tokens=4000, seed=1), session_id="ab")
+    got = 0
+    t0 = time.perf_counter()
+    last = None
+    for d in it:
+        got += 1
+        if got == 3:
+            engine.abort("ab")
+        last = d
+    assert last.finish_reason == "abort"
+    assert last.tokens < 4000
+    assert time.perf_counter() - t0 < 60
+    # the engine keeps serving
+    text, deltas = collect(engine.stream(PROMPT, GenParams(temperature=0, max_new_tokens=4), session_id="ab"))
+    assert deltas[-1].tokens == 4
+
+
+def test_closing_the_iterator_aborts(engine):
+    it = engine.stream(PROMPT, GenParams(temperature=1.0, max_new_tokens=4000, seed=2), session_id="cl")
+    next(it)
+    it.close()
+    t0 = time.perf_counter()
+    _, deltas = collect(engine.stream(PROMPT, GenParams(temperature=0, max_new_tokens=3), session_id="c2"))
+    assert deltas[-1].tokens == 3
+    assert time.perf_counter() - t0 < 30
+
+
+def test_concurrent_streams_interleave_and_get_their_own_answers(engine):
+    prompts = {"a": [ChatMessage("user", "Name three colours.")],
+               "b": [ChatMessage("user", "Write a long story about a dragon who learns to cook.")]}
+    p = GenParams(temperature=0, max_new_tokens=20)
+    solo = {k: collect(engine.stream(v, p, session_id="solo" + k))[0] for k, v in prompts.items()}
+    results, first_at, done_at = {}, {}, {}
+
+    def run(k):
+        text = ""
+        for d in engine.stream(prompts[k], p, session_id=k):
+            if d.text and k not in first_at:
+                first_at[k] = time.perf_counter()
+            text += d.text
+        done_at[k] = time.perf_counter()
+        results[k] = text
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in prompts]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert results == solo
+    assert max(first_at.values()) < min(done_at.values()), "both streams must be served at once"
+
+
+def test_context_overflow_is_a_clear_error(engine):
+    huge = [ChatMessage("user", "word " * (engine.info.context_length + 10))]
+    with pytest.raises(ContextTooLong):
+        collect(engine.stream(huge, GenParams(max_new_tokens=4), session_id="big"))
+
+
+def test_close_frees_memory(engine, request):
+    """A second instance of the same model is closed and its memory must come back."""
+    from engines import registry, telemetry
+
+    backend, model, device = request.node.callspec.params["engine"]
+    resolved = request.getfixturevalue("smollm2" if model == "smollm2" else "tiny_llama")
+    opts = {"device": device} if backend == "transformers" else {"cache_max_entry_count": 0.2,
+                                                                  "session_len": 4096}
+    before = telemetry.snapshot()["gpu_used"]
+    eng = registry.create(resolved, backend, **opts)
+    collect(eng.stream(PROMPT, GenParams(max_new_tokens=4), session_id="f"))
+    loaded = telemetry.snapshot()["gpu_used"]
+    ref = weakref.ref(eng.model) if backend == "transformers" else None
+    eng.close()
+    eng.close()  # idempotent
+    gc.collect()
+    if ref is not None:
+        assert ref() is None, "the model object must be released on close"
+    if device == "cuda":
+        after = telemetry.snapshot()["gpu_used"]
+        assert loaded > before
+        assert after - before < 2**30, f"GPU memory not freed: {before} -> {loaded} -> {after}"

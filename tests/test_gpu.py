@@ -1,0 +1,84 @@
+"""GPU-only checks (marker ``gpu``): TurboMind agrees with Transformers, switching frees memory."""
+from __future__ import annotations
+
+import pytest
+
+from engines.base import ChatMessage, GenParams
+
+pytestmark = pytest.mark.gpu
+PROMPTS = [[ChatMessage("user", "Tell me about the history of the printing press.")],
+           [ChatMessage("user", "List ten animals that live in the ocean.")]]
+
+
+def greedy_ids(engine, messages, n):
+    ids = []
+    text = ""
+    for d in engine.stream(messages, GenParams(temperature=0, max_new_tokens=n), session_id="g"):
+        text += d.text
+    return text
+
+
+def test_turbomind_and_transformers_agree_on_32_greedy_tokens(tiny_llama):
+    """Same weights, same prompt: the first 32 greedy tokens agree. Where they part, the two
+    candidates must be a near tie in the reference's logits (bf16 kernels differ in rounding),
+    as vLLM's check_logprobs_close allows."""
+    import torch
+
+    from engines import registry
+
+    tm = registry.create(tiny_llama, "turbomind", cache_max_entry_count=0.2, session_len=4096)
+    hf = registry.create(tiny_llama, "transformers", device="cuda", dtype="bfloat16")
+    try:
+        from lmdeploy import GenerationConfig
+
+        for messages in PROMPTS:
+            msgs = [{"role": m.role, "content": m.content} for m in messages]
+            out = tm.pipe.infer(msgs, gen_config=GenerationConfig(max_new_tokens=32, do_sample=False, top_k=1))
+            tm_ids = list(out.token_ids)[:32]
+            ids = hf._encode(messages)["input_ids"].cuda()
+            with torch.inference_mode():
+                ref = hf.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                                        do_sample=False, top_k=None, top_p=None, temperature=None)
+            hf_ids = ref[0, ids.shape[1]:].tolist()
+            assert len(tm_ids) == 32
+            if tm_ids == hf_ids:
+                continue
+            i = next(k for k, (a, b) in enumerate(zip(tm_ids, hf_ids)) if a != b)
+            prefix = torch.tensor([ids[0].tolist() + hf_ids[:i]], device="cuda")
+            with torch.inference_mode():
+                logits = hf.model(prefix).logits[0, -1].float()
+            gap = (logits[hf_ids[i]] - logits[tm_ids[i]]).item()
+            scale = logits.abs().max().item()
+            print(f"diverged at token {i}: logit gap {gap:.4f} of {scale:.2f}")
+            assert gap <= 0.02 * scale, f"TurboMind and Transformers part at token {i} without a near tie"
+    finally:
+        tm.close()
+        hf.close()
+
+
+def test_switching_models_returns_gpu_memory(tiny_llama, tmp_path):
+    from bench.models import build_llama
+    from engines import telemetry
+    from engines.manager import EngineManager
+
+    other = build_llama(str(tmp_path / "smol-shape"), "smollm2-135m", device="cuda", dtype="bfloat16")
+    mgr = EngineManager(str(tmp_path / "cache"), {"cache_max_entry_count": 0.3, "session_len": 4096})
+    base = telemetry.snapshot()["gpu_used"]
+    mgr.load(tiny_llama.path, "turbomind")
+    loaded = telemetry.snapshot()["gpu_used"]
+    mgr.load(other, "turbomind")
+    sw = mgr.last_switch
+    assert sw["gpu_used_after_unload"] - base < 2**30, sw
+    mgr.load(tiny_llama.path, "transformers", device="cuda")
+    mgr.unload()
+    after = telemetry.snapshot()["gpu_used"]
+    print(f"GPU used: base {base/2**30:.2f} GiB, loaded {loaded/2**30:.2f}, after unload {after/2**30:.2f}")
+    assert loaded - base > 2**30, "TurboMind should have taken its KV cache"
+    assert after - base < 2**30, "switching and unloading must give the memory back (within 1 GiB)"
+
+
+def test_auto_picks_turbomind_and_says_why(tiny_llama):
+    from engines import registry
+
+    backend, reason = registry.choose(tiny_llama, "auto")
+    assert backend == "turbomind" and "TurboMind" in reason
