@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import Iterator, Sequence
 
-from .base import ChatMessage, Delta, EngineError, EngineInfo, EngineUnavailable, GenParams, ModelLoadError
+from .base import ChatMessage, ContextTooLong, Delta, EngineError, EngineInfo, EngineUnavailable, GenParams, ModelLoadError
 from .models import read_config
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,10 @@ class LMDeployEngine:
                session_id: str) -> Iterator[Delta]:
         if self._closed:
             raise EngineError("This model was unloaded.", code="engine_unavailable")
+        n_prompt = self.count_tokens(messages)
+        if n_prompt >= self.info.context_length:
+            raise ContextTooLong(f"The prompt takes {n_prompt} tokens; the session length is "
+                                 f"{self.info.context_length} (raise --session-len if the model allows).")
         session = self.pipe.session()
         with self._lock:
             self._sessions.setdefault(session_id, []).append(session)

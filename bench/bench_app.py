@@ -1,0 +1,174 @@
+"""The app against its own engine, side by side in one run: what streaming through Gradio costs.
+
+    python -m bench.bench_app                       # CPU, built-in SmolLM2, small mode
+    python -m bench.bench_app --model PATH --engine turbomind --users 1,16 --new-tokens 256
+
+1. The engine alone, in this process: one stream, then N concurrent streams (same prompts).
+2. The engine is closed, ``python app.py`` is launched on the same model, and the same requests go
+   through the public ``/chat`` endpoint with ``gradio_client``.
+Greedy decoding makes both produce the same text, so tokens counted by the engine apply to the app
+run too (the bench checks the texts match). Prints app/engine ratios for tokens/s and the
+difference in first-token latency, plus the time until the app answered its first request.
+With ``--compare-engine E2`` the same app run is repeated on a second engine and the ratio of the
+two app runs is printed (the issue's "chat page on TurboMind against the same page on Transformers").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.bench_engines import one_stream, prompt_of  # noqa: E402
+from engines.base import GenParams  # noqa: E402
+
+
+def engine_runs(resolved, engine, opts, messages, params, users):
+    from engines import registry
+
+    eng = registry.create(resolved, engine, **opts)
+    one_stream(eng, messages, params.replace(max_new_tokens=8), "warm")
+    out = {}
+    for n in users:
+        res = [None] * n
+        threads = [threading.Thread(target=lambda i=i: res.__setitem__(i, one_stream(eng, messages, params, f"e{i}")))
+                   for i in range(n)]
+        t0 = time.perf_counter()
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        wall = time.perf_counter() - t0
+        out[n] = {"tokens": sum(r["tokens"] for r in res), "seconds": wall,
+                  "ttft_p50": statistics.median(r["ttft"] for r in res), "texts": [r["text"] for r in res],
+                  "decode_tok_s_1": (res[0]["tokens"] - 1) / (res[0]["seconds"] - res[0]["ttft"])}
+    eng.close()
+    return out
+
+
+def launch(model, engine, port, extra):
+    args = [sys.executable, os.path.join(ROOT, "app.py"), "--server-port", str(port), "--engine", engine,
+            *(["--model", model] if model else []), *extra]
+    t0 = time.perf_counter()
+    log = open(f"/tmp/bench-app-{port}.log", "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(open(log.name).read()[-3000:])
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/info", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.2)
+    return proc, time.perf_counter() - t0
+
+
+def client_stream(client, messages, params):
+    t0 = time.perf_counter()
+    ttft, text = None, ""
+    job = client.submit([m.to_dict() for m in messages], params, api_name="/chat")
+    for text in job:
+        if ttft is None and text:
+            ttft = time.perf_counter() - t0
+    outs = job.outputs()
+    text = outs[-1] if outs else text
+    return {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": text}
+
+
+def app_runs(url, messages, params, users, tokens_by_users):
+    from gradio_client import Client
+
+    p = {k: getattr(params, k) for k in GenParams.RANGES if getattr(params, k) is not None}
+    clients = [Client(url, verbose=False) for _ in range(max(users))]
+    client_stream(clients[0], messages, {**p, "max_new_tokens": 8})
+    out = {}
+    for n in users:
+        res = [None] * n
+        threads = [threading.Thread(target=lambda i=i: res.__setitem__(i, client_stream(clients[i], messages, p)))
+                   for i in range(n)]
+        t0 = time.perf_counter()
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        wall = time.perf_counter() - t0
+        toks = tokens_by_users[n]
+        r0 = res[0]
+        per_tok = toks / n
+        out[n] = {"tokens": toks, "seconds": wall, "ttft_p50": statistics.median(r["ttft"] for r in res),
+                  "ttft_p99": max(r["ttft"] for r in res), "texts": [r["text"] for r in res],
+                  "decode_tok_s_1": (per_tok - 1) / (r0["seconds"] - r0["ttft"])}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the built-in SmolLM2)")
+    ap.add_argument("--engine", default="transformers")
+    ap.add_argument("--compare-engine", default=None)
+    ap.add_argument("--users", default="1,4")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-words", type=int, default=32)
+    ap.add_argument("--port", type=int, default=7871)
+    ap.add_argument("--app-args", default="", help="extra app.py arguments")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    from engines import models
+
+    users = [int(u) for u in a.users.split(",")]
+    messages = prompt_of(a.prompt_words)
+    params = GenParams(temperature=0, max_new_tokens=a.new_tokens)
+    resolved = models.resolve(a.model, os.path.join(os.path.expanduser("~"), ".cache", "turbostudio"))
+    opts = {"cache_max_entry_count": 0.5, "session_len": 4096} if a.engine != "transformers" else {}
+    eng = engine_runs(resolved, a.engine, opts, messages, params, users)
+    report = {"engine": a.engine, "model": resolved.spec, "engine_runs": {}, "app_runs": {}}
+    extra = a.app_args.split() + (["--cache-max-entry-count", "0.5", "--session-len", "4096"]
+                                  if a.engine != "transformers" else [])
+    proc, ready_s = launch(a.model, a.engine, a.port, extra)
+    try:
+        app = app_runs(f"http://127.0.0.1:{a.port}/", messages, params, users,
+                       {n: eng[n]["tokens"] for n in users})
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"\n{a.engine} on {resolved.spec}: app ready {ready_s:.1f} s after launch")
+    for n in users:
+        e, g = eng[n], app[n]
+        same = e["texts"] == g["texts"]
+        report["engine_runs"][n] = {k: v for k, v in e.items() if k != "texts"}
+        report["app_runs"][n] = {k: v for k, v in g.items() if k != "texts"}
+        print(f"users {n:3d}: engine {e['tokens'] / e['seconds']:8.1f} tok/s (ttft p50 {e['ttft_p50'] * 1000:6.1f} ms) | "
+              f"app {g['tokens'] / g['seconds']:8.1f} tok/s (ttft p50 {g['ttft_p50'] * 1000:6.1f} ms, "
+              f"p99 {g['ttft_p99'] * 1000:6.1f} ms) | app/engine x{e['seconds'] / g['seconds']:.3f}, "
+              f"ttft +{(g['ttft_p50'] - e['ttft_p50']) * 1000:.1f} ms | same text: {same}", flush=True)
+        if n == 1:
+            print(f"          decode-only tok/s: engine {e['decode_tok_s_1']:.1f}, app {g['decode_tok_s_1']:.1f}, "
+                  f"ratio x{g['decode_tok_s_1'] / e['decode_tok_s_1']:.3f}")
+    report["ready_s"] = ready_s
+    if a.compare_engine:
+        proc, ready2 = launch(a.model, a.compare_engine, a.port + 1, a.app_args.split())
+        try:
+            other = app_runs(f"http://127.0.0.1:{a.port + 1}/", messages, params, users[:1],
+                             {users[0]: eng[users[0]]["tokens"]})
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        n = users[0]
+        ratio = other[n]["seconds"] / app[n]["seconds"]
+        print(f"chat page {a.engine} vs {a.compare_engine}, {n} user(s): x{ratio:.1f} tokens/s "
+              f"({app[n]['seconds']:.2f} s vs {other[n]['seconds']:.2f} s for the same {eng[n]['tokens']} tokens; "
+              f"same text: {app[n]['texts'] == other[n]['texts']})")
+        report["compare"] = {"engine": a.compare_engine, "ratio": ratio,
+                             "runs": {k: {kk: vv for kk, vv in v.items() if kk != 'texts'} for k, v in other.items()}}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
