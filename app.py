@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sys
 
 
@@ -34,13 +35,20 @@ def main(argv=None) -> int:
             print(f"error: {e.message}", file=sys.stderr)
             return 1
         print(f"Loaded {info.model} on {info.backend} ({info.device}): {info.reason}", flush=True)
+    from ui.vision import VisionSlot
+
     ctx = Context(settings=s, manager=manager)
+    ctx.vision = VisionSlot(ctx)
+    atexit.register(ctx.vision.manager.close)
+    ctx.vision.start()
     demo = build_app(ctx)
     info = manager.info()
     concurrency = s.concurrency or (info.max_batch if info else 16)
     demo.queue(default_concurrency_limit=concurrency, max_size=s.max_queue)
+    uploads = os.path.join(s.cache_dir, "uploads")   # normalized vision uploads, shown in the history
+    os.makedirs(uploads, exist_ok=True)
     demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,
-                auth=s.auth_pairs(), root_path=s.root_path)
+                auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads])
     return 0
 
 

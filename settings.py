@@ -52,6 +52,10 @@ class Settings:
     max_input_chars: int = 16000
     max_new_tokens_limit: int = 4096
     no_load: bool = False             # start without loading a model (tests, admin-only setups)
+    vision_model: str | None = None   # None: llava-interleave-qwen-0.5b from the hub, when reachable
+    vision_engine: str = "auto"
+    max_images_per_turn: int = 4
+    max_images: int = 8               # per conversation
 
     def validate(self) -> "Settings":
         if self.engine not in ENGINES:
@@ -120,8 +124,14 @@ _HELP = {
     "max_input_chars": "longest accepted user message, in characters",
     "max_new_tokens_limit": "largest max_new_tokens a user may ask for",
     "no_load": "start the app without loading a model",
+    "vision_model": "vision-language model folder or hub id for the Vision page "
+                    "(default: llava-hf/llava-interleave-qwen-0.5b-hf when a hub is reachable)",
+    "vision_engine": "engine for the vision model (auto: LMDeploy's PyTorch engine for LLaVA on GPU, "
+                     "else Transformers)",
+    "max_images_per_turn": "images one message may carry",
+    "max_images": "images one vision conversation may hold",
 }
-_CHOICES = {"engine": ENGINES, "device": DEVICES, "model_format": MODEL_FORMATS,
+_CHOICES = {"engine": ENGINES, "vision_engine": ENGINES, "device": DEVICES, "model_format": MODEL_FORMATS,
             "quant_policy": QUANT_POLICIES}
 
 

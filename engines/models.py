@@ -140,3 +140,21 @@ def read_config(path: str) -> dict:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"Cannot read the model's config.json: {e}") from e
+
+
+DEFAULT_VISION_HUB_ID = "llava-hf/llava-interleave-qwen-0.5b-hf"
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the model hub answers at all (HF_HUB_OFFLINE=1 says no without asking)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -221,7 +221,7 @@ class TransformersEngine:
     def _encode(self, messages: Sequence[ChatMessage]) -> dict:
         text = self._prompt_text(messages)
         if self.vision:
-            images = [img for m in messages for img in m.images]
+            images = [_as_image(img) for m in messages for img in m.images]
             enc = self.processor(text=text, images=images or None, return_tensors="pt")
             return {k: v for k, v in enc.items()}
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
@@ -507,6 +507,15 @@ class TransformersEngine:
         else:
             msg = f"Generation failed: {_first_line(exc)}"
         req.out.put(Delta("", req.generated, "error", msg))
+
+
+def _as_image(img):
+    """A PIL image from a PIL image or a path (normalized by ``engines.images.prepare``)."""
+    if isinstance(img, str):
+        from .images import prepare
+
+        return prepare(img).image
+    return img
 
 
 def _first_line(e: BaseException) -> str:

@@ -5,7 +5,7 @@ from typing import Iterator
 
 import gradio as gr
 
-from . import chat, engines
+from . import chat, engines, vision
 from .common import Context, session_id
 
 
@@ -17,6 +17,9 @@ def build_app(ctx: Context) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 chat.build(ctx)
+            if ctx.vision is not None:
+                with gr.Tab("Vision", id="vision"):
+                    vstatus = vision.build(ctx, ctx.vision)
             with gr.Tab("Engines", id="engines"):
                 status = engines.build(ctx)
 
@@ -32,9 +35,18 @@ def build_app(ctx: Context) -> gr.Blocks:
                                "the reply so far.")
         gr.api(engine_info, api_name="engine_info", api_description="What engine and model are loaded.")
         # a tab that closes aborts whatever it was generating
-        demo.unload(lambda request: manager.abort(session_id(request)))
+        def on_leave(request: gr.Request):
+            manager.abort(session_id(request))
+            if ctx.vision is not None:
+                ctx.vision.manager.abort("vision-" + session_id(request))
+
+        demo.unload(on_leave)
         demo.load(lambda: (_header(ctx), engines.describe(ctx)), None, [header, status],
                   api_visibility="private")
+        if ctx.vision is not None:
+            # the vision model loads in the background: keep its status line fresh while loading
+            timer = gr.Timer(2.0)
+            timer.tick(lambda: ctx.vision.describe(), None, vstatus, api_visibility="private", queue=False)
     return demo
 
 

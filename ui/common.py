@@ -19,6 +19,7 @@ class Context:
 
     settings: Settings
     manager: EngineManager
+    vision: object = None      # ui.vision.VisionSlot, when the Vision page is on
 
 
 class SamplingControls:

@@ -1,0 +1,258 @@
+"""Vision page: LLaVA-style image question answering, several images and turns, streamed.
+
+Images are normalized on upload (``engines.images.prepare``: rotation, modes, size) and saved as
+PNG under the app's cache folder; the conversation keeps their paths, so later turns can ask about
+any earlier image and the history shows them. The vision model has its own EngineManager (the
+"vision slot"), so it can sit beside the chat model.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import gradio as gr
+
+from engines import models
+from engines.base import ChatMessage, GenParams
+from engines.images import ImageError, prepare
+from engines.manager import EngineManager
+
+from .chat import stream_reply, to_messages
+from .common import Context, SamplingControls, fmt_stats, make_params, session_id
+
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
+EXAMPLES = [("shapes.png", "What shapes do you see, and what colours are they?"),
+            ("chart.png", "Which bar is the tallest?"),
+            ("sign.png", "What does the sign say?")]
+
+
+class VisionSlot:
+    """Loads the vision model in the background so the app starts at once and never hangs on a
+    download; ``status`` says what is going on (loading, offline, error, ready)."""
+
+    def __init__(self, ctx: Context):
+        s = ctx.settings
+        self.settings = s
+        self.manager = EngineManager(s.cache_dir, s.engine_options())
+        self.status = "not loaded"
+        self.error: str | None = None
+        self.loading = False
+        self._lock = threading.Lock()
+
+    def start(self, model: str | None = None, engine: str | None = None):
+        with self._lock:
+            if self.loading:
+                return
+            self.loading = True
+        threading.Thread(target=self._load, args=(model, engine), daemon=True, name="vision-load").start()
+
+    def _load(self, model, engine):
+        s = self.settings
+        model = model or s.vision_model
+        try:
+            if not model:
+                if not models.hub_reachable():
+                    self.status = ("offline: no model hub is reachable, so the default "
+                                   f"`{models.DEFAULT_VISION_HUB_ID}` cannot be downloaded. Start the app "
+                                   "with `--vision-model /path/to/llava-folder` (a llava-hf style folder), "
+                                   "or load a folder on this page.")
+                    return
+                model = models.DEFAULT_VISION_HUB_ID
+            self.status = f"loading {model} …"
+            info = self.manager.load(model, engine or s.vision_engine)
+            if not info.vision:
+                self.manager.unload()
+                raise ValueError(f"{model} is not a vision-language model (its config has no vision_config).")
+            self.status = "ready"
+            self.error = None
+        except Exception as e:  # noqa: BLE001 - shown on the page
+            self.error = getattr(e, "message", None) or str(e)
+            self.status = f"failed to load {model}: {self.error}"
+        finally:
+            self.loading = False
+
+    def describe(self) -> str:
+        info = self.manager.info()
+        if info is None:
+            return f"**Vision model:** {self.status}"
+        return (f"**Vision model:** {info.model} on **{info.backend}** ({info.device}, {info.dtype}) · "
+                f"context {info.context_length} tokens" + (f" · {info.reason}" if info.reason else ""))
+
+
+def image_token_cost(manager: EngineManager, path: str) -> int | None:
+    """Prompt tokens one image adds, measured through the model's own processor."""
+    eng = manager.engine
+    if eng is None:
+        return None
+    try:
+        with_img = eng.count_tokens([ChatMessage("user", "x", (path,))])
+        without = eng.count_tokens([ChatMessage("user", "x")])
+        return with_img - without
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def save_prepared(cache_dir: str, src: str) -> tuple[str, list[str]]:
+    """Normalize an upload and store it as PNG (content-addressed); returns the path and notes."""
+    prep = prepare(src, os.path.basename(src))
+    digest = hashlib.sha1(prep.image.tobytes()).hexdigest()[:16]
+    folder = os.path.join(cache_dir, "uploads")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{digest}.png")
+    if not os.path.exists(path):
+        prep.image.save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+    return path, prep.notes
+
+
+def display(turns: list[dict]) -> list[dict]:
+    out = []
+    for t in turns:
+        for p in t.get("images") or ():
+            out.append({"role": t["role"], "content": {"path": p}})
+        content = t["content"]
+        stats = fmt_stats(t.get("stats"))
+        if t["role"] == "assistant" and stats:
+            content = f"{content}\n\n<sub>{stats}</sub>"
+        if content or t["role"] == "assistant":
+            out.append({"role": t["role"], "content": content})
+    return out
+
+
+def build(ctx: Context, slot: VisionSlot):
+    settings = ctx.settings
+    conv = gr.State([])
+    status = gr.Markdown(slot.describe(), elem_id="vision-status")
+    with gr.Row():
+        with gr.Column(scale=4):
+            chatbot = gr.Chatbot(label="Vision chat", height=480, elem_id="vision-chatbot", feedback_options=None)
+            box = gr.MultimodalTextbox(placeholder="Attach or paste images and ask about them",
+                                       file_types=["image"], file_count="multiple", show_label=False,
+                                       elem_id="vision-input", sources=["upload"])
+            with gr.Row():
+                stop = gr.Button("Stop", variant="stop", size="sm")
+                regen = gr.Button("Regenerate", size="sm")
+                clear = gr.Button("Clear", size="sm")
+            context_md = gr.Markdown("", elem_id="vision-context")
+        with gr.Column(scale=2):
+            with gr.Accordion("Webcam", open=False):
+                webcam = gr.Image(sources=["webcam"], type="filepath", label="Snapshot (sent with the next message)")
+            sampling = SamplingControls(settings, max_new_tokens=256, temperature=0.2)
+            with gr.Accordion("Vision model", open=False):
+                vmodel = gr.Textbox(label="Model folder or hub id (llava-hf style)", value=settings.vision_model or "")
+                vengine = gr.Dropdown(["auto", "transformers", "pytorch", "turbomind"], value=settings.vision_engine,
+                                      label="Engine")
+                vload = gr.Button("Load vision model", size="sm")
+            examples = [[{"text": q, "files": [os.path.join(EXAMPLES_DIR, f)]}] for f, q in EXAMPLES
+                        if os.path.exists(os.path.join(EXAMPLES_DIR, f))]
+            if examples:
+                gr.Examples(examples, [box], label="Examples (images made for this project, CC0)")
+
+    def context_report(turns, costs):
+        eng = slot.manager.engine
+        if eng is None:
+            return ""
+        used = eng.count_tokens(to_messages(turns)) if turns else 0
+        ctx_len = eng.info.context_length
+        left = ctx_len - used
+        line = f"Context: {used} of {ctx_len} tokens used, {left} left."
+        if costs:
+            line += " Image cost: " + ", ".join(f"{n} ≈ {c} tokens" for n, c in costs if c is not None) + "."
+        if left < ctx_len * 0.2:
+            line += " **Warning: the context is nearly full; old turns will be dropped.**"
+        return line
+
+    def respond(message, turns, snapshot, *pvals, request: gr.Request = None):
+        eng = slot.manager.engine
+        if eng is None:
+            raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
+                 for f in message.get("files") or []]
+        if snapshot:
+            files.append(snapshot)
+        if not text and not files:
+            gr.Info("Type a question (and attach images) first: nothing was sent.")
+            yield gr.update(), turns, display(turns), gr.update(), gr.update()
+            return
+        if len(text) > settings.max_input_chars:
+            raise gr.Error(f"The message has {len(text)} characters; the limit is {settings.max_input_chars}.")
+        if len(files) > settings.max_images_per_turn:
+            raise gr.Error(f"{len(files)} images in one message; the limit is {settings.max_images_per_turn}.",
+                           title="Too many images")
+        held = sum(len(t.get("images") or ()) for t in turns)
+        if held + len(files) > settings.max_images:
+            raise gr.Error(f"This conversation would hold {held + len(files)} images; the limit is "
+                           f"{settings.max_images}. Clear the conversation to start again.", title="Too many images")
+        if not any(t.get("images") for t in turns) and not files:
+            raise gr.Error("Attach an image to ask about (the first message needs one).", title="No image")
+        params = make_params(settings, *pvals)
+        saved, notes = [], []
+        for f in files:
+            try:
+                p, n = save_prepared(settings.cache_dir, f)
+            except ImageError as e:
+                raise gr.Error(str(e), title="Image refused") from e
+            saved.append(p)
+            notes += n
+        for n in notes:
+            gr.Warning(n)
+        costs = [(os.path.basename(f), image_token_cost(slot.manager, p)) for f, p in zip(files, saved)]
+        turns = list(turns) + [{"role": "user", "content": text or "Describe the image.", "images": saved}]
+        yield from _run(turns, params, request, costs)
+
+    def _run(turns, params, request, costs=None):
+        sid = "vision-" + session_id(request)
+        shown = turns + [{"role": "assistant", "content": ""}]
+        yield None, turns, display(shown), None, context_report(turns, costs)
+        text, stats = "", None
+        try:
+            for text, stats, notice in stream_reply(slot.manager, to_messages(turns), params, sid):
+                if notice:
+                    gr.Warning(notice)
+                shown = turns + [{"role": "assistant", "content": text}]
+                yield gr.update(), shown, display(shown), gr.update(), gr.update()
+        except gr.Error:
+            yield gr.update(), turns[:-1], display(turns[:-1]), gr.update(), gr.update()
+            raise
+        turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
+        yield gr.update(), turns, display(turns), gr.update(), context_report(turns, costs)
+
+    def regenerate(turns, *pvals, request: gr.Request = None):
+        params = make_params(settings, *pvals)
+        turns = list(turns)
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        if not turns:
+            gr.Info("Nothing to regenerate yet.")
+            yield gr.update(), turns, display(turns), gr.update(), gr.update()
+            return
+        yield from _run(turns, params, request)
+
+    def load_vision(model, engine):
+        slot.start(model.strip() or None, engine)
+        import time
+
+        while slot.loading:
+            time.sleep(0.5)
+        if slot.error:
+            raise gr.Error(slot.status, title="Vision model")
+        return slot.describe()
+
+    outputs = [box, conv, chatbot, webcam, context_md]
+    common = dict(concurrency_id="generate", concurrency_limit="default")
+    e1 = box.submit(respond, [box, conv, webcam, *sampling.values], outputs, api_name="vision_send", **common)
+    e2 = regen.click(regenerate, [conv, *sampling.values], outputs, api_name="vision_regenerate", **common)
+    def on_stop(request: gr.Request = None):
+        slot.manager.abort("vision-" + session_id(request))
+
+    stop.click(on_stop, None, None, cancels=[e1, e2], api_name="vision_stop", queue=False)
+    clear.click(lambda: ([], [], ""), None, [conv, chatbot, context_md], api_name="vision_clear", queue=False)
+    vload.click(load_vision, [vmodel, vengine], status, api_name="load_vision_model", concurrency_limit=1,
+                concurrency_id="admin")
+    return status
+
+
+__all__ = ["VisionSlot", "build", "display", "GenParams"]
