@@ -34,6 +34,12 @@ def build_app(ctx: Context) -> gr.Blocks:
                                "temperature, top_p, top_k, repetition_penalty, seed}. Each update is "
                                "the reply so far.")
         gr.api(engine_info, api_name="engine_info", api_description="What engine and model are loaded.")
+
+        def engine_info_vision() -> str:
+            return ctx.vision.describe() if ctx.vision is not None else "Vision page off"
+
+        gr.api(engine_info_vision, api_name="engine_info_vision",
+               api_description="The Vision page's model: loading, offline, failed, or what runs.")
         # a tab that closes aborts whatever it was generating
         def on_leave(request: gr.Request):
             manager.abort(session_id(request))

@@ -1,0 +1,236 @@
+"""Vision: a tiny LLaVA (SmolLM2 tokenizer, random CLIP tower) end to end, and every bad image."""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import pytest
+from gradio_client import handle_file
+from gradio_client.exceptions import AppError
+
+from engines.base import ChatMessage, GenParams
+from engines.images import ImageError, prepare
+
+from .conftest import AppProcess
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
+SHAPES = os.path.join(EXAMPLES, "shapes.png")
+CHART = os.path.join(EXAMPLES, "chart.png")
+SAMPLING = [32, 0, 0.9, 40, 1.0, None]    # max_new_tokens, temperature (greedy), top_p, top_k, rep, seed
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    from bench.models import build_tiny_llava
+
+    return build_tiny_llava(str(tmp_path_factory.mktemp("models") / "tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def vision_app(tiny_llava, cache_dir, smollm2):
+    app = AppProcess(["--cache-dir", cache_dir, "--vision-model", tiny_llava, "--max-images", "6"])
+    c = app.client()
+    import time
+    for _ in range(120):   # the vision model loads in the background
+        if "on **transformers**" in c.predict(api_name="/engine_info_vision"):
+            break
+        time.sleep(0.5)
+    yield app
+    app.stop()
+
+
+# ---------------------------------------------------------------- engine level
+def test_tiny_llava_streams_and_batches_like_it_answers_alone(tiny_llava, tmp_path):
+    import threading
+
+    from engines import models, registry
+
+    eng = registry.create(models.resolve(tiny_llava, str(tmp_path)), "transformers")
+    try:
+        assert eng.info.vision and eng.info.extra["batching"] == "continuous"
+        p = GenParams(temperature=0, max_new_tokens=12)
+        q1 = [ChatMessage("user", "What is this?", (SHAPES,))]
+        q2 = [ChatMessage("user", "Compare them.", (SHAPES, CHART))]
+        solo = {}
+        for k, q in (("a", q1), ("b", q2)):
+            solo[k] = "".join(d.text for d in eng.stream(q, p, session_id=k))
+        ref_ids = eng._encode(q1)
+        import torch
+        with torch.inference_mode():
+            ref = eng.model.generate(**ref_ids, max_new_tokens=12, do_sample=False, top_k=None, top_p=None,
+                                     temperature=None)
+        assert solo["a"] == eng.tokenizer.decode(ref[0, ref_ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        both = {}
+        ts = [threading.Thread(target=lambda k=k, q=q: both.__setitem__(
+            k, "".join(d.text for d in eng.stream(q, p, session_id=k + "2")))) for k, q in (("a", q1), ("b", q2))]
+        [t.start() for t in ts]
+        [t.join(120) for t in ts]
+        assert both == solo
+        # the image changes the answer's input: two images cost twice the image tokens of one
+        one = eng.count_tokens(q1) - eng.count_tokens([ChatMessage("user", "What is this?")])
+        two = eng.count_tokens([ChatMessage("user", "What is this?", (SHAPES, CHART))]) - \
+            eng.count_tokens([ChatMessage("user", "What is this?")])
+        assert one > 0 and two == 2 * one
+    finally:
+        eng.close()
+
+
+# ---------------------------------------------------------------- through the app
+def test_whole_path_upload_answer_follow_up_second_image(vision_app):
+    c = vision_app.client()
+    job = c.submit({"text": "What shapes are here?", "files": [handle_file(SHAPES)]}, None, *SAMPLING,
+                   api_name="/vision_send")
+    outs = []
+    import time
+    while not job.done():
+        outs = job.outputs()
+        time.sleep(0.01)
+    box, chat, webcam, context = job.result()
+    assert len(job.outputs()) >= 3, "the answer streams"
+    roles = [m["role"] for m in chat]
+    assert roles == ["user", "user", "assistant"]     # the image, the question, the answer
+    assert "image" in str(chat[0]["content"]).lower() or ".png" in str(chat[0]["content"])
+    assert "Image cost: shapes.png" in context and "tokens used" in context
+    # a follow-up question about the first image, with no new image
+    _, chat, _, context = c.predict({"text": "What colour is the circle?", "files": []}, None, *SAMPLING,
+                                    api_name="/vision_send")
+    assert [m["role"] for m in chat][-2:] == ["user", "assistant"]
+    # a second image later in the conversation
+    _, chat, _, context = c.predict({"text": "And this one?", "files": [handle_file(CHART)]}, None, *SAMPLING,
+                                    api_name="/vision_send")
+    assert sum(1 for m in chat if ".png" in str(m["content"])) == 2
+    assert "chart.png" in context
+
+
+def test_first_message_needs_an_image(vision_app):
+    with pytest.raises(AppError, match="Attach an image"):
+        vision_app.client().predict({"text": "hello", "files": []}, None, *SAMPLING, api_name="/vision_send")
+
+
+def _png_16bit(path, w=32, h=24):
+    raw = b"".join(b"\x00" + b"".join(struct.pack(">H", (x * 2000 + y * 50) % 65535) for x in range(w))
+                   for y in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    open(path, "wb").write(data)
+
+
+@pytest.fixture(scope="module")
+def bad_images(tmp_path_factory):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("imgs")
+    files = {}
+    p = d / "corrupt.png"
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(good, "PNG")
+    p.write_bytes(good.getvalue()[:60])
+    files["corrupt"] = p
+    p = d / "notes.png"
+    p.write_text("this is a text file renamed .png\n" * 20)
+    files["not_image"] = p
+    p = d / "anim.gif"
+    frames = [Image.new("RGB", (40, 40), c) for c in ("red", "green", "blue")]
+    frames[0].save(p, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    files["animated"] = p
+    p = d / "deep.png"
+    _png_16bit(p)
+    files["png16"] = p
+    p = d / "cmyk.jpg"
+    Image.new("CMYK", (48, 32), (0, 255, 255, 0)).save(p, "JPEG")
+    files["cmyk"] = p
+    p = d / "rgba.png"
+    Image.new("RGBA", (40, 30), (0, 0, 255, 100)).save(p)
+    files["rgba"] = p
+    p = d / "palette.png"
+    Image.new("RGB", (40, 30), "green").convert("P", palette=Image.Palette.ADAPTIVE).save(p)
+    files["palette"] = p
+    p = d / "rotated.jpg"
+    img = Image.new("RGB", (60, 20), "blue")
+    exif = Image.Exif()
+    exif[0x0112] = 6   # rotate 90° clockwise on display
+    img.save(p, "JPEG", exif=exif)
+    files["exif"] = p
+    p = d / "tiny.png"
+    Image.new("RGB", (1, 1), "white").save(p)
+    files["tiny"] = p
+    p = d / "huge.jpg"
+    Image.new("RGB", (12000, 12000), (200, 180, 160)).save(p, "JPEG", quality=50)
+    files["huge"] = p
+    p = d / "empty.png"
+    p.write_bytes(b"")
+    files["empty"] = p
+    return files
+
+
+@pytest.mark.parametrize("kind, outcome", [
+    ("corrupt", "refused"), ("not_image", "refused"), ("empty", "refused"),
+    ("animated", "ok"), ("png16", "ok"), ("cmyk", "ok"), ("rgba", "ok"), ("palette", "ok"),
+    ("exif", "ok"), ("tiny", "ok"), ("huge", "ok"),
+])
+def test_prepare_each_kind_of_upload(bad_images, kind, outcome):
+    if outcome == "refused":
+        with pytest.raises(ImageError) as e:
+            prepare(str(bad_images[kind]))
+        assert bad_images[kind].name in str(e.value)
+        return
+    prep = prepare(str(bad_images[kind]))
+    assert prep.image.mode == "RGB"
+    w, h = prep.image.size
+    assert 16 <= min(w, h) and max(w, h) <= 2048
+    if kind == "exif":
+        assert (w, h) == (20, 60), "EXIF orientation applied"
+    if kind == "animated":
+        assert any("first frame" in n for n in prep.notes)
+    if kind == "huge":
+        assert any("downscaled" in n for n in prep.notes)
+    if kind == "rgba":
+        assert prep.image.getpixel((0, 0))[0] > 100, "alpha composited on white, not black"
+    if kind == "cmyk":
+        r, g, b = prep.image.getpixel((5, 5))
+        assert r > 200 and g < 60 and b < 60, "CMYK (0,255,255,0) is red"
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "not_image", "empty", "animated", "png16", "cmyk", "rgba",
+                                  "palette", "exif", "tiny", "huge"])
+def test_every_upload_through_the_ui_api_works_or_is_refused_clearly(vision_app, bad_images, kind):
+    c = vision_app.client()
+    try:
+        _, chat, _, _ = c.predict({"text": "What is this?", "files": [handle_file(str(bad_images[kind]))]}, None,
+                                  *SAMPLING, api_name="/vision_send")
+        assert kind not in ("corrupt", "not_image", "empty")
+        assert chat[-1]["role"] == "assistant"
+    except AppError as e:
+        assert kind in ("corrupt", "not_image", "empty"), f"{kind} should have worked: {e}"
+        assert bad_images[kind].name in str(e)
+    assert vision_app.alive()
+
+
+def test_too_many_images_are_refused(vision_app):
+    c = vision_app.client()
+    with pytest.raises(AppError, match="limit is 4"):
+        c.predict({"text": "Compare", "files": [handle_file(SHAPES)] * 5}, None, *SAMPLING, api_name="/vision_send")
+    for _ in range(3):
+        c.predict({"text": "More", "files": [handle_file(SHAPES), handle_file(CHART)]}, None, *SAMPLING,
+                  api_name="/vision_send")
+    with pytest.raises(AppError, match="limit is 6"):
+        c.predict({"text": "One more", "files": [handle_file(SHAPES)]}, None, *SAMPLING, api_name="/vision_send")
+    assert "Paris" in c.predict([{"role": "user", "content": "What is the capital of France?"}],
+                                {"temperature": 0, "max_new_tokens": 16}, api_name="/chat")
+
+
+def test_offline_default_says_how_to_point_at_a_folder(cache_dir, smollm2):
+    app = AppProcess(["--cache-dir", cache_dir], env={"HF_HUB_OFFLINE": "1"})
+    try:
+        status = app.client().predict(api_name="/engine_info_vision")
+        assert "offline" in status and "--vision-model" in status
+        with pytest.raises(AppError, match="No vision model is loaded"):
+            app.client().predict({"text": "hi", "files": [handle_file(SHAPES)]}, None, *SAMPLING,
+                                 api_name="/vision_send")
+    finally:
+        app.stop()
