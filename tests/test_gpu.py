@@ -82,3 +82,66 @@ def test_auto_picks_turbomind_and_says_why(tiny_llama):
 
     backend, reason = registry.choose(tiny_llama, "auto")
     assert backend == "turbomind" and "TurboMind" in reason
+
+
+def _first_divergence_is_near_tie(model, prefix_ids, ref_ids, other_ids, extra=None, tol=0.02):
+    """True when ``other_ids`` equals ``ref_ids`` or parts from it only where the reference model's
+    two candidates are a near tie (vLLM's check_logprobs_close idea)."""
+    import torch
+
+    if other_ids == ref_ids:
+        return True
+    i = next((k for k, (a, b) in enumerate(zip(other_ids, ref_ids)) if a != b), None)
+    if i is None:
+        return True
+    ids = torch.tensor([prefix_ids + ref_ids[:i]], device="cuda")
+    with torch.inference_mode():
+        logits = model(input_ids=ids, **(extra or {})).logits[0, -1].float()
+    gap = (logits[ref_ids[i]] - logits[other_ids[i]]).item()
+    print(f"diverged at token {i}: logit gap {gap:.4f} of {logits.abs().max().item():.2f}")
+    return gap <= tol * logits.abs().max().item()
+
+
+def test_tiny_llava_on_lmdeploy_and_transformers_agree_on_16_greedy_tokens(tmp_path):
+    """The same tiny LLaVA (random weights) on LMDeploy's vision pipeline and on Transformers-CUDA."""
+    import torch
+
+    from bench.models import build_tiny_llava
+    from engines import models, registry
+
+    path = build_tiny_llava(str(tmp_path / "tiny-llava"), device="cuda", dtype="bfloat16", image_size=336,
+                            patch=14)
+    resolved = models.resolve(path, str(tmp_path / "c"))
+    backend, reason = registry.choose(resolved, "auto")
+    assert backend == "pytorch", f"LLaVA runs on LMDeploy's PyTorch engine, not {backend} ({reason})"
+    from engines.base import ChatMessage as CM
+    from PIL import Image
+
+    img = Image.new("RGB", (336, 336), (200, 40, 40))
+    messages = [CM("user", "What colour is this image?", (img,))]
+    lm = registry.create(resolved, "pytorch", cache_max_entry_count=0.2, session_len=4096)
+    try:
+        from lmdeploy import GenerationConfig
+
+        out = lm.pipe.infer(lm._messages(messages), gen_config=GenerationConfig(max_new_tokens=16, do_sample=False,
+                                                                                top_k=1))
+        lm_ids = list(out.token_ids)[:16]
+        streamed = "".join(d.text for d in lm.stream(messages, GenParams(temperature=0, max_new_tokens=16),
+                                                     session_id="v"))
+        assert streamed == out.text
+    finally:
+        lm.close()
+    hf = registry.create(resolved, "transformers", device="cuda", dtype="bfloat16")
+    try:
+        enc = {k: v.cuda() for k, v in hf._encode(messages).items()}
+        enc["pixel_values"] = enc["pixel_values"].to(torch.bfloat16)
+        with torch.inference_mode():
+            ref = hf.model.generate(**enc, max_new_tokens=16, do_sample=False, top_k=None, top_p=None,
+                                    temperature=None)
+        hf_ids = ref[0, enc["input_ids"].shape[1]:].tolist()
+        assert len(lm_ids) == 16
+        prompt = enc["input_ids"][0].tolist()
+        assert _first_divergence_is_near_tie(hf.model, prompt, hf_ids, lm_ids,
+                                             extra={"pixel_values": enc["pixel_values"]}), (lm_ids, hf_ids)
+    finally:
+        hf.close()
