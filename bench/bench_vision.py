@@ -44,7 +44,7 @@ def build_llava_7b(out: str, device: str) -> str:
     from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from bench.models import TOKENIZER_DIR, llama_config
+    from bench.models import TOKENIZER_DIR, llama_config, save_llava
 
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
@@ -63,7 +63,7 @@ def build_llava_7b(out: str, device: str) -> str:
     proc = LlavaProcessor.from_pretrained(tiny)
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_llava(model, tmp)
     proc.save_pretrained(tmp)
     os.replace(tmp, out)
     del model

@@ -64,6 +64,19 @@ def build_llama(out_dir: str, shape: str = "tiny", *, device: str = "cpu", dtype
     return out_dir
 
 
+def save_llava(model, folder: str) -> None:
+    """Save a LLaVA in the llava-hf hub layout (``vision_tower.vision_model.*``), which LMDeploy's
+    loader expects; transformers 5 would otherwise write ``vision_tower.*`` (it reads both)."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        for old in ("model.vision_tower.", "vision_tower."):
+            if k.startswith(old) and not k.startswith("vision_tower.vision_model."):
+                k = "vision_tower.vision_model." + k[len(old):]
+                break
+        sd[k] = v
+    model.save_pretrained(folder, state_dict=sd)
+
+
 def build_tiny_llava(out_dir: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                      image_size: int = 64, patch: int = 16) -> str:
     """A tiny LLaVA-1.5-style model: a small random CLIP vision tower and a tiny Llama text side
@@ -101,7 +114,7 @@ def build_tiny_llava(out_dir: str, *, device: str = "cpu", dtype: str = "float32
                           num_additional_image_tokens=1)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_llava(model, tmp)
     proc.save_pretrained(tmp)
     os.replace(tmp, out_dir)
     del model, n_patches
