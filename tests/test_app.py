@@ -6,6 +6,8 @@ import threading
 import time
 
 import pytest
+
+pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24}

@@ -7,6 +7,8 @@ import struct
 import zlib
 
 import pytest
+
+pytest.importorskip("gradio_client")
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 
