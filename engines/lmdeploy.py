@@ -50,6 +50,35 @@ def _image_part(img) -> dict:
     return {"type": "image_data", "image_data": {"data": img}}
 
 
+class _PilSafeImageProcessor:
+    """Compatibility shim. LMDeploy 0.18's LLaVA-hf preprocessing calls the image processor with
+    ``input_data_format='channels_last'``; transformers 5's torchvision-backed processors turn a PIL
+    image into a channels-first tensor first and then misread it ("size of tensor a (336) must match
+    the size of tensor b (3)", seen on the H100 with transformers 5.17). A PIL image's layout is never
+    ambiguous, so for PIL input we let the processor infer it."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __call__(self, images, *args, **kwargs):
+        from PIL import Image
+
+        if isinstance(images, Image.Image) or (isinstance(images, (list, tuple)) and images and
+                                               all(isinstance(i, Image.Image) for i in images)):
+            kwargs.pop("input_data_format", None)
+        return self._inner(images, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _patch_vision_preprocessor(pipe) -> None:
+    model = getattr(getattr(pipe.async_engine, "vl_encoder", None), "model", None)
+    proc = getattr(model, "processor", None)
+    if proc is not None and callable(proc) and not isinstance(proc, _PilSafeImageProcessor):
+        model.processor = _PilSafeImageProcessor(proc)
+
+
 class LMDeployEngine:
     def __init__(self, resolved, *, backend: str = "turbomind", model_format: str = "hf",
                  quant_policy: int = 0, cache_max_entry_count: float = 0.8,
@@ -94,6 +123,8 @@ class LMDeployEngine:
             torch.cuda.empty_cache()
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(f"LMDeploy ({backend}) cannot load {resolved.spec!r}: {msg}") from e
+        if self.vision:
+            _patch_vision_preprocessor(self.pipe)
         bc = self.pipe.backend_config
         self._sessions: dict[str, list] = {}
         self._lock = threading.Lock()
