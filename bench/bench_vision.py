@@ -135,6 +135,8 @@ def main(argv=None):
             for r in range(a.repeat):
                 t0 = time.perf_counter()
                 for d in eng.stream(msgs, p, session_id=f"b{r}"):
+                    if d.finish_reason == "error":
+                        raise SystemExit(f"{backend}: {d.error}")
                     if d.text or d.tokens:
                         ttfts.append(time.perf_counter() - t0)
                         break

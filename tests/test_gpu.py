@@ -125,6 +125,7 @@ def test_tiny_llava_on_lmdeploy_and_transformers_agree_on_16_greedy_tokens(tmp_p
 
         out = lm.pipe.infer(lm._messages(messages), gen_config=GenerationConfig(max_new_tokens=16, do_sample=False,
                                                                                 top_k=1))
+        assert out.finish_reason in ("stop", "length"), out.error_message
         lm_ids = list(out.token_ids)[:16]
         streamed = "".join(d.text for d in lm.stream(messages, GenParams(temperature=0, max_new_tokens=16),
                                                      session_id="v"))
