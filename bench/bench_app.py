@@ -93,27 +93,82 @@ def client_stream(client, messages, params):
     return {"ttft": ttft, "seconds": end - t0, "text": outs[-1] if outs else "", "updates": len(outs)}
 
 
-def app_runs(url, messages, params, users, tokens_by_users):
-    from gradio_client import Client
+def http_stream(url, messages, params):
+    """One streamed reply through Gradio's plain REST API (POST /gradio_api/call/chat, then its
+    server-sent events): what a thin HTTP client sees, with no client library in the way."""
+    import urllib.request
+
+    t0 = time.perf_counter()
+    body = json.dumps({"data": [[m.to_dict() for m in messages], params]}).encode()
+    req = urllib.request.Request(url + "gradio_api/call/chat", data=body,
+                                 headers={"Content-Type": "application/json"})
+    event_id = json.load(urllib.request.urlopen(req, timeout=60))["event_id"]
+    ttft, text, updates, event = None, "", 0, ""
+    with urllib.request.urlopen(f"{url}gradio_api/call/chat/{event_id}", timeout=600) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event in ("generating", "complete"):
+                data = json.loads(line[5:])
+                if data and data[0]:
+                    text = data[0]
+                    updates += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+            elif line.startswith("data:") and event == "error":
+                raise RuntimeError(line)
+    return {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": text, "updates": updates}
+
+
+def _users_in_process(url, kind, messages, params, count, start_at):
+    """Run ``count`` users (threads) in this worker process, all starting at ``start_at``."""
+    clients = []
+    if kind == "gradio_client":
+        from gradio_client import Client
+
+        clients = [Client(url, verbose=False) for _ in range(count)]
+    res = [None] * count
+
+    def one(i):
+        time.sleep(max(0.0, start_at - time.time()))
+        t_start = time.time()
+        r = client_stream(clients[i], messages, params) if kind == "gradio_client" else \
+            http_stream(url, messages, params)
+        r["start"], r["end"] = t_start, time.time()
+        res[i] = r
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return res
+
+
+def app_runs(url, messages, params, users, tokens_by_users, kind="gradio_client"):
+    """Drive the app with N simulated users. The load generator is spread over several processes
+    (8 users each at most) so that it is never the bottleneck: one Python process parsing 64
+    streams was (its GIL capped what it could read, seen on the H100)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
 
     p = {k: getattr(params, k) for k in GenParams.RANGES if getattr(params, k) is not None}
-    clients = [Client(url, verbose=False) for _ in range(max(users))]
-    client_stream(clients[0], messages, {**p, "max_new_tokens": 8})
     out = {}
-    for n in users:
-        res = [None] * n
-        threads = [threading.Thread(target=lambda i=i: res.__setitem__(i, client_stream(clients[i], messages, p)))
-                   for i in range(n)]
-        t0 = time.perf_counter()
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        wall = time.perf_counter() - t0
-        toks = tokens_by_users[n]
-        r0 = res[0]
-        per_tok = toks / n
-        out[n] = {"tokens": toks, "seconds": wall, "ttft_p50": statistics.median(r["ttft"] for r in res),
-                  "ttft_p99": max(r["ttft"] for r in res), "texts": [r["text"] for r in res],
-                  "decode_tok_s_1": (per_tok - 1) / (r0["seconds"] - r0["ttft"])}
+    with ProcessPoolExecutor(max_workers=max(1, (max(users) + 7) // 8), mp_context=mp.get_context("spawn")) as pool:
+        pool.submit(_users_in_process, url, kind, messages, {**p, "max_new_tokens": 8}, 1, time.time()).result()
+        for n in users:
+            per = [8] * (n // 8) + ([n % 8] if n % 8 else [])
+            start_at = time.time() + 3.0   # every worker has its clients ready by then
+            futs = [pool.submit(_users_in_process, url, kind, messages, p, k, start_at) for k in per]
+            res = [r for f in futs for r in f.result()]
+            wall = max(r["end"] for r in res) - min(r["start"] for r in res)
+            toks = tokens_by_users[n]
+            r0 = res[0]
+            per_tok = toks / n
+            ttfts = sorted(r["ttft"] for r in res)
+            out[n] = {"tokens": toks, "seconds": wall, "ttft_p50": statistics.median(ttfts),
+                      "ttft_p99": ttfts[min(len(ttfts) - 1, int(round(0.99 * (len(ttfts) - 1))))],
+                      "texts": [r["text"] for r in res],
+                      "decode_tok_s_1": (per_tok - 1) / (r0["seconds"] - r0["ttft"])}
     return out
 
 
@@ -127,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--prompt-words", type=int, default=32)
     ap.add_argument("--port", type=int, default=7871)
     ap.add_argument("--app-args", default="", help="extra app.py arguments")
+    ap.add_argument("--client", choices=["gradio_client", "http"], default="gradio_client",
+                    help="how simulated users talk to the app")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     from engines import models
@@ -143,11 +200,11 @@ def main(argv=None):
     proc, ready_s = launch(a.model, a.engine, a.port, extra)
     try:
         app = app_runs(f"http://127.0.0.1:{a.port}/", messages, params, users,
-                       {n: eng[n]["tokens"] for n in users})
+                       {n: eng[n]["tokens"] for n in users}, a.client)
     finally:
         proc.terminate()
         proc.wait(30)
-    print(f"\n{a.engine} on {resolved.spec}: app ready {ready_s:.1f} s after launch")
+    print(f"\n{a.engine} on {resolved.spec}: app ready {ready_s:.1f} s after launch; users talk through {a.client}")
     for n in users:
         e, g = eng[n], app[n]
         same = e["texts"] == g["texts"]
@@ -165,7 +222,7 @@ def main(argv=None):
         proc, ready2 = launch(a.model, a.compare_engine, a.port + 1, a.app_args.split())
         try:
             other = app_runs(f"http://127.0.0.1:{a.port + 1}/", messages, params, users[:1],
-                             {users[0]: eng[users[0]]["tokens"]})
+                             {users[0]: eng[users[0]]["tokens"]}, a.client)
         finally:
             proc.terminate()
             proc.wait(30)

@@ -91,7 +91,9 @@ def build_tiny_llava(out_dir: str, *, device: str = "cpu", dtype: str = "float32
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token_id = tok.convert_tokens_to_ids("<image>")
     text_cfg = llama_config("tiny", vocab_size=len(tok))
-    vision_cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # head_dim 64: LMDeploy's vision kernels assert on smaller heads (a device-side assert was seen
+    # on the H100 with 32)
+    vision_cfg = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                   num_attention_heads=2, image_size=image_size, patch_size=patch,
                                   projection_dim=64)
     cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
