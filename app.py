@@ -47,8 +47,11 @@ def main(argv=None) -> int:
     demo.queue(default_concurrency_limit=concurrency, max_size=s.max_queue)
     uploads = os.path.join(s.cache_dir, "uploads")   # normalized vision uploads, shown in the history
     os.makedirs(uploads, exist_ok=True)
+    # Each streaming event holds a worker thread while it waits for the engine: the pool must be
+    # larger than the number of streams served at once, or users wait for a thread, not the GPU.
     demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,
-                auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads])
+                auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads],
+                max_threads=max(40, concurrency + 16))
     return 0
 
 

@@ -78,7 +78,8 @@ def save_llava(model, folder: str) -> None:
 
 
 def build_tiny_llava(out_dir: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                     image_size: int = 64, patch: int = 16) -> str:
+                     image_size: int = 64, patch: int = 16, text_shape: str = "tiny",
+                     vision: tuple[int, int, int, int] = (128, 256, 2, 2)) -> str:
     """A tiny LLaVA-1.5-style model: a small random CLIP vision tower and a tiny Llama text side
     with SmolLM2's tokenizer plus an ``<image>`` token, saved with a LlavaProcessor."""
     import torch
@@ -90,11 +91,12 @@ def build_tiny_llava(out_dir: str, *, device: str = "cpu", dtype: str = "float32
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token_id = tok.convert_tokens_to_ids("<image>")
-    text_cfg = llama_config("tiny", vocab_size=len(tok))
+    text_cfg = llama_config(text_shape, vocab_size=len(tok))
     # head_dim 64: LMDeploy's vision kernels assert on smaller heads (a device-side assert was seen
     # on the H100 with 32)
-    vision_cfg = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                  num_attention_heads=2, image_size=image_size, patch_size=patch,
+    v_hidden, v_inter, v_layers, v_heads = vision
+    vision_cfg = CLIPVisionConfig(hidden_size=v_hidden, intermediate_size=v_inter, num_hidden_layers=v_layers,
+                                  num_attention_heads=v_heads, image_size=image_size, patch_size=patch,
                                   projection_dim=64)
     cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token_id,
                       vision_feature_layer=-2, vision_feature_select_strategy="default",

@@ -109,15 +109,17 @@ def test_tiny_llava_on_lmdeploy_and_transformers_agree_on_16_greedy_tokens(tmp_p
     from bench.models import build_tiny_llava
     from engines import models, registry
 
-    path = build_tiny_llava(str(tmp_path / "tiny-llava"), device="cuda", dtype="bfloat16", image_size=336,
-                            patch=14)
+    # a small LLaVA of real proportions: SmolLM2-135M's text shape, a 4-layer ViT-B/16 at 224 px
+    # (the 2-layer, 128-wide tower of the CPU tests trips a size check inside LMDeploy's engine)
+    path = build_tiny_llava(str(tmp_path / "small-llava"), device="cuda", dtype="bfloat16", image_size=224,
+                            patch=16, text_shape="smollm2-135m", vision=(768, 3072, 4, 12))
     resolved = models.resolve(path, str(tmp_path / "c"))
     backend, reason = registry.choose(resolved, "auto")
     assert backend == "pytorch", f"LLaVA runs on LMDeploy's PyTorch engine, not {backend} ({reason})"
     from engines.base import ChatMessage as CM
     from PIL import Image
 
-    img = Image.new("RGB", (336, 336), (200, 40, 40))
+    img = Image.new("RGB", (224, 224), (200, 40, 40))
     messages = [CM("user", "What colour is this image?", (img,))]
     lm = registry.create(resolved, "pytorch", cache_max_entry_count=0.2, session_len=4096)
     try:
