@@ -197,3 +197,22 @@ def test_stop_aborts_generation_and_frees_the_slot(app_server):
     assert "Paris" in c.predict(ASK, GREEDY, api_name="/chat")
     assert time.perf_counter() - t1 < 30
     assert info["loaded"]
+
+
+def test_export_then_import_a_chat(app_server, tmp_path):
+    from gradio_client import handle_file
+
+    c = app_server.client()
+    c.predict("What is the capital of France?", "Be brief.", 16, 0, 0.9, 40, 1.0, None, api_name="/send")
+    path = c.predict("Be brief.", api_name="/export_chat")
+    data = json.load(open(path))
+    assert data["format"] == "turbostudio-chat" and data["system"] == "Be brief."
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
+    assert "tokens_per_s" in data["messages"][1]["stats"]
+    other = app_server.client()          # a new browser session imports it
+    chat, system = other.predict(handle_file(path), api_name="/import_chat")
+    assert system == "Be brief." and [m["role"] for m in chat] == ["user", "assistant"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"messages": [{"role": "wizard", "content": 1}]}')
+    with pytest.raises(AppError, match="Not a chat export"):
+        other.predict(handle_file(str(bad)), api_name="/import_chat")

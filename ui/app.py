@@ -51,8 +51,13 @@ def build_app(ctx: Context) -> gr.Blocks:
                   api_visibility="private")
         if ctx.vision is not None:
             # the vision model loads in the background: keep its status line fresh while loading
-            timer = gr.Timer(2.0)
-            timer.tick(lambda: ctx.vision.describe(), None, vstatus, api_visibility="private", queue=False)
+            timer = gr.Timer(2.0, active=ctx.vision.loading or ctx.vision.manager.engine is None)
+
+            def vision_tick():
+                loading = ctx.vision.loading
+                return ctx.vision.describe(), gr.Timer(active=loading)
+
+            timer.tick(vision_tick, None, [vstatus, timer], api_visibility="private", queue=False)
     return demo
 
 

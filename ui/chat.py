@@ -198,8 +198,10 @@ def build(ctx: Context):
     undo.click(undo_last, conv, [conv, chatbot], api_name="undo", queue=False)
     edit.click(edit_last, conv, [box, conv, chatbot], api_name="edit_last", queue=False)
     clear.click(lambda: ([], [], ""), None, [conv, chatbot, status], api_name="clear", queue=False)
-    export_btn.click(export_chat, [conv, system], export_btn, api_visibility="private")
-    import_btn.upload(import_chat, import_btn, [conv, chatbot, system], api_visibility="private")
+    chatbot.clear(lambda: ([], ""), None, [conv, status], api_visibility="private", queue=False)
+    export_btn.click(export_chat, [conv, system], export_btn, api_name="export_chat", api_visibility="undocumented")
+    import_btn.upload(import_chat, import_btn, [conv, chatbot, system], api_name="import_chat",
+                      api_visibility="undocumented")
     return chatbot
 
 
