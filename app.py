@@ -49,9 +49,15 @@ def main(argv=None) -> int:
     os.makedirs(uploads, exist_ok=True)
     # Each streaming event holds a worker thread while it waits for the engine: the pool must be
     # larger than the number of streams served at once, or users wait for a thread, not the GPU.
-    demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,
-                auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads],
-                max_threads=max(40, concurrency + 16))
+    app, _, _ = demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,
+                            auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads],
+                            max_threads=max(40, concurrency + 16), prevent_thread_lock=True)
+    if s.api:
+        from ui.openai_api import mount
+
+        mount(app, manager, s)
+        print(f"OpenAI-compatible API at http://{s.server_name}:{s.server_port}/v1", flush=True)
+    demo.block_thread()
     return 0
 
 

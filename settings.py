@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-ENGINES = ("auto", "transformers", "turbomind", "pytorch")
+ENGINES = ("auto", "transformers", "turbomind", "pytorch", "remote")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_FORMATS = ("hf", "awq")
 QUANT_POLICIES = (0, 4, 8)
@@ -52,6 +52,9 @@ class Settings:
     max_input_chars: int = 16000
     max_new_tokens_limit: int = 4096
     no_load: bool = False             # start without loading a model (tests, admin-only setups)
+    api: bool = False                 # serve /v1/models and /v1/chat/completions (OpenAI-compatible)
+    remote_model: str | None = None   # engine remote: the model name on the server (default: its first)
+    remote_api_key: str | None = None  # engine remote: the server's API key
     vision_model: str | None = None   # None: llava-interleave-qwen-0.5b from the hub, when reachable
     vision_engine: str = "auto"
     max_images_per_turn: int = 4
@@ -99,7 +102,8 @@ class Settings:
         return dict(device=self.device, dtype=self.dtype, model_format=self.model_format,
                     quant_policy=self.quant_policy, cache_max_entry_count=self.cache_max_entry_count,
                     session_len=self.session_len, tp=self.tp,
-                    trust_remote_code=self.trust_remote_code)
+                    trust_remote_code=self.trust_remote_code, remote_model=self.remote_model,
+                    api_key=self.remote_api_key)
 
 
 _HELP = {
@@ -124,6 +128,9 @@ _HELP = {
     "max_input_chars": "longest accepted user message, in characters",
     "max_new_tokens_limit": "largest max_new_tokens a user may ask for",
     "no_load": "start the app without loading a model",
+    "api": "also serve an OpenAI-compatible API at /v1 (same port, same --auth as Bearer user:password)",
+    "remote_model": "with --engine remote: the model name on the server (default: the first it lists)",
+    "remote_api_key": "with --engine remote: the server's API key",
     "vision_model": "vision-language model folder or hub id for the Vision page "
                     "(default: llava-hf/llava-interleave-qwen-0.5b-hf when a hub is reachable)",
     "vision_engine": "engine for the vision model (auto: LMDeploy's PyTorch engine for LLaVA on GPU, "

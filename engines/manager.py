@@ -77,7 +77,7 @@ class EngineManager:
                                               trust_remote_code=opts.get("trust_remote_code", False))
             registry.precheck(resolved, backend, opts.get("trust_remote_code", False))
             old, old_req = self._engine, self._request
-            on_gpu = backend != "transformers" or opts.get("device") == "cuda" or \
+            on_gpu = backend in ("turbomind", "pytorch") or opts.get("device") == "cuda" or \
                 (old is not None and old.info.device.startswith("cuda"))
             before = telemetry.snapshot()
             if old is not None and on_gpu:
@@ -113,6 +113,8 @@ class EngineManager:
     def _backend_options(self, backend: str, opts: dict) -> dict:
         if backend == "transformers":
             keys = ("device", "dtype", "session_len", "trust_remote_code", "max_batch")
+        elif backend == "remote":
+            keys = ("remote_model", "api_key", "session_len")
         else:
             keys = ("model_format", "quant_policy", "cache_max_entry_count", "session_len", "tp",
                     "dtype", "trust_remote_code", "max_batch")

@@ -112,6 +112,8 @@ def resolve(spec: str | None, cache_dir: str, progress: ProgressFn | None = None
     """Turn what the user typed into something a backend can load, or raise ModelLoadError."""
     if spec is not None:
         spec = spec.strip()
+    if spec and spec.startswith(("http://", "https://")):
+        return ResolvedModel(spec, spec, False, "remote server")
     if spec in DEFAULT_ALIASES:
         out = default_model_dir(cache_dir)
         if is_model_dir(out):

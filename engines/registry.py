@@ -5,7 +5,7 @@ from __future__ import annotations
 from .base import Engine, EngineUnavailable, ModelLoadError
 from .models import ResolvedModel, read_config
 
-ENGINE_NAMES = ("auto", "transformers", "turbomind", "pytorch")
+ENGINE_NAMES = ("auto", "transformers", "turbomind", "pytorch", "remote")
 
 
 def _cuda() -> bool:
@@ -21,6 +21,13 @@ def choose(resolved: ResolvedModel, engine: str, *, device: str = "auto",
     """The backend to build for ``engine`` and the reason, without loading anything."""
     if engine not in ENGINE_NAMES:
         raise ValueError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {engine!r}")
+    remote = resolved.source == "remote server"
+    if engine == "remote" and not remote:
+        raise ValueError("the remote engine takes a server URL as the model, e.g. http://127.0.0.1:23333")
+    if remote:
+        if engine not in ("auto", "remote"):
+            raise ValueError(f"{resolved.spec} is a server URL: use the remote engine, not {engine}")
+        return "remote", "the model is a server URL: OpenAI-compatible remote engine"
     if engine != "auto":
         return engine, "chosen explicitly"
     if device == "cpu":
@@ -42,7 +49,7 @@ def choose(resolved: ResolvedModel, engine: str, *, device: str = "auto",
 
 def precheck(resolved: ResolvedModel, backend: str, trust_remote_code: bool = False) -> None:
     """Cheap checks before an old model is unloaded: can ``backend`` run this model at all?"""
-    if not resolved.local:
+    if not resolved.local or backend == "remote":
         return
     cfg = read_config(resolved.path)
     arch = (cfg.get("architectures") or ["?"])[0]
@@ -84,4 +91,8 @@ def create(resolved: ResolvedModel, backend: str, **options) -> Engine:
         from .lmdeploy import LMDeployEngine
 
         return LMDeployEngine(resolved, backend=backend, **options)
+    if backend == "remote":
+        from .remote import RemoteEngine
+
+        return RemoteEngine(resolved, **options)
     raise ValueError(f"unknown backend {backend!r}")

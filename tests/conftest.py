@@ -74,6 +74,7 @@ class AppProcess:
                                       str(self.port), *args], cwd=ROOT, stdout=self.log,
                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.time() + timeout
+        import urllib.error
         import urllib.request
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -81,13 +82,16 @@ class AppProcess:
             try:
                 urllib.request.urlopen(self.url + "gradio_api/info", timeout=2).read()
                 return
+            except urllib.error.HTTPError:
+                return            # it answers (401 when --auth is on): it is up
             except OSError:
                 time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"app did not start in {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path) as f:
             return f.read()[-5000:]
 

@@ -1,0 +1,138 @@
+"""The app's OpenAI-compatible endpoint (--api) and the remote engine, against a second app."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("gradio_client")
+openai = pytest.importorskip("openai")
+
+from engines import models, registry  # noqa: E402
+from engines.base import ChatMessage, ContextTooLong, EngineError, EngineUnavailable, GenParams, ModelLoadError  # noqa: E402
+
+from .conftest import AppProcess, free_port  # noqa: E402
+
+KEY = "ann:pw"
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def api_server(cache_dir, smollm2):
+    app = AppProcess(["--cache-dir", cache_dir, "--api", "--auth", KEY, "--max-queue", "4"])
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def client(api_server):
+    return openai.OpenAI(base_url=api_server.url + "v1", api_key=KEY)
+
+
+def test_models_lists_the_loaded_model(client):
+    ms = client.models.list().data
+    assert [m.id for m in ms] == ["SmolLM2-135M-Instruct"]
+
+
+def test_official_client_streaming_and_not_agree(client):
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK, temperature=0, max_tokens=24)
+    text = r.choices[0].message.content
+    assert "Paris" in text and r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 10
+    chunks = list(client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK, temperature=0,
+                                                 max_tokens=24, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert len(chunks) > 3
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_max_tokens_and_length_finish(client):
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=5,
+                                       messages=[{"role": "user", "content": "Write a long poem about the sea."}])
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("kwargs, error, fragment", [
+    ({"model": "no-such-model"}, "NotFoundError", "does not exist"),
+    ({"temperature": 9}, "BadRequestError", "temperature must be in"),
+    ({"max_tokens": 10**7}, "BadRequestError", "max_tokens must be in"),
+    ({"messages": [{"role": "user", "content": "word " * 20000}]}, "BadRequestError", "characters"),
+])
+def test_errors_come_back_in_openai_form(client, kwargs, error, fragment):
+    args = {"model": "SmolLM2-135M-Instruct", "messages": ASK, **kwargs}
+    with pytest.raises(getattr(openai, error)) as e:
+        client.chat.completions.create(**args)
+    assert fragment in str(e.value)
+
+
+def test_wrong_key_is_401(api_server):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=api_server.url + "v1", api_key="wrong").models.list()
+
+
+def _remote(api_server, **kw):
+    return registry.create(models.resolve(api_server.url, "/tmp"), "remote", api_key=KEY, **kw)
+
+
+def test_remote_engine_streams_the_same_answer(api_server, client):
+    eng = _remote(api_server)
+    try:
+        assert eng.info.backend == "remote" and eng.info.model == "SmolLM2-135M-Instruct"
+        assert eng.info.context_length == 8192
+        deltas = list(eng.stream([ChatMessage("user", ASK[0]["content"])], GenParams(temperature=0, max_new_tokens=24),
+                                 session_id="r"))
+        text = "".join(d.text for d in deltas)
+        ref = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK, temperature=0, max_tokens=24)
+        assert text == ref.choices[0].message.content
+        assert len(deltas) > 3 and deltas[-1].finish_reason == "stop"
+    finally:
+        eng.close()
+
+
+def test_remote_abort_stops_and_the_server_keeps_serving(api_server, client):
+    eng = _remote(api_server)
+    try:
+        it = eng.stream([ChatMessage("user", "Write a very long story about the sea.")],
+                        GenParams(temperature=0.8, max_new_tokens=2000, seed=1), session_id="ab")
+        t0 = time.perf_counter()
+        last, n = None, 0
+        for d in it:
+            n += 1
+            if n == 3:
+                eng.abort("ab")
+            last = d
+        assert last.finish_reason == "abort" and last.tokens < 2000
+        assert time.perf_counter() - t0 < 60
+        r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK, temperature=0, max_tokens=8)
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        eng.close()
+
+
+def test_remote_errors_are_clear(api_server):
+    with pytest.raises(EngineError, match="refused the API key"):
+        registry.create(models.resolve(api_server.url, "/tmp"), "remote", api_key="wrong")
+    with pytest.raises(ModelLoadError, match="does not serve 'nope'"):
+        _remote(api_server, remote_model="nope")
+    with pytest.raises(EngineUnavailable, match="Cannot reach"):
+        registry.create(models.resolve(f"http://127.0.0.1:{free_port()}", "/tmp"), "remote")
+    eng = _remote(api_server)
+    try:
+        with pytest.raises(ContextTooLong):
+            # under the server's 16000-character limit, over its 8192-token context
+            cjk = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(15000))
+            list(eng.stream([ChatMessage("user", cjk)], GenParams(max_new_tokens=4), session_id="c"))
+    finally:
+        eng.close()
+
+
+def test_app_on_a_remote_engine_chats(api_server, cache_dir, tmp_path):
+    app = AppProcess(["--engine", "remote", "--model", api_server.url, "--remote-api-key", KEY,
+                      "--cache-dir", str(tmp_path)])
+    try:
+        c = app.client()
+        info = c.predict(api_name="/engine_info")
+        assert info["backend"] == "remote" and "server URL" in info["reason"]
+        assert "Paris" in c.predict(ASK, {"temperature": 0, "max_new_tokens": 16}, api_name="/chat")
+    finally:
+        app.stop()
