@@ -160,12 +160,17 @@ class LMDeployEngine:
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         eng = self.pipe.async_engine
+        text_only = [ChatMessage(m.role, m.content) for m in messages]
         try:
-            prompt = eng.chat_template.messages2prompt(self._messages(messages))
-            return len(eng.tokenizer.encode(prompt, add_bos=True))
+            prompt = eng.chat_template.messages2prompt(self._messages(text_only))
+            n = len(eng.tokenizer.encode(prompt, add_bos=True))
         except Exception:  # noqa: BLE001 - an estimate is fine for trimming the history
-            text = "".join(m.content for m in messages)
-            return len(eng.tokenizer.encode(text)) + 8 * len(messages)
+            n = len(eng.tokenizer.encode("".join(m.content for m in messages))) + 8 * len(messages)
+        n_images = sum(len(m.images) for m in messages)
+        if n_images:   # the vision model's own count of tokens an image expands to (LLaVA: 576)
+            vl = getattr(getattr(eng, "vl_encoder", None), "model", None)
+            n += n_images * int(getattr(vl, "n_token_per_image", 0) or 0)
+        return n
 
     def stream(self, messages: Sequence[ChatMessage], params: GenParams, *,
                session_id: str) -> Iterator[Delta]:
