@@ -34,6 +34,10 @@ def page(app_server):
 
 def test_chat_in_the_browser_streams_an_answer(page):
     page.wait_for_selector("#chat-input textarea", timeout=30000)
+    page.get_by_text("Sampling").first.click()             # greedy, so the answer is known
+    temp = page.locator(".temperature input[type=number]").first
+    temp.fill("0")
+    temp.press("Enter")
     page.fill("#chat-input textarea", "What is the capital of France?")
     page.click("#chat-send")
     bot = page.locator("#chatbot .message-row.bot-row, #chatbot [data-testid='bot']").last

@@ -31,7 +31,7 @@ class SamplingControls:
             self.max_new_tokens = gr.Slider(1, settings.max_new_tokens_limit, value=max_new_tokens, step=1,
                                             label="max_new_tokens")
             self.temperature = gr.Slider(*r["temperature"], value=temperature, step=0.05,
-                                         label="temperature (0 = greedy)")
+                                         label="temperature (0 = greedy)", elem_classes=["temperature"])
             self.top_p = gr.Slider(0.01, 1.0, value=0.9, step=0.01, label="top_p")
             self.top_k = gr.Slider(*r["top_k"], value=40, step=1, label="top_k (0 = off)")
             self.repetition_penalty = gr.Slider(*r["repetition_penalty"], value=1.0, step=0.01,
