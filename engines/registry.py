@@ -61,25 +61,19 @@ def precheck(resolved: ResolvedModel, backend: str, trust_remote_code: bool = Fa
         except Exception as e:  # noqa: BLE001
             line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(f"Transformers cannot run this model (architecture {arch}): {line}") from e
-    elif backend == "turbomind":
+    elif backend in ("turbomind", "pytorch"):
+        label = "TurboMind" if backend == "turbomind" else "LMDeploy's PyTorch engine"
         if not _cuda():
-            raise EngineUnavailable("TurboMind needs a CUDA GPU; none is visible.")
+            raise EngineUnavailable(f"{label} needs a CUDA GPU; none is visible.")
         from .lmdeploy import lmdeploy_available, turbomind_supports
 
         ok, why = lmdeploy_available()
         if not ok:
             raise EngineUnavailable(why)
-        ok, why = turbomind_supports(resolved.path, trust_remote_code)
-        if not ok:
-            raise ModelLoadError(f"{why} (architecture {arch}); try the 'pytorch' or 'transformers' engine.")
-    elif backend == "pytorch":
-        if not _cuda():
-            raise EngineUnavailable("LMDeploy's PyTorch engine needs a CUDA GPU; none is visible.")
-        from .lmdeploy import lmdeploy_available
-
-        ok, why = lmdeploy_available()
-        if not ok:
-            raise EngineUnavailable(why)
+        if backend == "turbomind":
+            ok, why = turbomind_supports(resolved.path, trust_remote_code)
+            if not ok:
+                raise ModelLoadError(f"{why} (architecture {arch}); try the 'pytorch' or 'transformers' engine.")
 
 
 def create(resolved: ResolvedModel, backend: str, **options) -> Engine:

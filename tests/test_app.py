@@ -216,3 +216,17 @@ def test_export_then_import_a_chat(app_server, tmp_path):
     bad.write_text('{"messages": [{"role": "wizard", "content": 1}]}')
     with pytest.raises(AppError, match="Not a chat export"):
         other.predict(handle_file(str(bad)), api_name="/import_chat")
+
+
+def test_regenerate_undo_and_edit_last(app_server):
+    c = app_server.client()
+    _, chat, _ = c.predict("What is the capital of France?", "", 12, 0, 0.9, 40, 1.0, None, api_name="/send")
+    first = str(chat[-1]["content"])
+    _, chat, _ = c.predict("", 12, 0, 0.9, 40, 1.0, None, api_name="/regenerate")
+    assert [m["role"] for m in chat] == ["user", "assistant"], "regenerate replaces the reply, not appends"
+    assert str(chat[-1]["content"]).split("<sub>")[0] == first.split("<sub>")[0], "greedy: same reply again"
+    box, chat = c.predict(api_name="/edit_last")
+    assert box == "What is the capital of France?" and chat == []
+    c.predict("Hello there", "", 8, 0, 0.9, 40, 1.0, None, api_name="/send")
+    chat = c.predict(api_name="/undo")
+    assert chat == []

@@ -28,6 +28,14 @@ def to_messages(turns: list[dict], system: str | None = None) -> list[ChatMessag
     return msgs
 
 
+def drop_reply(turns: list[dict]) -> list[dict]:
+    """The turns without the trailing assistant reply (for regenerate, undo and edit)."""
+    turns = list(turns)
+    while turns and turns[-1]["role"] == "assistant":
+        turns.pop()
+    return turns
+
+
 def display(turns: list[dict]) -> list[dict]:
     out = []
     for t in turns:
@@ -143,9 +151,7 @@ def build(ctx: Context):
 
     def regenerate(turns, system_prompt, *pvals, request: gr.Request = None):
         params = make_params(settings, *pvals)
-        turns = list(turns)
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
+        turns = drop_reply(turns)
         if not turns:
             gr.Info("Nothing to regenerate yet.")
             yield gr.update(), turns, display(turns), gr.update()
@@ -156,17 +162,13 @@ def build(ctx: Context):
         manager.abort(session_id(request))
 
     def undo_last(turns):
-        turns = list(turns)
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
+        turns = drop_reply(turns)
         if turns:
             turns.pop()
         return turns, display(turns)
 
     def edit_last(turns):
-        turns = list(turns)
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
+        turns = drop_reply(turns)
         text = turns.pop()["content"] if turns else ""
         return text, turns, display(turns)
 

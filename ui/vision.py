@@ -18,7 +18,7 @@ from engines.base import ChatMessage, GenParams
 from engines.images import ImageError, prepare
 from engines.manager import EngineManager
 
-from .chat import stream_reply, to_messages
+from .chat import drop_reply, stream_reply, to_messages
 from .common import Context, SamplingControls, fmt_stats, make_params, session_id
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
@@ -222,9 +222,7 @@ def build(ctx: Context, slot: VisionSlot):
 
     def regenerate(turns, *pvals, request: gr.Request = None):
         params = make_params(settings, *pvals)
-        turns = list(turns)
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
+        turns = drop_reply(turns)
         if not turns:
             gr.Info("Nothing to regenerate yet.")
             yield gr.update(), turns, display(turns), gr.update(), gr.update()
