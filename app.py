@@ -18,6 +18,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if s.share:
+        print("warning: --share makes this app reachable by anyone with the link"
+              + ("" if s.auth else " and --share-without-auth lets them in without a password"),
+              file=sys.stderr, flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engines.base import EngineError
     from engines.manager import EngineManager

@@ -52,6 +52,10 @@ class Settings:
     max_input_chars: int = 16000
     max_new_tokens_limit: int = 4096
     no_load: bool = False             # start without loading a model (tests, admin-only setups)
+    share_without_auth: bool = False  # explicit opt-out of the --auth that --share requires
+    model_roots: str | None = None    # os.pathsep-separated folders the UI may load models from
+    allowed_models: str | None = None  # comma-separated hub ids / server URLs the UI may load
+    admin: str | None = None          # comma-separated users allowed to load models (with --auth)
     api: bool = False                 # serve /v1/models and /v1/chat/completions (OpenAI-compatible)
     remote_model: str | None = None   # engine remote: the model name on the server (default: its first)
     remote_api_key: str | None = None  # engine remote: the server's API key
@@ -77,7 +81,32 @@ class Settings:
             raise ValueError("--tp must be at least 1")
         if not 0 < self.server_port < 65536:
             raise ValueError("--server-port must be in 1..65535")
+        if self.share and not self.auth and not self.share_without_auth:
+            raise ValueError("--share makes the app public: give --auth user:password (or a file of users), "
+                             "or --share-without-auth to accept that anyone with the link can use it")
         return self
+
+    @property
+    def restricted(self) -> bool:
+        """Whether the UI may load models only from the configured roots and allowed ids."""
+        return bool(self.share or self.auth or self.model_roots)
+
+    def load_policy(self):
+        from engines.models import LoadPolicy
+
+        roots = [r for r in (self.model_roots or "").split(os.pathsep) if r] or \
+            [os.path.join(self.cache_dir, "models")]
+        allowed = {a.strip() for a in (self.allowed_models or "").split(",") if a.strip()}
+        return LoadPolicy(restricted=self.restricted, roots=roots, allowed=allowed,
+                          trust_remote_code=self.trust_remote_code)
+
+    def admins(self) -> set[str] | None:
+        """Users who may use operator controls; None means everyone (a private, local app)."""
+        if self.admin:
+            return {a.strip() for a in self.admin.split(",") if a.strip()}
+        if self.share and not self.auth:
+            return set()       # public and anonymous: nobody
+        return None
 
     def auth_pairs(self) -> list[tuple[str, str]] | None:
         """``--auth`` as (user, password) pairs: "user:pw" or a file with one such line each."""
@@ -128,6 +157,12 @@ _HELP = {
     "max_input_chars": "longest accepted user message, in characters",
     "max_new_tokens_limit": "largest max_new_tokens a user may ask for",
     "no_load": "start the app without loading a model",
+    "share_without_auth": "allow --share without --auth (anyone with the link can chat)",
+    "model_roots": "folders (separated by ':') the UI may load models from; set, or implied when the app "
+                   "is shared or has --auth (then only the app's own model cache)",
+    "allowed_models": "comma-separated hub ids or server URLs the UI may load when loading is restricted",
+    "admin": "comma-separated users who may load/unload models from the UI (with --auth); "
+             "shared without auth, nobody may",
     "api": "also serve an OpenAI-compatible API at /v1 (same port, same --auth as Bearer user:password)",
     "remote_model": "with --engine remote: the model name on the server (default: the first it lists)",
     "remote_api_key": "with --engine remote: the server's API key",

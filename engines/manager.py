@@ -68,8 +68,11 @@ class EngineManager:
 
     # ------------------------------------------------------------------ load / switch / unload
     def load(self, model: str | None, engine: str = "auto", progress: ProgressFn | None = None,
-             **options) -> EngineInfo:
+             policy: "models.LoadPolicy | None" = None, **options) -> EngineInfo:
+        """Load ``model``; ``policy`` (the UI passes the app's) restricts what may be loaded."""
         opts = {**self.options, **{k: v for k, v in options.items() if v is not None}}
+        if policy is not None:
+            policy.check(model)
         with self._switch_lock:
             progress and progress(0.0, f"Resolving {model or 'the built-in model'}")
             resolved = models.resolve(model, self.cache_dir, progress)

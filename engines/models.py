@@ -31,6 +31,39 @@ _convert_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
+class LoadPolicy:
+    """What the UI may load. The operator's own command line is not restricted; a shared or
+    authenticated app lets users load only the built-in model, folders under ``roots`` (resolved,
+    so ``..`` and symlinks cannot leave them) and the ids/URLs in ``allowed``."""
+
+    restricted: bool = False
+    roots: tuple = ()
+    allowed: frozenset = frozenset()
+    trust_remote_code: bool = False
+
+    def __init__(self, restricted=False, roots=(), allowed=(), trust_remote_code=False):
+        object.__setattr__(self, "restricted", restricted)
+        object.__setattr__(self, "roots", tuple(os.path.realpath(os.path.expanduser(r)) for r in roots))
+        object.__setattr__(self, "allowed", frozenset(allowed))
+        object.__setattr__(self, "trust_remote_code", trust_remote_code)
+
+    def check(self, spec: str | None) -> None:
+        if not self.restricted:
+            return
+        spec = (spec or "").strip()
+        if spec in DEFAULT_ALIASES or spec in self.allowed:
+            return
+        path = os.path.realpath(os.path.expanduser(spec))
+        if os.path.exists(path):
+            if any(path == r or path.startswith(r + os.sep) for r in self.roots):
+                return
+            raise ModelLoadError(f"Loading {spec!r} is not allowed here: models load only from "
+                                 f"{', '.join(self.roots)} (the operator sets --model-roots).")
+        raise ModelLoadError(f"Loading {spec!r} is not allowed here: only the built-in model, folders under "
+                             f"the model roots and the ids in --allowed-models can be loaded.")
+
+
+@dataclass(frozen=True)
 class ResolvedModel:
     spec: str          # what was asked for
     path: str          # a local folder or a hub id

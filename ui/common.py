@@ -96,3 +96,14 @@ def fmt_stats(stats: dict | None) -> str:
         parts.append({"length": "cut at max_new_tokens", "abort": "stopped",
                       "error": "error"}.get(stats["finish_reason"], stats["finish_reason"]))
     return " · ".join(parts)
+
+
+def require_admin(settings: Settings, request: gr.Request | None) -> None:
+    """Operator controls (loading models) are for admins when the app is shared or has users."""
+    admins = settings.admins()
+    if admins is None:
+        return
+    user = getattr(request, "username", None) if request else None
+    if user not in admins:
+        raise gr.Error("Only an administrator may load or unload models on this server.",
+                       title="Not allowed")

@@ -8,7 +8,7 @@ import gradio as gr
 from engines import telemetry
 from engines.registry import ENGINE_NAMES
 
-from .common import Context, user_error
+from .common import Context, require_admin, user_error
 
 
 def _gib(n: int) -> str:
@@ -56,9 +56,11 @@ def build(ctx: Context):
         unload = gr.Button("Unload", elem_id="engine-unload")
 
     def do_load(model, engine, device, dtype, model_format, quant_policy, cache, session_len, tp,
-                progress=gr.Progress()):
+                request: gr.Request = None, progress=gr.Progress()):
+        require_admin(s, request)
         try:
             ctx.manager.load(model.strip() or None, engine, progress=lambda f, m: progress(f, desc=m),
+                             policy=s.load_policy(),
                              device=device, dtype=dtype, model_format=model_format,
                              quant_policy=int(quant_policy), cache_max_entry_count=float(cache),
                              session_len=int(session_len) if session_len else None,
@@ -67,7 +69,8 @@ def build(ctx: Context):
             raise user_error(e) from e
         return describe(ctx)
 
-    def do_unload():
+    def do_unload(request: gr.Request = None):
+        require_admin(s, request)
         ctx.manager.unload()
         return describe(ctx)
 
@@ -81,7 +84,8 @@ def build(ctx: Context):
 def engine_info(ctx: Context) -> dict:
     info = ctx.manager.info()
     return {"loaded": info is not None, **(info.to_dict() if info else {}),
-            "last_switch": ctx.manager.last_switch, "memory": telemetry.snapshot()}
+            "running": ctx.manager.running, "last_switch": ctx.manager.last_switch,
+            "memory": telemetry.snapshot()}
 
 
 __all__ = ["build", "describe", "engine_info", "json"]

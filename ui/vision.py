@@ -19,7 +19,7 @@ from engines.images import ImageError, prepare
 from engines.manager import EngineManager
 
 from .chat import drop_reply, stream_reply, to_messages
-from .common import Context, SamplingControls, fmt_stats, make_params, session_id
+from .common import Context, SamplingControls, fmt_stats, make_params, require_admin, session_id
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
 EXAMPLES = [("shapes.png", "What shapes do you see, and what colours are they?"),
@@ -229,7 +229,12 @@ def build(ctx: Context, slot: VisionSlot):
             return
         yield from _run(turns, params, request)
 
-    def load_vision(model, engine):
+    def load_vision(model, engine, request: gr.Request = None):
+        require_admin(settings, request)
+        try:
+            settings.load_policy().check(model.strip() or models.DEFAULT_VISION_HUB_ID)
+        except Exception as e:  # noqa: BLE001
+            raise gr.Error(getattr(e, "message", str(e)), title="Not allowed") from e
         slot.start(model.strip() or None, engine)
         import time
 
