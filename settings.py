@@ -222,4 +222,7 @@ def from_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Set
             val = _env_value(f.name, typ, env)
         if val is not None:
             setattr(s, f.name, val)
+    # On a Hugging Face Space the app must listen on all interfaces (the Space's proxy connects to it)
+    if env.get("SPACE_ID") and ns.server_name is None and not env.get("TURBOSTUDIO_SERVER_NAME"):
+        s.server_name = "0.0.0.0"
     return s.validate()

@@ -106,3 +106,26 @@ def test_builtin_conversion_reports_progress_and_is_atomic(tmp_path):
     again = []
     models.resolve(None, str(tmp_path), progress=lambda f, m: again.append(m))
     assert again == [], "a converted model is reused, not converted again"
+
+
+def test_on_a_space_the_app_listens_on_all_interfaces():
+    assert settings.from_args([], env={"SPACE_ID": "me/studio"}).server_name == "0.0.0.0"
+    assert settings.from_args(["--server-name", "127.0.0.1"], env={"SPACE_ID": "me/studio"}).server_name == \
+        "127.0.0.1"
+    assert settings.from_args([], env={}).server_name == "127.0.0.1"
+
+
+def test_load_policy_keeps_ui_loads_inside_the_roots(tmp_path):
+    root = tmp_path / "models"
+    (root / "m").mkdir(parents=True)
+    policy = settings.Settings(auth="a:b", model_roots=str(root), allowed_models="org/ok").load_policy()
+    policy.check(str(root / "m"))
+    policy.check(None)
+    policy.check("org/ok")
+    for bad in (str(tmp_path), str(root / "m" / ".." / ".."), "org/other", "/etc"):
+        with pytest.raises(ModelLoadError, match="not allowed"):
+            policy.check(bad)
+    (root / "link").symlink_to(tmp_path)
+    with pytest.raises(ModelLoadError, match="not allowed"):
+        policy.check(str(root / "link"))
+    settings.Settings().load_policy().check("/etc")   # a private local app loads what its owner asks
