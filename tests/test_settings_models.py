@@ -32,7 +32,7 @@ def test_lmdeploy_style_options_parse():
 
 
 def test_environment_variables_fill_in_and_flags_win():
-    s = settings.from_args(["--tp", "2"], env={"TURBOSTUDIO_TP": "4", "TURBOSTUDIO_MODEL": "x/y",
+    s = settings.from_args(["--tp", "2"], env={"TURBOSTUDIO_TP": "4", "TURBOSTUDIO_MODEL": "x/y", "TURBOSTUDIO_AUTH": "a:b",
                                                 "TURBOSTUDIO_SHARE": "true"})
     assert (s.tp, s.model, s.share) == (2, "x/y", True)
 
