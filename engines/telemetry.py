@@ -95,3 +95,58 @@ def snapshot() -> dict:
     gpus = gpu_memory()
     return {"time": time.time(), "gpus": gpus, "gpu_used": sum(g["used"] for g in gpus),
             "rss": process_rss()}
+
+
+def gpu_status() -> tuple[list[dict], str]:
+    """Per-GPU name, memory, utilisation, temperature and power from NVML; ([], why) without."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001 - no driver, no library, no GPU
+        return [], f"no GPU found ({type(e).__name__})"
+    out = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            row = {"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                   "used": int(mem.used), "total": int(mem.total)}
+            for key, fn in (("util", lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
+                            ("temp", lambda: pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)),
+                            ("power_w", lambda: pynvml.nvmlDeviceGetPowerUsage(h) / 1000)):
+                try:
+                    row[key] = fn()
+                except Exception:  # noqa: BLE001 - not every field exists on every board
+                    row[key] = None
+            out.append(row)
+    except Exception as e:  # noqa: BLE001
+        return [], f"NVML failed ({e})"
+    return out, "" if out else "no GPU found"
+
+
+def cpu_status() -> dict:
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return {"cpu_percent": psutil.cpu_percent(interval=None), "cores": psutil.cpu_count(),
+                "ram_used": int(vm.total - vm.available), "ram_total": int(vm.total), "rss": process_rss()}
+    except ImportError:
+        return {"cpu_percent": None, "cores": os.cpu_count(), "ram_used": None, "ram_total": None,
+                "rss": process_rss()}
+
+
+def metrics_csv(items: list[ReplyMetrics]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    cols = ["time", "session", "backend", "model", "prompt_tokens", "tokens", "ttft", "seconds",
+            "tokens_per_s", "finish_reason"]
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for m in items:
+        w.writerow({k: v for k, v in m.to_dict().items() if k in cols})
+    return buf.getvalue()

@@ -60,7 +60,7 @@ def test_empty_message_shows_a_notice_and_sends_nothing(page):
 
 
 def test_other_pages_open(page):
-    for tab, marker in (("Engines", "#engine-status"), ("Vision", "#vision-status")):
+    for tab, marker in (("Engines", "#engine-status"), ("Vision", "#vision-status"), ("Monitor", "#monitor-panel")):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_selector(marker, state="visible", timeout=20000)
         page.screenshot(path=os.path.join(ARTIFACTS, f"{tab.lower()}.png"), full_page=True)

@@ -5,7 +5,7 @@ from typing import Iterator
 
 import gradio as gr
 
-from . import chat, engines, vision
+from . import chat, engines, monitor, vision
 from .common import Context, session_id
 
 
@@ -15,13 +15,18 @@ def build_app(ctx: Context) -> gr.Blocks:
     with gr.Blocks(title="TurboStudio") as demo:
         header = gr.Markdown(_header(ctx), elem_id="header")
         with gr.Tabs():
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_tab:
                 chat.build(ctx)
             if ctx.vision is not None:
-                with gr.Tab("Vision", id="vision"):
+                with gr.Tab("Vision", id="vision") as vision_tab:
                     vstatus = vision.build(ctx, ctx.vision)
-            with gr.Tab("Engines", id="engines"):
+            with gr.Tab("Monitor", id="monitor") as monitor_tab:
+                monitor_timer = monitor.build(ctx, monitor_tab)
+            with gr.Tab("Engines", id="engines") as engines_tab:
                 status = engines.build(ctx)
+        others = [chat_tab, engines_tab] + ([vision_tab] if ctx.vision is not None else [])
+        for t in others:   # the monitor stops refreshing when its tab is left
+            t.select(lambda: gr.Timer(active=False), None, monitor_timer, api_visibility="private", queue=False)
 
         def api_chat(messages: list, params: dict | None = None, request: gr.Request = None) -> Iterator[str]:
             yield from chat.api_chat(manager, settings, messages, params or {}, request)
@@ -34,6 +39,11 @@ def build_app(ctx: Context) -> gr.Blocks:
                                "temperature, top_p, top_k, repetition_penalty, seed}. Each update is "
                                "the reply so far.")
         gr.api(engine_info, api_name="engine_info", api_description="What engine and model are loaded.")
+
+        def monitor_panel() -> str:
+            return monitor.panel(ctx)
+
+        gr.api(monitor_panel, api_name="monitor_panel", api_description="The Monitor page's live panel.")
 
         def engine_info_vision() -> str:
             return ctx.vision.describe() if ctx.vision is not None else "Vision page off"

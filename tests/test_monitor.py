@@ -1,0 +1,58 @@
+"""Monitor page data: with and without NVML (no GPU here), the metrics history and its CSV."""
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import types
+
+import pytest
+
+from engines import telemetry
+
+
+def test_without_a_gpu_the_panel_shows_cpu_and_says_why(monkeypatch):
+    gpus, why = telemetry.gpu_status()
+    assert gpus == [] and "no GPU" in why          # this machine has none
+    c = telemetry.cpu_status()
+    assert c["cores"] >= 1 and c["rss"] > 0
+
+
+def test_with_nvml_the_panel_reads_each_gpu(monkeypatch):
+    """A stand-in for the NVML library only (the device it reports is what the test controls)."""
+    class Mem:
+        used, total, free = 3 * 2**30, 80 * 2**30, 77 * 2**30
+
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H100", nvmlDeviceGetMemoryInfo=lambda h: Mem,
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=42),
+        nvmlDeviceGetTemperature=lambda h, k: 55, NVML_TEMPERATURE_GPU=0,
+        nvmlDeviceGetPowerUsage=lambda h: 300000)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    gpus, why = telemetry.gpu_status()
+    assert why == "" and len(gpus) == 2
+    assert gpus[1] == {"index": 1, "name": "NVIDIA H100", "used": 3 * 2**30, "total": 80 * 2**30,
+                       "util": 42, "temp": 55, "power_w": 300.0}
+
+
+def test_metrics_csv_parses_and_counts_tokens():
+    log = telemetry.MetricsLog(maxlen=3)
+    for i in range(5):
+        log.add(telemetry.ReplyMetrics(time=i, session="s", backend="transformers", model="m", prompt_tokens=10,
+                                       tokens=11, ttft=0.1, seconds=1.1, finish_reason="stop"))
+    assert len(log.items()) == 3, "the history is bounded"
+    rows = list(csv.DictReader(io.StringIO(telemetry.metrics_csv(log.items()))))
+    assert len(rows) == 3 and rows[0]["tokens"] == "11"
+    assert float(rows[0]["tokens_per_s"]) == pytest.approx(10 / 1.0)
+
+
+def test_monitor_panel_and_csv_through_the_app(app_server):
+    c = app_server.client()
+    c.predict([{"role": "user", "content": "Say hi."}], {"temperature": 0, "max_new_tokens": 6}, api_name="/chat")
+    text = c.predict(api_name="/monitor_panel")
+    assert "SmolLM2-135M-Instruct" in text and "no GPU found" in text and "RAM" in text
+    path = c.predict(api_name="/metrics_csv")
+    rows = list(csv.DictReader(open(path)))
+    assert rows and all(int(r["tokens"]) >= 1 for r in rows)
+    assert {"ttft", "tokens_per_s", "backend"} <= set(rows[0])
