@@ -41,7 +41,7 @@ def build_llava_7b(out: str, device: str) -> str:
     import shutil
 
     import torch
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
+    from transformers import (AutoTokenizer, CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     from bench.models import TOKENIZER_DIR, llama_config, save_llava

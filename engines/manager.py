@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from . import models, registry, telemetry
-from .base import ChatMessage, ContextTooLong, Delta, Engine, EngineError, EngineInfo, EngineUnavailable, GenParams
+from .base import ChatMessage, ContextTooLong, Delta, Engine, EngineInfo, EngineUnavailable, GenParams
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
@@ -211,13 +211,3 @@ class EngineManager:
         eng = self._engine
         if eng is not None:
             eng.abort(session_id)
-
-    def complete(self, messages: Sequence[ChatMessage], params: GenParams, *, session_id: str) -> tuple[str, Delta]:
-        """Run a whole reply; returns the text and the last delta."""
-        text, last = [], Delta("", 0)
-        for d in self.stream(messages, params, session_id=session_id):
-            text.append(d.text)
-            last = d
-        if last.finish_reason == "error":
-            raise EngineError(last.error or "generation failed")
-        return "".join(text), last

@@ -53,20 +53,9 @@ class MetricsLog:
 
 def gpu_memory() -> list[dict]:
     """Per-GPU memory (bytes) from NVML, else torch; [] without a GPU."""
-    try:
-        import pynvml  # from nvidia-ml-py
-
-        pynvml.nvmlInit()
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            name = pynvml.nvmlDeviceGetName(h)
-            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
-                        "used": int(mem.used), "total": int(mem.total), "free": int(mem.free)})
-        return out
-    except Exception:  # noqa: BLE001 - no NVML: fall back to torch
-        pass
+    gpus, _ = gpu_status()
+    if gpus:
+        return [{**g, "free": g["total"] - g["used"]} for g in gpus]
     try:
         import torch
 

@@ -248,7 +248,6 @@ class TransformersEngine:
         return self._drain(req)
 
     def _drain(self, req: _Request) -> Iterator[Delta]:
-        tokens = 0
         try:
             while True:
                 item = req.out.get()
@@ -261,8 +260,7 @@ class TransformersEngine:
                         break
                 text = "".join(d.text for d in items)
                 last = items[-1]
-                tokens = last.tokens
-                yield Delta(text, tokens, last.finish_reason, last.error)
+                yield Delta(text, last.tokens, last.finish_reason, last.error)
                 if last.finish_reason is not None:
                     return
         finally:

@@ -10,14 +10,6 @@ PROMPTS = [[ChatMessage("user", "Tell me about the history of the printing press
            [ChatMessage("user", "List ten animals that live in the ocean.")]]
 
 
-def greedy_ids(engine, messages, n):
-    ids = []
-    text = ""
-    for d in engine.stream(messages, GenParams(temperature=0, max_new_tokens=n), session_id="g"):
-        text += d.text
-    return text
-
-
 def test_turbomind_and_transformers_agree_on_32_greedy_tokens(tiny_llama):
     """Same weights, same prompt: the first 32 greedy tokens agree. Where they part, the two
     candidates must be a near tie in the reference's logits (bf16 kernels differ in rounding),

@@ -84,10 +84,8 @@ def test_whole_path_upload_answer_follow_up_second_image(vision_app):
     c = vision_app.client()
     job = c.submit({"text": "What shapes are here?", "files": [handle_file(SHAPES)]}, None, *SAMPLING,
                    api_name="/vision_send")
-    outs = []
     import time
     while not job.done():
-        outs = job.outputs()
         time.sleep(0.01)
     box, chat, webcam, context = job.result()
     assert len(job.outputs()) >= 3, "the answer streams"

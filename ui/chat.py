@@ -14,7 +14,7 @@ from typing import Iterator
 
 import gradio as gr
 
-from engines.base import ChatMessage, ContextTooLong, EngineError, GenParams
+from engines.base import ChatMessage, EngineError, GenParams
 from engines.manager import EngineManager
 
 from .common import Context, SamplingControls, fmt_stats, make_params, session_id, user_error
@@ -251,4 +251,4 @@ def api_chat(manager: EngineManager, settings, messages, params, request: gr.Req
         yield text
 
 
-__all__ = ["build", "api_chat", "stream_reply", "parse_chat_json", "ContextTooLong"]
+__all__ = ["build", "api_chat", "stream_reply", "parse_chat_json", "drop_reply", "to_messages"]

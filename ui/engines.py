@@ -1,8 +1,6 @@
 """Engines page: load, switch and unload a model at runtime, and see what is running and why."""
 from __future__ import annotations
 
-import json
-
 import gradio as gr
 
 from engines import telemetry
@@ -88,4 +86,4 @@ def engine_info(ctx: Context) -> dict:
             "memory": telemetry.snapshot()}
 
 
-__all__ = ["build", "describe", "engine_info", "json"]
+__all__ = ["build", "describe", "engine_info"]
