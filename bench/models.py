@@ -132,3 +132,66 @@ if __name__ == "__main__":
         print(build_tiny_llava(out, device=dev))
     else:
         print(build_llama(out, shape, device=dev, dtype="bfloat16" if dev == "cuda" else "float32"))
+
+
+_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+             "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+             "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+             "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+             "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_vlm(out_dir: str, kind: str, *, seed: int = 0) -> str:
+    """Tiny random-weight models of the other llava-hf families, for CPU tests:
+    ``llava-next`` (LLaVA-1.6: CLIP tower, any-resolution tiles, image_newline) and
+    ``interleave`` (LLaVA-Interleave: SigLIP tower, Qwen2 text side), with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    if kind == "llava-next":
+        from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                                  LlavaNextImageProcessor, LlavaNextProcessor)
+
+        vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=16, projection_dim=64)
+        cfg = LlavaNextConfig(vision_config=vision, text_config=llama_config("tiny", vocab_size=len(tok)),
+                              image_token_index=image_token_id, image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+                              vision_feature_layer=-2, vision_feature_select_strategy="default")
+        cfg.architectures = ["LlavaNextForConditionalGeneration"]
+        model = LlavaNextForConditionalGeneration(cfg)
+        improc = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                         image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+        proc = LlavaNextProcessor(image_processor=improc, tokenizer=tok, patch_size=16,
+                                  vision_feature_select_strategy="default", chat_template=_TEMPLATE,
+                                  num_additional_image_tokens=1)
+    elif kind == "interleave":
+        from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config,
+                                  SiglipImageProcessor, SiglipVisionConfig)
+
+        vision = SiglipVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                    num_attention_heads=2, image_size=32, patch_size=16)
+        text = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                           bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                          vision_feature_layer=-1, vision_feature_select_strategy="full")
+        cfg.architectures = ["LlavaForConditionalGeneration"]
+        model = LlavaForConditionalGeneration(cfg)
+        improc = SiglipImageProcessor(size={"height": 32, "width": 32})
+        proc = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=16,
+                              vision_feature_select_strategy="full", chat_template=_TEMPLATE,
+                              num_additional_image_tokens=0)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_llava(model, tmp)
+    proc.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -234,3 +234,32 @@ def test_offline_default_says_how_to_point_at_a_folder(cache_dir, smollm2):
                                  api_name="/vision_send")
     finally:
         app.stop()
+
+
+@pytest.mark.parametrize("kind", ["llava-next", "interleave"])
+def test_other_llava_families_stream_their_greedy_answer(kind, tmp_path_factory):
+    """LLaVA-NeXT (any-resolution tiles) and LLaVA-Interleave (SigLIP + Qwen2), tiny and random,
+    through the same engine: streamed text equals transformers' own greedy generate, and a second
+    turn with a second image works."""
+    import torch
+
+    from bench.models import build_tiny_vlm
+    from engines import models, registry
+
+    path = build_tiny_vlm(str(tmp_path_factory.mktemp("vlm") / kind), kind)
+    eng = registry.create(models.resolve(path, str(tmp_path_factory.mktemp("c"))), "transformers")
+    try:
+        assert eng.info.vision
+        q = [ChatMessage("user", "What is this?", (SHAPES,))]
+        text = "".join(d.text for d in eng.stream(q, GenParams(temperature=0, max_new_tokens=10), session_id="a"))
+        enc = eng._encode(q)
+        with torch.inference_mode():
+            ref = eng.model.generate(**enc, max_new_tokens=10, do_sample=False, top_k=None, top_p=None,
+                                     temperature=None)
+        assert text == eng.tokenizer.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        q2 = q + [ChatMessage("assistant", text), ChatMessage("user", "And this one?", (CHART,))]
+        last = list(eng.stream(q2, GenParams(temperature=0, max_new_tokens=6), session_id="b"))[-1]
+        assert last.finish_reason in ("length", "stop") and last.tokens >= 1
+        assert eng.count_tokens(q2) > eng.count_tokens(q)
+    finally:
+        eng.close()
