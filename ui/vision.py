@@ -34,6 +34,7 @@ class VisionSlot:
     def __init__(self, ctx: Context):
         s = ctx.settings
         self.settings = s
+        self.chat_manager = ctx.manager
         self.manager = EngineManager(s.cache_dir, s.engine_options())
         self.status = "not loaded"
         self.error: str | None = None
@@ -60,7 +61,16 @@ class VisionSlot:
                     return
                 model = models.DEFAULT_VISION_HUB_ID
             self.status = f"loading {model} …"
-            info = self.manager.load(model, engine or s.vision_engine)
+            try:
+                info = self.manager.load(model, engine or s.vision_engine)
+            except Exception as e:  # noqa: BLE001
+                chat = self.chat_manager.info()
+                if "out of memory" not in str(e).lower() or chat is None or chat.device == "cpu":
+                    raise
+                # Both do not fit: the switch frees the chat model's GPU memory and tries again.
+                self.chat_manager.unload()
+                self.status = f"loading {model} (the chat model {chat.model} was unloaded to make room) …"
+                info = self.manager.load(model, engine or s.vision_engine)
             if not info.vision:
                 self.manager.unload()
                 raise ValueError(f"{model} is not a vision-language model (its config has no vision_config).")
