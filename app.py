@@ -45,6 +45,10 @@ def main(argv=None) -> int:
     ctx.vision = VisionSlot(ctx)
     atexit.register(ctx.vision.manager.close)
     ctx.vision.start()
+    from engines.quantize import JobRunner
+
+    ctx.jobs = JobRunner(s.cache_dir)
+    atexit.register(ctx.jobs.close)
     demo = build_app(ctx)
     info = manager.info()
     concurrency = s.concurrency or (info.max_batch if info else 16)

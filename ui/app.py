@@ -5,7 +5,7 @@ from typing import Iterator
 
 import gradio as gr
 
-from . import chat, engines, monitor, vision
+from . import chat, engines, monitor, quantize, vision
 from .common import Context, session_id
 
 
@@ -15,18 +15,26 @@ def build_app(ctx: Context) -> gr.Blocks:
     with gr.Blocks(title="TurboStudio") as demo:
         header = gr.Markdown(_header(ctx), elem_id="header")
         with gr.Tabs():
+            timers = {}   # tab -> its refresh timer: a timer runs only while its tab is open
             with gr.Tab("Chat", id="chat") as chat_tab:
                 chat.build(ctx)
+            timers[chat_tab] = None
             if ctx.vision is not None:
                 with gr.Tab("Vision", id="vision") as vision_tab:
                     vstatus = vision.build(ctx, ctx.vision)
+                timers[vision_tab] = None
+            if ctx.jobs is not None:
+                with gr.Tab("Quantize", id="quantize") as quantize_tab:
+                    timers[quantize_tab] = quantize.build(ctx, ctx.jobs, quantize_tab)
             with gr.Tab("Monitor", id="monitor") as monitor_tab:
-                monitor_timer = monitor.build(ctx, monitor_tab)
+                timers[monitor_tab] = monitor.build(ctx, monitor_tab)
             with gr.Tab("Engines", id="engines") as engines_tab:
                 status = engines.build(ctx)
-        others = [chat_tab, engines_tab] + ([vision_tab] if ctx.vision is not None else [])
-        for t in others:   # the monitor stops refreshing when its tab is left
-            t.select(lambda: gr.Timer(active=False), None, monitor_timer, api_visibility="private", queue=False)
+            timers[engines_tab] = None
+        for tab in timers:
+            others = [t for other, t in timers.items() if other is not tab and t is not None]
+            if others:
+                tab.select(_stop_timers(len(others)), None, others, api_visibility="private", queue=False)
 
         def api_chat(messages: list, params: dict | None = None, request: gr.Request = None) -> Iterator[str]:
             yield from chat.api_chat(manager, settings, messages, params or {}, request)
@@ -69,6 +77,12 @@ def build_app(ctx: Context) -> gr.Blocks:
 
             timer.tick(vision_tick, None, [vstatus, timer], api_visibility="private", queue=False)
     return demo
+
+
+def _stop_timers(n: int):
+    def stop():
+        return [gr.Timer(active=False)] * n if n > 1 else gr.Timer(active=False)
+    return stop
 
 
 def _header(ctx: Context) -> str:

@@ -20,6 +20,7 @@ class Context:
     settings: Settings
     manager: EngineManager
     vision: object = None      # ui.vision.VisionSlot, when the Vision page is on
+    jobs: object = None        # engines.quantize.JobRunner, when the Quantize page is on
 
 
 class SamplingControls:

@@ -1,0 +1,177 @@
+"""The job runner with real worker subprocesses: progress, cancel, failure cleanup, restart."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from engines.quantize import JobError, JobRunner, awq_memory_estimate, validate
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return str(tmp_path / "data")
+
+
+def test_cast_job_runs_with_progress_and_the_result_loads(smollm2, data_dir):
+    runner = JobRunner(data_dir)
+    try:
+        out = os.path.join(data_dir, "models", "smol-bf16")
+        job = runner.submit("cast", smollm2.path, out, {"dtype": "bfloat16"})
+        seen = []
+        while True:
+            j = runner.get(job.id)
+            if j.state == "running" and j.total:
+                seen.append(j.fraction)
+            if j.state in ("done", "failed", "cancelled"):
+                break
+            time.sleep(0.05)
+        assert j.state == "done", runner.read_log(job.id)
+        assert j.total == 272 and j.done == 272 and j.stage == "casting tensors"
+        assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+        assert not os.path.exists(out + ".partial")
+        size = lambda p: sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p) if f.endswith(".safetensors"))
+        assert size(out) < 0.55 * size(smollm2.path), "bfloat16 halves the weights"
+        from engines import models, registry
+        from engines.base import ChatMessage, GenParams
+        eng = registry.create(models.resolve(out, data_dir), "transformers", dtype="bfloat16")
+        try:
+            text = "".join(d.text for d in eng.stream([ChatMessage("user", "What is the capital of France?")],
+                                                       GenParams(temperature=0, max_new_tokens=12), session_id="q"))
+            assert "Paris" in text
+        finally:
+            eng.close()
+    finally:
+        runner.close()
+
+
+def test_cancel_kills_the_worker_and_leaves_nothing(smollm2, data_dir):
+    runner = JobRunner(data_dir)
+    try:
+        out = os.path.join(data_dir, "models", "cancelled")
+        job = runner.submit("cast", smollm2.path, out, {"dtype": "float16"})
+        second = runner.submit("cast", smollm2.path, out + "-2", {"dtype": "float16"})
+        assert runner.queue_position(second.id) in (1, 2), "the second job waits its turn"
+        while runner.get(job.id).state != "running":   # the worker is starting (imports take seconds)
+            time.sleep(0.01)
+        runner.cancel(job.id)
+        j = runner.wait(job.id, 60)
+        assert j.state == "cancelled"
+        assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+        runner.cancel(second.id)
+        assert runner.wait(second.id, 120).state in ("cancelled", "done")
+    finally:
+        runner.close()
+
+
+def test_a_failing_job_reports_why_and_cleans_up(tmp_path, data_dir):
+    src = tmp_path / "broken"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (src / "model.safetensors").write_bytes(b"\x00" * 64)
+    runner = JobRunner(data_dir)
+    try:
+        out = os.path.join(data_dir, "models", "broken-out")
+        job = runner.wait(runner.submit("cast", str(src), out, {}).id, 60)
+        assert job.state == "failed" and job.error
+        assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+    finally:
+        runner.close()
+
+
+def test_jobs_survive_a_restart(smollm2, data_dir):
+    runner = JobRunner(data_dir)
+    job = runner.submit("cast", smollm2.path, os.path.join(data_dir, "models", "a"), {})
+    runner.wait(job.id, 120)
+    runner.close()
+    # a job that was running when the app died, with its partial output on disk
+    jobs = os.path.join(data_dir, "jobs")
+    crashed = dict(json.load(open(os.path.join(jobs, f"{job.id}.json"))), id="crashed", state="running",
+                   output=os.path.join(data_dir, "models", "b"), created=time.time())
+    os.makedirs(crashed["output"] + ".partial")
+    json.dump(crashed, open(os.path.join(jobs, "crashed.json"), "w"))
+    queued = dict(crashed, id="queued", state="queued", output=os.path.join(data_dir, "models", "c"),
+                  created=time.time() + 1)
+    json.dump(queued, open(os.path.join(jobs, "queued.json"), "w"))
+    runner = JobRunner(data_dir)
+    try:
+        assert runner.get(job.id).state == "done"
+        c = runner.get("crashed")
+        assert c.state == "failed" and "interrupted" in c.error
+        assert not os.path.exists(crashed["output"] + ".partial")
+        assert runner.wait("queued", 120).state == "done", "queued jobs go on after a restart"
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("not_model", "not a model folder"),
+    ("arch", "does not support the architecture"),
+    ("group", "must divide"),
+    ("exists", "already exists"),
+    ("outside", "inside the app's data folder"),
+    ("no_gpu", "needs a CUDA GPU"),
+    ("too_big", "Not enough GPU memory"),
+])
+def test_bad_requests_are_refused_before_start(tmp_path, data_dir, tiny_llama, case, fragment):
+    src, out = tiny_llama.path, os.path.join(data_dir, "models", "x")
+    params = {"samples": 128, "seqlen": 512, "group_size": 16, "bits": 4}   # 16 divides 256 and 688
+    free = 80 * 2**30
+    if case == "not_model":
+        src = str(tmp_path)
+    elif case == "arch":
+        d = tmp_path / "gpt2"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "hidden_size": 768}))
+        src = str(d)
+    elif case == "group":
+        params["group_size"] = 96      # 256 % 96 != 0
+    elif case == "exists":
+        os.makedirs(out)
+    elif case == "outside":
+        out = str(tmp_path / "elsewhere")
+    elif case == "no_gpu":
+        free = None
+    elif case == "too_big":
+        free = 2**20
+    with pytest.raises(JobError, match=fragment):
+        validate("awq", src, out, params, data_dir, free_gpu_bytes=free)
+
+
+def test_memory_estimate_grows_with_the_model_and_the_calibration():
+    small = {"hidden_size": 2048, "intermediate_size": 8192, "vocab_size": 92544}
+    big = {"hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32000}
+    assert awq_memory_estimate(big, 128, 512) > awq_memory_estimate(small, 128, 512)
+    assert awq_memory_estimate(big, 128, 2048) > awq_memory_estimate(big, 128, 512)
+    assert 2 * 2**30 < awq_memory_estimate(big, 128, 2048) < 40 * 2**30
+
+
+def test_quantize_page_through_the_app(app_server, smollm2, cache_dir):
+    """The page's API: a refused AWQ request (no GPU here) says why; a cast job runs and loads."""
+    import uuid
+
+    from gradio_client.exceptions import AppError
+
+    c = app_server.client()
+    name = "ui-cast-" + uuid.uuid4().hex[:6]
+    with pytest.raises(AppError, match="needs a CUDA GPU"):
+        c.predict(smollm2.path, name, "awq", 128, 512, 64, "bfloat16", None, api_name="/quantize_start")
+    with pytest.raises(AppError, match="letters, digits"):
+        c.predict(smollm2.path, "../escape", "cast", 0, 0, 0, "bfloat16", None, api_name="/quantize_start")
+    rows, job_id = c.predict(smollm2.path, name, "cast", 0, 0, 0, "bfloat16", None, api_name="/quantize_start")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        row = next(r for r in c.predict(api_name="/quantize_jobs") if r[0] == job_id)
+        if row[4] in ("done", "failed", "cancelled"):
+            break
+        time.sleep(0.5)
+    assert row[4] == "done", row
+    assert "GiB" in row[5]
+    msg = c.predict(job_id, api_name="/quantize_load")
+    assert "Loaded" in msg and name in msg
+    assert c.predict(api_name="/engine_info")["model"].endswith(name)
+    c.predict("", "auto", "auto", "auto", "hf", 0, 0.8, None, 1, api_name="/load_model")   # back to the default
+    shutil.rmtree(os.path.join(cache_dir, "models", name), ignore_errors=True)

@@ -1,0 +1,116 @@
+"""Quantize page: AWQ W4A16 (and dtype casts) as queued jobs with progress, log, cancel, and a
+one-click load of the result. The runner (``engines.quantize.JobRunner``) does the work in
+subprocesses and keeps the job list on disk."""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import gradio as gr
+
+from engines.quantize import JobRunner
+
+from .common import Context, require_admin, user_error
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
+
+
+def _size(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+def table(runner: JobRunner) -> list[list]:
+    rows = []
+    for j in reversed(runner.jobs()):
+        eta = j.eta_seconds()
+        state = j.state
+        if state == "queued":
+            state = f"queued (#{runner.queue_position(j.id)})"
+        elif state == "running":
+            state = f"running {100 * j.fraction:.0f}% {j.stage}" + (f", ~{eta:.0f} s left" if eta else "")
+        size = ""
+        if j.state == "done" and os.path.isdir(j.output):
+            size = f"{_size(j.source) / 2**30:.2f} -> {_size(j.output) / 2**30:.2f} GiB"
+        rows.append([j.id, j.kind, os.path.basename(j.source), os.path.basename(j.output), state, size,
+                     j.error])
+    return rows or [["", "", "", "", "no jobs yet", "", ""]]
+
+
+def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
+    s = ctx.settings
+    models_dir = os.path.join(s.cache_dir, "models")
+    gr.Markdown("AWQ W4A16 runs LMDeploy's `auto_awq` in a separate process (a crash cannot take the "
+                "app down), calibrated offline on shipped text unless you give your own. One GPU job "
+                "at a time; the list survives reloads and restarts. Results appear under "
+                f"`{models_dir}` and load with one click.")
+    with gr.Row():
+        source = gr.Textbox(label="Source model folder", value=ctx.manager.info().model_path
+                            if ctx.manager.info() else "", scale=3)
+        name = gr.Textbox(label="Output name", placeholder="e.g. my-model-w4a16", scale=2)
+        kind = gr.Dropdown(["awq", "cast"], value="awq", label="Job", scale=1)
+    with gr.Row():
+        samples = gr.Number(128, precision=0, label="calibration samples")
+        seqlen = gr.Number(512, precision=0, label="sequence length")
+        group = gr.Number(128, precision=0, label="group size")
+        dtype = gr.Dropdown(["bfloat16", "float16", "float32"], value="bfloat16", label="dtype (cast)")
+        calib = gr.File(label="Calibration text (optional .txt)", file_types=[".txt"], type="filepath")
+    start = gr.Button("Start job", variant="primary")
+    jobs = gr.Dataframe(table(runner), headers=["id", "kind", "source", "output", "state", "size", "error"],
+                        interactive=False, wrap=True, elem_id="jobs-table")
+    with gr.Row():
+        job_id = gr.Textbox(label="Job id (for log, cancel, load)", scale=3)
+        cancel = gr.Button("Cancel job", scale=1)
+        load = gr.Button("Load result", scale=1)
+    log = gr.Textbox(label="Log", lines=10, max_lines=20, autoscroll=True)
+    timer = gr.Timer(1.0, active=False)
+
+    def do_start(source, name, kind, samples, seqlen, group, dtype, calib, request: gr.Request = None):
+        require_admin(s, request)
+        if not name or not NAME.match(name):
+            raise gr.Error("The output name may use letters, digits, '.', '_' and '-' only.", title="Bad name")
+        params = ({"samples": int(samples or 0), "seqlen": int(seqlen or 0), "group_size": int(group or 0),
+                   "bits": 4, "calib_file": calib} if kind == "awq" else {"dtype": dtype})
+        try:
+            s.load_policy().check(source)
+            job = runner.submit(kind, source.strip(), os.path.join(models_dir, name), params)
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+        gr.Info(f"Job {job.id} queued.")
+        return table(runner), job.id
+
+    def refresh(jid):
+        return table(runner), runner.read_log(jid) if jid else ""
+
+    def do_cancel(jid, request: gr.Request = None):
+        require_admin(s, request)
+        runner.cancel(jid.strip())
+        time.sleep(0.2)
+        return table(runner)
+
+    def do_load(jid, request: gr.Request = None):
+        require_admin(s, request)
+        job = runner.get(jid.strip())
+        if job is None or job.state != "done":
+            raise gr.Error("Choose a finished job.", title="Not ready")
+        opts = {"model_format": "awq"} if job.kind == "awq" else {}
+        try:
+            info = ctx.manager.load(job.output, "auto", **opts)
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+        return f"Loaded {info.model} on {info.backend}."
+
+    start.click(do_start, [source, name, kind, samples, seqlen, group, dtype, calib], [jobs, job_id],
+                api_name="quantize_start", concurrency_id="admin", concurrency_limit=1)
+    cancel.click(do_cancel, job_id, jobs, api_name="quantize_cancel")
+    load.click(do_load, job_id, log, api_name="quantize_load", concurrency_id="admin", concurrency_limit=1)
+    timer.tick(refresh, job_id, [jobs, log], api_visibility="private", queue=False)
+    tab.select(lambda: gr.Timer(active=True), None, timer, api_visibility="private", queue=False)
+    def quantize_jobs() -> list:
+        return table(runner)
+
+    gr.api(quantize_jobs, api_name="quantize_jobs", api_visibility="undocumented")
+    return timer
