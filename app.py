@@ -49,6 +49,10 @@ def main(argv=None) -> int:
 
     ctx.jobs = JobRunner(s.cache_dir)
     atexit.register(ctx.jobs.close)
+    from engines.servers import ServerManager
+
+    ctx.servers = ServerManager(os.path.join(s.cache_dir, "servers"))
+    atexit.register(ctx.servers.stop_all)
     demo = build_app(ctx)
     info = manager.info()
     concurrency = s.concurrency or (info.max_batch if info else 16)

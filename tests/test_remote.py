@@ -136,3 +136,54 @@ def test_app_on_a_remote_engine_chats(api_server, cache_dir, tmp_path):
         assert "Paris" in c.predict(ASK, {"temperature": 0, "max_new_tokens": 16}, api_name="/chat")
     finally:
         app.stop()
+
+
+def test_server_launcher_starts_waits_and_stops_a_real_server(cache_dir, tmp_path):
+    """The launcher with a real OpenAI-compatible server (this app with --api; LMDeploy's own
+    api_server is launched the same way on a GPU machine)."""
+    import os
+    import sys
+
+    from engines.servers import ServerManager, api_server_command
+
+    from .conftest import ROOT
+
+    mgr = ServerManager(str(tmp_path / "logs"))
+    port = free_port()
+    srv = mgr.start("studio", [sys.executable, os.path.join(ROOT, "app.py"), "--api", "--server-port", str(port),
+                               "--cache-dir", cache_dir], f"http://127.0.0.1:{port}", timeout=180)
+    try:
+        assert srv.state == "ready" and mgr.status()[0]["state"] == "ready"
+        eng = registry.create(models.resolve(srv.url, "/tmp"), "remote")
+        text = "".join(d.text for d in eng.stream([ChatMessage("user", ASK[0]["content"])],
+                                                   GenParams(temperature=0, max_new_tokens=12), session_id="l"))
+        eng.close()
+        assert "Paris" in text
+    finally:
+        mgr.stop("studio")
+    assert srv.proc.poll() is not None and mgr.status()[0]["state"] == "stopped"
+    with pytest.raises(EngineError, match="exited with code 3"):
+        mgr.start("dies", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+                  f"http://127.0.0.1:{free_port()}", timeout=30)
+    with pytest.raises(EngineError, match="did not answer"):
+        mgr.start("silent", [sys.executable, "-c", "import time; time.sleep(60)"],
+                  f"http://127.0.0.1:{free_port()}", timeout=2)
+    cmd = api_server_command("/m", 23333, tp=2, cache_max_entry_count=0.4, quant_policy=8, model_format="awq",
+                             proxy_url="http://p:8000")
+    i = cmd.index("serve")
+    assert cmd[i:i + 3] == ["serve", "api_server", "/m"]
+    pairs = dict(zip(cmd[i + 3::2], cmd[i + 4::2]))
+    assert pairs == {"--server-name": "127.0.0.1", "--server-port": "23333", "--backend": "turbomind", "--tp": "2",
+                     "--cache-max-entry-count": "0.4", "--quant-policy": "8", "--model-format": "awq",
+                     "--proxy-url": "http://p:8000"}
+
+
+def test_starting_api_server_without_lmdeploy_says_so(app_server):
+    from gradio_client.exceptions import AppError
+
+    c = app_server.client()
+    with pytest.raises(AppError) as e:
+        c.predict("/nonexistent-model-dir-for-test", 23999, "turbomind", "", 1, 0.8, 0, "hf", None,
+                  api_name="/start_api_server")
+    assert "exited with code" in str(e.value) or "not found" in str(e.value) or "lmdeploy" in str(e.value).lower()
+    assert app_server.alive()

@@ -21,6 +21,7 @@ class Context:
     manager: EngineManager
     vision: object = None      # ui.vision.VisionSlot, when the Vision page is on
     jobs: object = None        # engines.quantize.JobRunner, when the Quantize page is on
+    servers: object = None     # engines.servers.ServerManager (api_server / proxy launcher)
 
 
 class SamplingControls:

@@ -72,6 +72,79 @@ def build(ctx: Context):
         ctx.manager.unload()
         return describe(ctx)
 
+    with gr.Accordion("Servers: lmdeploy api_server / proxy (operator)", open=False):
+        gr.Markdown("Start `lmdeploy serve api_server` for a model with the options above, several of them "
+                    "behind `lmdeploy serve proxy`, then connect this app to one (the remote engine).")
+        with gr.Row():
+            srv_model = gr.Textbox(label="Model for api_server", scale=3)
+            srv_port = gr.Number(23333, precision=0, label="port", scale=1)
+            srv_backend = gr.Dropdown(["turbomind", "pytorch"], value="turbomind", label="backend", scale=1)
+            srv_proxy = gr.Textbox(label="register with proxy URL (optional)", scale=2)
+        with gr.Row():
+            start_srv = gr.Button("Start api_server")
+            start_proxy = gr.Button("Start proxy on this port")
+            connect = gr.Button("Connect to this port")
+            stop_srv = gr.Button("Stop server on this port")
+        servers_md = gr.Markdown("", elem_id="servers-status")
+        server_log = gr.Textbox(label="Server log", lines=8, max_lines=16)
+
+    def servers_status():
+        rows = ctx.servers.status() if ctx.servers else []
+        return "\n".join(f"- **{r['name']}** {r['url']} — {r['state']}" for r in rows) or "No servers started."
+
+    def do_start_server(model, port, backend, proxy, tp, cache, quant_policy, model_format, session_len,
+                        request: gr.Request = None):
+        require_admin(s, request)
+        from engines.servers import api_server_command
+
+        if not model.strip():
+            raise gr.Error("Give the model the server should serve.", title="No model")
+        try:
+            s.load_policy().check(model.strip())
+            port = int(port)
+            cmd = api_server_command(model.strip(), port, backend=backend, tp=int(tp or 1),
+                                     cache_max_entry_count=float(cache), quant_policy=int(quant_policy),
+                                     model_format=model_format, session_len=int(session_len) if session_len else None,
+                                     proxy_url=proxy.strip() or None)
+            srv = ctx.servers.start(f"api_server-{port}", cmd, f"http://127.0.0.1:{port}")
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+        return servers_status(), srv.log_tail()
+
+    def do_start_proxy(port, request: gr.Request = None):
+        require_admin(s, request)
+        from engines.servers import proxy_command
+
+        try:
+            srv = ctx.servers.start(f"proxy-{int(port)}", proxy_command(int(port)), f"http://127.0.0.1:{int(port)}",
+                                    timeout=120)
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+        return servers_status(), srv.log_tail()
+
+    def do_connect(port, request: gr.Request = None):
+        require_admin(s, request)
+        try:
+            ctx.manager.load(f"http://127.0.0.1:{int(port)}", "remote")
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+        return describe(ctx)
+
+    def do_stop_server(port, request: gr.Request = None):
+        require_admin(s, request)
+        for name in (f"api_server-{int(port)}", f"proxy-{int(port)}"):
+            ctx.servers.stop(name)
+        return servers_status()
+
+    start_srv.click(do_start_server, [srv_model, srv_port, srv_backend, srv_proxy, tp, cache, quant_policy,
+                                      model_format, session_len], [servers_md, server_log],
+                    api_name="start_api_server", concurrency_id="admin", concurrency_limit=1)
+    start_proxy.click(do_start_proxy, srv_port, [servers_md, server_log], api_name="start_proxy",
+                      concurrency_id="admin", concurrency_limit=1)
+    connect.click(do_connect, srv_port, status, api_name="connect_server", concurrency_id="admin",
+                  concurrency_limit=1)
+    stop_srv.click(do_stop_server, srv_port, servers_md, api_name="stop_server")
+
     load.click(do_load, [model, engine, device, dtype, model_format, quant_policy, cache, session_len, tp],
                status, api_name="load_model", concurrency_limit=1, concurrency_id="admin")
     unload.click(do_unload, None, status, api_name="unload_model", concurrency_limit=1,
