@@ -56,3 +56,33 @@ def test_monitor_panel_and_csv_through_the_app(app_server):
     rows = list(csv.DictReader(open(path)))
     assert rows and all(int(r["tokens"]) >= 1 for r in rows)
     assert {"ttft", "tokens_per_s", "backend"} <= set(rows[0])
+
+
+def test_load_test_through_the_app(app_server):
+    import json
+
+    c = app_server.client()
+    text, jpath, cpath = c.predict(3, 4, 16, api_name="/load_test")
+    data = json.load(open(jpath))
+    s, rows = data["summary"], data["rows"]
+    assert s["users"] == 3 and s["errors"] == 0 and s["requests"] == len(rows) >= 3
+    assert s["tokens"] == sum(r["tokens"] for r in rows), "tokens counted equal tokens generated"
+    assert all(1 <= r["tokens"] <= 16 for r in rows)
+    assert 0 < s["ttft_p50"] <= s["ttft_p99"] < 30 and 0 < s["itl_p50"] <= s["itl_p99"]
+    assert abs(s["tokens_per_s"] - s["tokens"] / s["seconds"]) < 0.1
+    assert "tokens/s" in text and "p99" in text
+    assert len(list(csv.DictReader(open(cpath)))) == len(rows)
+
+
+def test_engine_comparison_through_the_app(app_server):
+    import json
+
+    c = app_server.client()
+    table, plot, jpath, cpath = c.predict(["transformers", "turbomind"], "", 12, 2, 2, api_name="/compare_engines")
+    rows = json.load(open(jpath))["rows"]
+    hf = next(r for r in rows if r["engine"] == "transformers")
+    assert hf["requests"] == 4 and hf["errors"] == 0 and hf["tokens_per_s"] > 0 and hf["words_per_s"] > 0
+    assert hf["tokens"] <= 4 * 12
+    tm = next(r for r in rows if r["engine"] == "turbomind")
+    assert "CUDA" in tm["error"] or "LMDeploy" in tm["error"], "no GPU here: a clear reason, not a crash"
+    assert len(list(csv.DictReader(open(cpath)))) == 2

@@ -54,6 +54,127 @@ def recent_frame(ctx: Context):
     return pd.DataFrame(rows or [{"seconds ago": 0.0, "tokens/s": 0.0, "first token (s)": 0.0}])
 
 
+def _write(rows: list[dict], summary: dict | None, stem: str) -> tuple[str, str]:
+    import csv
+    import json
+
+    d = tempfile.mkdtemp(prefix="turbostudio-")
+    jpath, cpath = os.path.join(d, stem + ".json"), os.path.join(d, stem + ".csv")
+    with open(jpath, "w") as f:
+        json.dump({"summary": summary, "rows": rows}, f, indent=1, default=str)
+    with open(cpath, "w", newline="") as f:
+        keys = sorted({k for r in rows for k in r}) if rows else ["empty"]
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return jpath, cpath
+
+
+def _fmt_ms(v) -> str:
+    return "–" if v is None else f"{v * 1000:.0f} ms"
+
+
+def build_benchmarks(ctx: Context):
+    """The load test and the engine comparison (the tutorial's speed script, made real)."""
+    import threading
+
+    from engines import loadtest, models, registry
+    from engines.base import GenParams
+
+    from .common import require_admin, user_error
+
+    cancel = threading.Event()
+    with gr.Accordion("Load test: N simulated users against the loaded engine", open=False):
+        gr.Markdown("Runs for the time you set (then lets running replies finish); chat users share the "
+                    "engine meanwhile and are batched with the simulated ones.")
+        with gr.Row():
+            users = gr.Slider(1, 64, value=4, step=1, label="users")
+            seconds = gr.Slider(2, 300, value=10, step=1, label="seconds")
+            lt_tokens = gr.Slider(1, 1024, value=64, step=1, label="max_new_tokens")
+        with gr.Row():
+            run_lt = gr.Button("Run load test", variant="primary")
+            stop_lt = gr.Button("Cancel")
+        lt_out = gr.Markdown(elem_id="loadtest-result")
+        with gr.Row():
+            lt_json = gr.File(label="results (JSON)")
+            lt_csv = gr.File(label="results (CSV)")
+    with gr.Accordion("Engine comparison (TurboMind vs LMDeploy-PyTorch vs Transformers)", open=False):
+        gr.Markdown("Loads each chosen engine beside the serving model (GPU memory permitting), warms it "
+                    "up, and runs the same prompts; reports tokens/s, the tutorial's words/s, first-token "
+                    "latency and GPU memory.")
+        with gr.Row():
+            choices = gr.CheckboxGroup(["turbomind", "pytorch", "transformers"], value=["transformers"],
+                                       label="engines")
+            cmp_model = gr.Textbox(label="model (empty: the loaded one)")
+            cmp_tokens = gr.Slider(1, 1024, value=64, step=1, label="max_new_tokens")
+            repeats = gr.Slider(1, 10, value=2, step=1, label="repeats")
+            batch = gr.Slider(1, 64, value=1, step=1, label="concurrent streams")
+        with gr.Row():
+            run_cmp = gr.Button("Run comparison", variant="primary")
+            stop_cmp = gr.Button("Cancel")
+        cmp_table = gr.Dataframe(interactive=False, elem_id="compare-table")
+        cmp_plot = gr.BarPlot(x="engine", y="tokens_per_s", title="tokens/s", height=240)
+        with gr.Row():
+            cmp_json = gr.File(label="results (JSON)")
+            cmp_csv = gr.File(label="results (CSV)")
+
+    def do_load_test(n, secs, max_tokens, request: gr.Request = None, progress=gr.Progress()):
+        require_admin(ctx.settings, request)
+        cancel.clear()
+        try:
+            ctx.manager.require()
+            params = GenParams(temperature=0.7, max_new_tokens=int(max_tokens), seed=0)
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+        res = loadtest.load_test(ctx.manager.stream, users=int(n), seconds=float(secs), params=params,
+                                 cancel=cancel, progress=lambda f, m: progress(f, desc=m))
+        rows = res.pop("rows")
+        text = (f"**{res['requests']} replies** from {res['users']} users in {res['seconds']:.1f} s"
+                f"{' (cancelled)' if res['cancelled'] else ''}: **{res['tokens_per_s']:.1f} tokens/s** "
+                f"aggregate ({res['tokens']} tokens), {res['words_per_s']:.1f} words/s · first token p50 "
+                f"{_fmt_ms(res['ttft_p50'])}, p99 {_fmt_ms(res['ttft_p99'])} · inter-token p50 "
+                f"{_fmt_ms(res['itl_p50'])}, p99 {_fmt_ms(res['itl_p99'])} · errors {res['errors']}")
+        j, c = _write(rows, res, "loadtest")
+        return text, j, c
+
+    def do_compare(picked, model, max_tokens, reps, n, request: gr.Request = None, progress=gr.Progress()):
+        import pandas as pd
+
+        require_admin(ctx.settings, request)
+        cancel.clear()
+        if not picked:
+            raise gr.Error("Choose at least one engine.", title="Nothing to compare")
+        info = ctx.manager.info()
+        spec = model.strip() or (info.model_path if info else None)
+        try:
+            ctx.settings.load_policy().check(model.strip() or None)
+            resolved = models.resolve(spec, ctx.settings.cache_dir)
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+        opts = ctx.settings.engine_options()
+
+        def make(choice):
+            o = {"device": opts["device"], "dtype": opts["dtype"]} if choice == "transformers" else \
+                {"cache_max_entry_count": min(0.3, opts["cache_max_entry_count"]), "session_len": 4096}
+            return registry.create(resolved, choice, **o)
+
+        rows = loadtest.compare_engines(make, list(picked), params=GenParams(temperature=0, max_new_tokens=int(max_tokens)),
+                                        repeats=int(reps), batch=int(n), cancel=cancel,
+                                        progress=lambda f, m: progress(f, desc=m))
+        df = pd.DataFrame(rows)
+        j, c = _write(rows, None, "engine-comparison")
+        plot = df[["engine", "tokens_per_s"]] if "tokens_per_s" in df else pd.DataFrame({"engine": [], "tokens_per_s": []})
+        return df, plot, j, c
+
+    run_lt.click(do_load_test, [users, seconds, lt_tokens], [lt_out, lt_json, lt_csv], api_name="load_test",
+                 concurrency_id="bench", concurrency_limit=1)
+    stop_lt.click(lambda: cancel.set(), None, None, api_name="cancel_benchmark", queue=False)
+    run_cmp.click(do_compare, [choices, cmp_model, cmp_tokens, repeats, batch], [cmp_table, cmp_plot, cmp_json, cmp_csv],
+                  api_name="compare_engines", concurrency_id="bench", concurrency_limit=1)
+    stop_cmp.click(lambda: cancel.set(), None, None, api_visibility="private", queue=False)
+
+
 def build(ctx: Context, tab: gr.Tab):
     status = gr.Markdown(panel(ctx), elem_id="monitor-panel")
     with gr.Row():
@@ -79,4 +200,5 @@ def build(ctx: Context, tab: gr.Tab):
         return path
 
     download.click(export, None, download, api_name="metrics_csv", api_visibility="undocumented")
+    build_benchmarks(ctx)
     return timer
