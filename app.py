@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     # larger than the number of streams served at once, or users wait for a thread, not the GPU.
     app, _, _ = demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,
                             auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads],
-                            max_threads=max(40, concurrency + 16), prevent_thread_lock=True)
+                            max_threads=max(40, concurrency + 16), prevent_thread_lock=True,
+                            max_file_size=f"{s.max_upload_mb}mb")
     if s.api:
         from ui.openai_api import mount
 

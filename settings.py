@@ -61,6 +61,7 @@ class Settings:
     remote_api_key: str | None = None  # engine remote: the server's API key
     vision_model: str | None = None   # None: llava-interleave-qwen-0.5b from the hub, when reachable
     vision_engine: str = "auto"
+    max_upload_mb: int = 20           # largest file a browser may upload
     max_images_per_turn: int = 4
     max_images: int = 8               # per conversation
 
@@ -170,6 +171,7 @@ _HELP = {
                     "(default: llava-hf/llava-interleave-qwen-0.5b-hf when a hub is reachable)",
     "vision_engine": "engine for the vision model (auto: LMDeploy's PyTorch engine for LLaVA on GPU, "
                      "else Transformers)",
+    "max_upload_mb": "largest file a user may upload, in MB",
     "max_images_per_turn": "images one message may carry",
     "max_images": "images one vision conversation may hold",
 }

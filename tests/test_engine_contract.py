@@ -176,3 +176,30 @@ def test_close_frees_memory(engine, request):
         after = telemetry.snapshot()["gpu_used"]
         assert loaded > before
         assert after - before < 2**30, f"GPU memory not freed: {before} -> {loaded} -> {after}"
+
+
+def test_out_of_memory_in_a_step_fails_that_batch_and_the_engine_recovers(tiny_llama):
+    """CUDA out-of-memory can only really happen on a GPU; here the model's forward raises the same
+    exception type once, mid-reply, and the engine must report it and keep serving."""
+    import torch
+
+    from engines import registry
+
+    eng = registry.create(tiny_llama, "transformers", device="cpu")
+    try:
+        real = eng.model.forward
+        calls = {"n": 0}
+
+        def flaky(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(*a, **k)
+
+        eng.model.forward = flaky
+        deltas = list(eng.stream(PROMPT, GenParams(temperature=0, max_new_tokens=20), session_id="oom"))
+        assert deltas[-1].finish_reason == "error" and "Out of memory" in deltas[-1].error
+        ok = list(eng.stream(PROMPT, GenParams(temperature=0, max_new_tokens=5), session_id="after"))
+        assert ok[-1].finish_reason == "length" and ok[-1].tokens == 5
+    finally:
+        eng.close()

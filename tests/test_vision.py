@@ -263,3 +263,21 @@ def test_other_llava_families_stream_their_greedy_answer(kind, tmp_path_factory)
         assert eng.count_tokens(q2) > eng.count_tokens(q)
     finally:
         eng.close()
+
+
+def test_uploads_over_the_size_limit_are_refused(cache_dir, smollm2, tiny_llava, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    import numpy as np
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1400, 1400, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 2 * 2**20
+    app = AppProcess(["--cache-dir", cache_dir, "--vision-model", tiny_llava, "--max-upload-mb", "2"])
+    try:
+        with pytest.raises(Exception) as e:
+            app.client().predict({"text": "What is this?", "files": [handle_file(str(big))]}, None, *SAMPLING,
+                                 api_name="/vision_send")
+        assert "2" in str(e.value) and ("size" in str(e.value).lower() or "large" in str(e.value).lower())
+        assert app.alive()
+    finally:
+        app.stop()
