@@ -143,6 +143,8 @@ class TransformersEngine:
             extra={"batching": "continuous" if self.batchable else "round-robin",
                    "load_seconds": round(self.load_seconds, 2),
                    "architecture": (getattr(mcfg, "architectures", None) or ["?"])[0]})
+        self.dead: str | None = None   # why the scheduler thread ended, if it did
+        self._admitting: list[_Request] = []
         self._pending: queue.Queue[_Request] = queue.Queue()
         self._active: list[_Request] = []
         self._lock = threading.Lock()   # guards _active membership seen by abort()
@@ -235,6 +237,9 @@ class TransformersEngine:
                session_id: str) -> Iterator[Delta]:
         if self._closed.is_set():
             raise EngineError("This model was unloaded.", code="engine_unavailable")
+        if self.dead:
+            raise EngineError(f"The engine stopped ({self.dead}). Reload the model on the Engines page.",
+                              code="engine_dead")
         inputs = self._encode(messages)
         n_prompt = int(inputs["input_ids"].shape[-1])
         room = self.context_length - n_prompt
@@ -294,12 +299,24 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------ scheduler
     def _loop(self):
+        """The scheduler thread. Errors of one step fail that step's requests and the loop goes on;
+        anything that ends the thread itself marks the engine dead, so callers get a clear message
+        (and the UI offers a reload) instead of waiting forever."""
+        try:
+            self._run_loop()
+        except BaseException as e:  # noqa: BLE001 - the thread is ending: say why, to everyone
+            self.dead = f"{type(e).__name__}: {e}"
+            log.exception("the transformers scheduler stopped")
+            for r in self._admitting + list(self._active) + list(self._pending.queue):
+                self._fail(r, RuntimeError(f"the engine stopped ({self.dead})"))
+
+    def _run_loop(self):
         torch = self._torch
         batch_cache = None      # DynamicCache holding every active row, left-padded
         batch_rows: list[_Request] = []
         mask = None
         while not self._closed.is_set():
-            admitted = []
+            admitted = self._admitting = []
             while len(self._active) + len(admitted) < self.max_batch:
                 try:
                     admitted.append(self._pending.get_nowait())

@@ -203,3 +203,27 @@ def test_out_of_memory_in_a_step_fails_that_batch_and_the_engine_recovers(tiny_l
         assert ok[-1].finish_reason == "length" and ok[-1].tokens == 5
     finally:
         eng.close()
+
+
+def test_a_dead_scheduler_is_reported_and_a_reload_serves_again(tiny_llama, tmp_path):
+    from engines.base import EngineError
+    from engines.manager import EngineManager
+
+    mgr = EngineManager(str(tmp_path))
+    mgr.load(tiny_llama.path, "transformers", device="cpu")
+    eng = mgr.engine
+
+    def die(req):
+        raise SystemExit("scheduler killed")   # not an Exception: ends the thread
+
+    eng._prefill = die
+    deltas = list(mgr.stream(PROMPT, GenParams(max_new_tokens=4), session_id="x"))
+    assert deltas[-1].finish_reason == "error" and "engine stopped" in deltas[-1].error
+    eng._thread.join(5)
+    assert eng.dead and "scheduler killed" in eng.dead
+    with pytest.raises(EngineError, match="Reload the model"):
+        mgr.stream(PROMPT, GenParams(max_new_tokens=4), session_id="y")
+    mgr.load(tiny_llama.path, "transformers", device="cpu")
+    deltas = list(mgr.stream(PROMPT, GenParams(temperature=0, max_new_tokens=4), session_id="z"))
+    assert deltas[-1].tokens == 4
+    mgr.unload()

@@ -21,6 +21,9 @@ def describe(ctx: Context) -> str:
              f"context {info.context_length} tokens" + (", takes images" if info.vision else "")]
     if info.reason:
         lines.append(f"Why this backend: {info.reason}.")
+    dead = getattr(ctx.manager.engine, "dead", None)
+    if dead:
+        lines.append(f"**The engine stopped ({dead}).** Press Load to load the model again.")
     if info.extra:
         lines.append("Details: " + ", ".join(f"{k} {v}" for k, v in info.extra.items()))
     sw = ctx.manager.last_switch
@@ -155,7 +158,8 @@ def build(ctx: Context):
 def engine_info(ctx: Context) -> dict:
     info = ctx.manager.info()
     return {"loaded": info is not None, **(info.to_dict() if info else {}),
-            "running": ctx.manager.running, "last_switch": ctx.manager.last_switch,
+            "running": ctx.manager.running, "dead": getattr(ctx.manager.engine, "dead", None),
+            "last_switch": ctx.manager.last_switch,
             "memory": telemetry.snapshot()}
 
 
