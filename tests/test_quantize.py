@@ -170,6 +170,14 @@ def test_quantize_page_through_the_app(app_server, smollm2, cache_dir):
         time.sleep(0.5)
     assert row[4] == "done", row
     assert "GiB" in row[5]
+    card, answers = c.predict(job_id, "What is the capital of France?", api_name="/quantize_compare")
+    rows = {r[0]: r for r in card["data"]}
+    headers = card["headers"]
+    size = headers.index("size on disk (GiB)")
+    assert rows["result"][size] < 0.55 * rows["source"][size]
+    for col in ("tok/s batch 1", "tok/s batch 16"):
+        assert all(r[headers.index(col)] > 0 for r in rows.values())
+    assert answers.count("Paris") == 2, answers
     msg = c.predict(job_id, api_name="/quantize_load")
     assert "Loaded" in msg and name in msg
     assert c.predict(api_name="/engine_info")["model"].endswith(name)

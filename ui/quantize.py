@@ -23,6 +23,20 @@ def _size(path: str) -> int:
     return total
 
 
+class _Borrowed:
+    """An engine lent to ``loadtest.compare_engines`` without giving it the right to close it."""
+
+    def __init__(self, eng):
+        self._eng = eng
+        self.info = eng.info
+
+    def stream(self, *a, **k):
+        return self._eng.stream(*a, **k)
+
+    def close(self):
+        pass
+
+
 def table(runner: JobRunner) -> list[list]:
     rows = []
     for j in reversed(runner.jobs()):
@@ -66,6 +80,14 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
         cancel = gr.Button("Cancel job", scale=1)
         load = gr.Button("Load result", scale=1)
     log = gr.Textbox(label="Log", lines=10, max_lines=20, autoscroll=True)
+    with gr.Accordion("What it bought: the source against the result", open=False):
+        gr.Markdown("Loads both beside the serving model (on a GPU with cache_max_entry_count 0.01, the "
+                    "tutorial's experiment) and measures size on disk, the memory each load takes, tokens/s "
+                    "at batch 1 and 16, and their greedy answers to the same prompt.")
+        cmp_prompt = gr.Textbox(value="Explain in two sentences why the sky is blue.", label="prompt")
+        compare = gr.Button("Compare source and result")
+        card = gr.Dataframe(interactive=False, elem_id="quantize-card")
+        answers = gr.Markdown()
     timer = gr.Timer(1.0, active=False)
 
     def do_start(source, name, kind, samples, seqlen, group, dtype, calib, request: gr.Request = None):
@@ -103,6 +125,54 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
             raise user_error(e) from e
         return f"Loaded {info.model} on {info.backend}."
 
+    def do_compare(jid, prompt, request: gr.Request = None, progress=gr.Progress()):
+        require_admin(s, request)
+        import pandas as pd
+
+        from engines import loadtest, models, registry, telemetry
+        from engines.base import ChatMessage, GenParams
+
+        job = runner.get((jid or "").strip())
+        if job is None or job.state != "done":
+            raise gr.Error("Choose a finished job.", title="Not ready")
+        if not (prompt or "").strip():
+            raise gr.Error("Give a prompt to compare the answers on.", title="No prompt")
+        rows, texts = [], {}
+        for i, (label, path, fmt) in enumerate((("source", job.source, "hf"),
+                                                 ("result", job.output, "awq" if job.kind == "awq" else "hf"))):
+            progress(i / 2, desc=f"loading the {label}")
+            base_gpu, base_rss = telemetry.snapshot()["gpu_used"], telemetry.process_rss()
+            try:
+                resolved = models.resolve(path, s.cache_dir)
+                backend, _ = registry.choose(resolved, "auto", device=s.device)
+                opts = ({"device": s.device} if backend == "transformers" else
+                        {"cache_max_entry_count": 0.01, "session_len": 4096, "model_format": fmt})
+                eng = registry.create(resolved, backend, **opts)
+            except Exception as e:  # noqa: BLE001
+                raise user_error(e) from e
+            try:
+                snap = telemetry.snapshot()
+                mem = snap["gpu_used"] - base_gpu if snap["gpus"] else telemetry.process_rss() - base_rss
+                p = GenParams(temperature=0, max_new_tokens=48)
+                r = loadtest.one_request(eng.stream, [ChatMessage("user", prompt)], p, f"card-{label}")
+                texts[label] = "".join(d.text for d in eng.stream([ChatMessage("user", prompt)], p,
+                                                                  session_id=f"card-{label}-t"))
+                row = {"model": label, "backend": backend, "size on disk (GiB)": round(_size(path) / 2**30, 3),
+                       "memory at load (GiB)": round(mem / 2**30, 3),
+                       "tok/s batch 1": round(r.tokens / r.seconds, 1) if r.seconds else 0}
+                for bs in (16,):
+                    progress(i / 2 + 0.25, desc=f"{label}: batch {bs}")
+                    res = loadtest.compare_engines(lambda _c, e=eng: _Borrowed(e), [label], params=p, repeats=1,
+                                                   batch=bs)
+                    row[f"tok/s batch {bs}"] = res[0].get("tokens_per_s")
+                rows.append(row)
+            finally:
+                eng.close()
+        md = "\n\n".join(f"**{k}:** {v}" for k, v in texts.items())
+        return pd.DataFrame(rows), md
+
+    compare.click(do_compare, [job_id, cmp_prompt], [card, answers], api_name="quantize_compare",
+                  concurrency_id="bench", concurrency_limit=1)
     start.click(do_start, [source, name, kind, samples, seqlen, group, dtype, calib], [jobs, job_id],
                 api_name="quantize_start", concurrency_id="admin", concurrency_limit=1)
     cancel.click(do_cancel, job_id, jobs, api_name="quantize_cancel")
