@@ -103,13 +103,15 @@ def load_test(stream_fn, *, users: int, seconds: float, params: GenParams,
 
 
 def compare_engines(make_engine, choices: list[str], *, params: GenParams, repeats: int = 2,
-                    batch: int = 1, cancel: threading.Event | None = None,
+                    batch: int | list[int] = 1, cancel: threading.Event | None = None,
                     progress: Callable[[float, str], None] | None = None) -> list[dict]:
-    """The tutorial's comparison done properly: for each engine, load it, warm up, then run the
-    same prompts ``repeats`` times with ``batch`` concurrent streams; peak GPU memory from NVML."""
+    """The tutorial's comparison done properly: for each engine, load it once, warm up, then run the
+    same prompts ``repeats`` times with each ``batch`` size of concurrent streams (one row per engine
+    and batch size); GPU memory from NVML (the load's increase)."""
     from . import telemetry
 
     cancel = cancel or threading.Event()
+    batches = [batch] if isinstance(batch, int) else list(batch)
     rows = []
     for k, choice in enumerate(choices):
         if cancel.is_set():
@@ -119,27 +121,27 @@ def compare_engines(make_engine, choices: list[str], *, params: GenParams, repea
         try:
             eng = make_engine(choice)
         except Exception as e:  # noqa: BLE001
-            rows.append({"engine": choice, "error": getattr(e, "message", str(e))})
+            rows += [{"engine": choice, "batch": b, "error": getattr(e, "message", str(e))} for b in batches]
             continue
         try:
+            mem = round((telemetry.snapshot()["gpu_used"] - base) / 2**30, 2)
             one_request(eng.stream, [ChatMessage("user", PROMPTS[0])], params.replace(max_new_tokens=8), "warm")
-            results, t0 = [], time.perf_counter()
-            for rep in range(repeats):
-                if cancel.is_set():
-                    break
-                progress and progress((k + (rep + 0.5) / repeats) / len(choices), f"measuring {choice}")
-                batch_res = [None] * batch
-                threads = [threading.Thread(target=lambda i=i: batch_res.__setitem__(i, one_request(
-                    eng.stream, [ChatMessage("user", PROMPTS[(rep + i) % len(PROMPTS)])], params,
-                    f"bench-{rep}-{i}", cancel))) for i in range(batch)]
-                [t.start() for t in threads]
-                [t.join() for t in threads]
-                results += batch_res
-            wall = time.perf_counter() - t0
-            row = {"engine": choice, "backend": eng.info.backend, "model": eng.info.model, "batch": batch,
-                   **summarize(results, wall),
-                   "gpu_mem_gib": round((telemetry.snapshot()["gpu_used"] - base) / 2**30, 2)}
-            rows.append(row)
+            for b in batches:
+                results, t0 = [], time.perf_counter()
+                for rep in range(repeats):
+                    if cancel.is_set():
+                        break
+                    progress and progress((k + (rep + 0.5) / repeats) / len(choices), f"measuring {choice}, batch {b}")
+                    batch_res = [None] * b
+                    threads = [threading.Thread(target=lambda i=i: batch_res.__setitem__(i, one_request(
+                        eng.stream, [ChatMessage("user", PROMPTS[(rep + i) % len(PROMPTS)])], params,
+                        f"bench-{rep}-{i}", cancel))) for i in range(b)]
+                    [t.start() for t in threads]
+                    [t.join() for t in threads]
+                    results += batch_res
+                wall = time.perf_counter() - t0
+                rows.append({"engine": choice, "backend": eng.info.backend, "model": eng.info.model, "batch": b,
+                             **summarize(results, wall), "gpu_mem_gib": mem})
         finally:
             eng.close()
     progress and progress(1.0, "done")

@@ -213,12 +213,15 @@ class JobRunner:
         if job is None or job.state in FINAL:
             return
         with self._lock:
-            if self._current is not None and self._current.id == job_id and self._proc is not None:
-                self._cancel.add(job_id)
-                _kill(self._proc)
+            # remembered even if the runner is just starting this job: _run checks it after Popen
+            self._cancel.add(job_id)
+            if self._current is not None and self._current.id == job_id:
+                if self._proc is not None:
+                    _kill(self._proc)
                 return
-        job.state, job.finished = "cancelled", time.time()
-        self._save(job)
+            if job.state == "queued":
+                job.state, job.finished, job.error = "cancelled", time.time(), "cancelled by the user"
+                self._save(job)
 
     def wait(self, job_id: str, timeout: float = 600) -> Job:
         deadline = time.time() + timeout
@@ -255,6 +258,13 @@ class JobRunner:
             self._run(nxt)
 
     def _run(self, job: Job) -> None:
+        with self._lock:
+            if job.id in self._cancel:          # cancelled between the queue read and now
+                self._cancel.discard(job.id)
+                job.state, job.finished, job.error = "cancelled", time.time(), "cancelled by the user"
+                self._save(job)
+                return
+            self._current = job
         job.state, job.started = "running", time.time()
         self._save(job)
         spec = os.path.join(self.folder, f"{job.id}.spec.json")
@@ -264,7 +274,9 @@ class JobRunner:
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
             with self._lock:
-                self._proc, self._current = proc, job
+                self._proc = proc
+                if job.id in self._cancel:      # a cancel that came while the worker was starting
+                    _kill(proc)
             last_save = 0.0
             for line in proc.stdout:
                 if line.startswith("PROGRESS "):

@@ -86,3 +86,13 @@ def test_engine_comparison_through_the_app(app_server):
     tm = next(r for r in rows if r["engine"] == "turbomind")
     assert "CUDA" in tm["error"] or "LMDeploy" in tm["error"], "no GPU here: a clear reason, not a crash"
     assert len(list(csv.DictReader(open(cpath)))) == 2
+
+
+def test_kv_sweep_without_a_gpu_says_why_per_setting(app_server):
+    c = app_server.client()
+    table, plot = c.predict(0, 8, api_name="/kv_sweep")
+    rows = [dict(zip(table["headers"], r)) for r in table["data"]]
+    assert [(r["setting"], r["batch"]) for r in rows] == [("cache 0.8", 1), ("cache 0.8", 16), ("cache 0.5", 1),
+                                                         ("cache 0.5", 16), ("cache 0.01", 1), ("cache 0.01", 16)]
+    assert all("CUDA" in str(r.get("error")) or "LMDeploy" in str(r.get("error")) for r in rows)
+    assert app_server.alive()

@@ -118,6 +118,15 @@ def build_benchmarks(ctx: Context):
         with gr.Row():
             cmp_json = gr.File(label="results (JSON)")
             cmp_csv = gr.File(label="results (CSV)")
+    with gr.Accordion("KV-cache sweep (TurboMind): cache_max_entry_count 0.8 / 0.5 / 0.01", open=False):
+        gr.Markdown("The tutorial's experiment: the same model on TurboMind with each cache size, the GPU "
+                    "memory it takes and the speed at batch 1 and 16.")
+        with gr.Row():
+            sweep_qp = gr.Dropdown([0, 8, 4], value=0, label="quant_policy (KV int8 = 8, int4 = 4)")
+            sweep_tokens = gr.Slider(1, 1024, value=128, step=1, label="max_new_tokens")
+            run_sweep = gr.Button("Run sweep", variant="primary")
+        sweep_table = gr.Dataframe(interactive=False, elem_id="sweep-table")
+        sweep_plot = gr.BarPlot(x="setting", y="gpu_mem_gib", title="GPU memory (GiB)", height=240)
 
     def do_load_test(n, secs, max_tokens, request: gr.Request = None, progress=gr.Progress()):
         require_admin(ctx.settings, request)
@@ -167,6 +176,34 @@ def build_benchmarks(ctx: Context):
         plot = df[["engine", "tokens_per_s"]] if "tokens_per_s" in df else pd.DataFrame({"engine": [], "tokens_per_s": []})
         return df, plot, j, c
 
+    def do_sweep(qp, max_tokens, request: gr.Request = None, progress=gr.Progress()):
+        import pandas as pd
+
+        require_admin(ctx.settings, request)
+        cancel.clear()
+        info = ctx.manager.info()
+        try:
+            resolved = models.resolve(info.model_path if info else None, ctx.settings.cache_dir)
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+        p = GenParams(temperature=0, max_new_tokens=int(max_tokens))
+        rows = []
+        for share in (0.8, 0.5, 0.01):
+            label = f"cache {share}"
+
+            def make(_c, share=share):
+                return registry.create(resolved, "turbomind", cache_max_entry_count=share, session_len=4096,
+                                       quant_policy=int(qp), model_format=ctx.settings.model_format)
+            for r in loadtest.compare_engines(make, [label], params=p, repeats=1, batch=[1, 16], cancel=cancel,
+                                              progress=lambda f, m, label=label: progress(f, desc=f"{label}: {m}")):
+                rows.append({"setting": label, **r})
+        df = pd.DataFrame(rows)
+        plot = df[df["batch"] == 1][["setting", "gpu_mem_gib"]] if "gpu_mem_gib" in df else \
+            pd.DataFrame({"setting": [], "gpu_mem_gib": []})
+        return df, plot
+
+    run_sweep.click(do_sweep, [sweep_qp, sweep_tokens], [sweep_table, sweep_plot], api_name="kv_sweep",
+                    concurrency_id="bench", concurrency_limit=1)
     run_lt.click(do_load_test, [users, seconds, lt_tokens], [lt_out, lt_json, lt_csv], api_name="load_test",
                  concurrency_id="bench", concurrency_limit=1)
     stop_lt.click(lambda: cancel.set(), None, None, api_name="cancel_benchmark", queue=False)
