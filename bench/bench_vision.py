@@ -38,13 +38,11 @@ def build(shape: str, device: str) -> str:
 
 def build_llava_7b(out: str, device: str) -> str:
     """LLaVA-1.5-7B's shape: CLIP ViT-L/14 at 336 px, 2-layer MLP projector, Llama-2-7B text side."""
-    import shutil
-
     import torch
     from transformers import (AutoTokenizer, CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from bench.models import TOKENIZER_DIR, llama_config, save_llava
+    from bench.models import TOKENIZER_DIR, llama_config, save_vlm
 
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
@@ -60,12 +58,7 @@ def build_llava_7b(out: str, device: str) -> str:
         model = LlavaForConditionalGeneration(cfg).to(torch.bfloat16)
     from bench.models import build_tiny_llava  # reuse its chat template and processor settings
     tiny = build_tiny_llava("/tmp/turbostudio-llava-tiny-336", device="cpu", image_size=336, patch=14)
-    proc = LlavaProcessor.from_pretrained(tiny)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_llava(model, tmp)
-    proc.save_pretrained(tmp)
-    os.replace(tmp, out)
+    save_vlm(model, LlavaProcessor.from_pretrained(tiny), out)
     del model
     torch.cuda.empty_cache()
     return out

@@ -77,6 +77,16 @@ def save_llava(model, folder: str) -> None:
     model.save_pretrained(folder, state_dict=sd)
 
 
+def save_vlm(model, processor, out_dir: str) -> str:
+    """Write a vision-language model and its processor to ``out_dir`` atomically (via a .tmp folder)."""
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_llava(model, tmp)
+    processor.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
 def build_tiny_llava(out_dir: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                      image_size: int = 64, patch: int = 16, text_shape: str = "tiny",
                      vision: tuple[int, int, int, int] = (128, 256, 2, 2)) -> str:
@@ -105,7 +115,6 @@ def build_tiny_llava(out_dir: str, *, device: str = "cpu", dtype: str = "float32
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlavaForConditionalGeneration(cfg).to(getattr(torch, dtype))
-    n_patches = (image_size // patch) ** 2
     improc = CLIPImageProcessor(size={"shortest_edge": image_size},
                                 crop_size={"height": image_size, "width": image_size})
     template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -116,13 +125,7 @@ def build_tiny_llava(out_dir: str, *, device: str = "cpu", dtype: str = "float32
     proc = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=patch,
                           vision_feature_select_strategy="default", chat_template=template,
                           num_additional_image_tokens=1)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_llava(model, tmp)
-    proc.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
-    del model, n_patches
-    return out_dir
+    return save_vlm(model, proc, out_dir)
 
 
 if __name__ == "__main__":
@@ -189,9 +192,4 @@ def build_tiny_vlm(out_dir: str, kind: str, *, seed: int = 0) -> str:
                               num_additional_image_tokens=0)
     else:
         raise ValueError(f"unknown kind {kind!r}")
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_llava(model, tmp)
-    proc.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
-    return out_dir
+    return save_vlm(model, proc, out_dir)
