@@ -134,6 +134,15 @@ class ChatMessage:
         return {"role": self.role, "content": self.content}
 
 
+def token_upper_bound(messages: Sequence["ChatMessage"]) -> int | None:
+    """An upper bound on the prompt tokens of ``messages`` without running a tokenizer: a token is at
+    least one UTF-8 byte, plus 16 tokens a message and 512 for the chat template's own text. None
+    when images are present (what they cost depends on the model's processor)."""
+    if any(m.images for m in messages):
+        return None
+    return sum(len(m.content.encode()) + 16 for m in messages) + 512
+
+
 @dataclass(frozen=True)
 class Delta:
     """What a stream yields: new text since the last delta, tokens generated so far, and

@@ -15,7 +15,8 @@ import logging
 import threading
 from typing import Iterator, Sequence
 
-from .base import ChatMessage, ContextTooLong, Delta, EngineError, EngineInfo, EngineUnavailable, GenParams, ModelLoadError
+from .base import (ChatMessage, ContextTooLong, Delta, EngineError, EngineInfo, EngineUnavailable, GenParams,
+                   ModelLoadError, token_upper_bound)
 from .models import read_config
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ class LMDeployEngine:
                session_id: str) -> Iterator[Delta]:
         if self._closed:
             raise EngineError("This model was unloaded.", code="engine_unavailable")
-        n_prompt = self.count_tokens(messages)
+        bound = token_upper_bound(messages)
+        n_prompt = bound if bound is not None and bound < self.info.context_length else self.count_tokens(messages)
         if n_prompt >= self.info.context_length:
             raise ContextTooLong(f"The prompt takes {n_prompt} tokens; the session length is "
                                  f"{self.info.context_length} (raise --session-len if the model allows).")

@@ -5,7 +5,6 @@ Both are bounded in time and cancellable (``cancel`` event), and report through 
 """
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field

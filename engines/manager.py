@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from . import models, registry, telemetry
-from .base import ChatMessage, ContextTooLong, Delta, Engine, EngineInfo, EngineUnavailable, GenParams
+from .base import (ChatMessage, ContextTooLong, Delta, Engine, EngineInfo, EngineUnavailable, GenParams,
+                   token_upper_bound)
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
@@ -151,10 +152,10 @@ class EngineManager:
         ctx = eng.info.context_length
         want = min(params.max_new_tokens, max(1, ctx // 4))
         msgs = list(messages)
-        # Fast path: a token is at least one UTF-8 byte, so a short conversation fits without
-        # running the tokenizer (it would run again inside the engine; under load this matters).
-        upper = sum(len(m.content.encode()) + 16 for m in msgs) + 512
-        if upper + want <= ctx and not any(m.images for m in msgs):
+        # Fast path: a short conversation fits without running the tokenizer (it would run again
+        # inside the engine; under load this matters).
+        upper = token_upper_bound(msgs)
+        if upper is not None and upper + want <= ctx:
             return FitResult(msgs, 0, 0)
         system = [m for m in msgs[:1] if m.role == "system"]
         turns = msgs[len(system):]
