@@ -167,8 +167,6 @@ def mount(app, manager: EngineManager, settings: Settings) -> None:
             finally:
                 loop.call_soon_threadsafe(q.put_nowait, None)
 
-        threading.Thread(target=pump, daemon=True, name=f"api-{sid[-6:]}").start()
-
         def chunk(delta: dict, finish=None, usage=None) -> str:
             d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": info.model,
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -177,6 +175,8 @@ def mount(app, manager: EngineManager, settings: Settings) -> None:
             return f"data: {json.dumps(d)}\n\n"
 
         async def deltas():
+            # the engine starts when the response is read, so a response never sent costs no generation
+            threading.Thread(target=pump, daemon=True, name=f"api-{sid[-6:]}").start()
             try:
                 while True:
                     d = await q.get()
