@@ -19,6 +19,7 @@ VOCAB = 49152
 SHAPES = {
     "tiny": (256, 688, 4, 4, 2),              # ~30M params with the 49k vocab; CPU tests
     "smollm2-135m": (576, 1536, 30, 9, 3),
+    "awq-small": (1024, 2816, 8, 8, 8),       # ~0.2B, dims divisible by AWQ's group 128; GPU tests
     "1.8b": (2048, 8192, 24, 16, 8),          # the gpu-kit's 1.8B shape (InternLM2-1.8B-like)
     "llama2-7b": (4096, 11008, 32, 32, 32),
 }

@@ -78,6 +78,25 @@ def _patch_vision_preprocessor(pipe) -> None:
     proc = getattr(model, "processor", None)
     if proc is not None and callable(proc) and not isinstance(proc, _PilSafeImageProcessor):
         model.processor = _PilSafeImageProcessor(proc)
+    _use_own_image_token(model)
+
+
+def _use_own_image_token(model) -> None:
+    """Second shim. LMDeploy 0.18 fills an image's places in the prompt with the tokenizer's *pad*
+    token id and later finds them again with ``input_ids == pad_id`` (vl/model/base.py,
+    pytorch/models/llava.py). Where the pad token also occurs in the rendered chat template, e.g.
+    SmolLM2's tokenizer whose pad token is ``<|im_end|>``, the mask counts those too and the engine
+    dies on a device-side assert in ``masked_scatter`` (seen on the H100). llava-hf models carry an
+    image token of their own (``image_token_index``) that text never contains, so we place that one:
+    the LLaVA model replaces those embeddings with the image features either way."""
+    cfg = getattr(model, "hf_config", None)
+    own = getattr(cfg, "image_token_index", None) or getattr(cfg, "image_token_id", None)
+    if model is None or own is None or not hasattr(model, "image_token_id"):
+        return
+    if type(model).__name__ in ("LlavaHfVisionModel", "LlavaNextVisionModel") and model.image_token_id != own:
+        log.info("LMDeploy vision model: image placeholder %s -> the model's own image token %s",
+                 model.image_token_id, own)
+        model.image_token_id = int(own)
 
 
 class LMDeployEngine:
@@ -221,6 +240,57 @@ class LMDeployEngine:
                 session.close()
             except Exception:  # noqa: BLE001
                 pass
+
+    def schedule_metrics(self) -> dict | None:
+        """TurboMind's scheduler: running and waiting sequences and the KV cache's used fraction
+        (None where the engine gives no synchronous view, e.g. LMDeploy's PyTorch engine)."""
+        eng = getattr(getattr(self.pipe, "async_engine", None), "engine", None)
+        fn = getattr(eng, "get_schedule_metrics", None)
+        if fn is None or self.info.backend != "turbomind":
+            return None
+        try:
+            m = fn()
+        except Exception:  # noqa: BLE001
+            return None
+        return {"active": int(m.active_seqs), "waiting": int(m.waiting_seqs), "cache_usage": float(m.cache_usage)}
+
+    def kv_capacity(self, timeout: float = 30.0) -> dict | None:
+        """How many tokens the KV cache holds, measured rather than estimated: one request whose
+        prompt ends mid-block is started, TurboMind's ``cache_usage`` (blocks in use over blocks in
+        all) is read while it runs, and blocks in use are known exactly (``ceil(tokens / block)``),
+        so blocks in all = in use / usage. Returns {"tokens", "blocks", "block_tokens"} or None."""
+        if self.schedule_metrics() is None:
+            return None
+        block = int(getattr(self.pipe.backend_config, "cache_block_seq_len", 0) or 64)
+        words = "Count the blocks of this cache, one by one, slowly:"
+        msgs = [ChatMessage("user", words)]
+        n = self.count_tokens(msgs)
+        while not block // 8 <= n % block <= block // 4:      # leave room for a few generated tokens
+            words += " ok"
+            msgs = [ChatMessage("user", words)]
+            n = self.count_tokens(msgs)
+        import time
+
+        sid = f"kv-probe-{id(self)}"
+        usage, tokens = 0.0, 0
+        it = self.stream(msgs, GenParams(temperature=0, max_new_tokens=block // 2), session_id=sid)
+        try:
+            deadline = time.time() + timeout
+            for d in it:
+                tokens = d.tokens
+                m = self.schedule_metrics() or {}
+                if m.get("cache_usage", 0) > 0 and tokens >= 1:
+                    usage = m["cache_usage"]
+                    break
+                if time.time() > deadline:
+                    break
+        finally:
+            it.close()
+        if usage <= 0:
+            return None
+        used = -(-(n + tokens) // block)
+        blocks = round(used / usage)
+        return {"tokens": blocks * block, "blocks": blocks, "block_tokens": block}
 
     def abort(self, session_id: str) -> None:
         with self._lock:

@@ -35,6 +35,8 @@ AWQ_ARCHS = {"InternLM2ForCausalLM", "InternLM3ForCausalLM", "Qwen2ForCausalLM",
              "ChatGLMForConditionalGeneration", "MixtralForCausalLM", "Qwen2VLForConditionalGeneration",
              "Qwen2_5_VLForConditionalGeneration", "MistralForCausalLM"}
 FINAL = ("done", "failed", "cancelled")
+# The hub datasets LMDeploy's calibrate() knows; used only where a hub is reachable
+HUB_DATASETS = ("wikitext2", "c4", "pileval", "gsm8k", "neuralmagic_calibration", "open-platypus", "openwebtext")
 
 
 class JobError(EngineError):
@@ -128,9 +130,19 @@ def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *
         v = params.get(k)
         if not isinstance(v, int) or not lo <= v <= hi:
             raise JobError(f"{k} must be a whole number in [{lo}, {hi}]")
-    calib = params.get("calib_file") or DEFAULT_CALIB
-    if not os.path.isfile(calib):
-        raise JobError(f"calibration file {calib!r} not found")
+    dataset = params.get("dataset") or ""
+    if dataset:
+        if dataset not in HUB_DATASETS:
+            raise JobError(f"unknown calibration dataset {dataset!r}; one of {', '.join(HUB_DATASETS)}")
+        from .models import hub_reachable
+
+        if not hub_reachable():
+            raise JobError(f"The calibration dataset {dataset!r} comes from the model hub, which is not "
+                           "reachable from here: use the shipped calibration text or your own .txt file.")
+    else:
+        calib = params.get("calib_file") or DEFAULT_CALIB
+        if not os.path.isfile(calib):
+            raise JobError(f"calibration file {calib!r} not found")
     if free_gpu_bytes is None:
         raise JobError("AWQ needs a CUDA GPU; none is visible on this machine.")
     need = awq_memory_estimate(cfg, params["samples"], params["seqlen"], params.get("batch_size", 1))
@@ -343,3 +355,73 @@ def _gpu_free() -> int | None:
 
     gpus = telemetry.gpu_memory()
     return max((g["free"] for g in gpus), default=None) if gpus else None
+
+
+# --- what a quantization bought -----------------------------------------------------------------
+
+def folder_size(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+class _Borrowed:
+    """An engine lent to ``loadtest.compare_engines`` without giving it the right to close it."""
+
+    def __init__(self, eng):
+        self._eng = eng
+        self.info = eng.info
+
+    def stream(self, *a, **k):
+        return self._eng.stream(*a, **k)
+
+    def close(self):
+        pass
+
+
+def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = "hf", quant_policy: int = 0,
+                  cache_max_entry_count: float = 0.01, prompt: str | None = None, batches=(1, 16),
+                  new_tokens: int = 128, kv_capacity: bool = False, device: str = "auto",
+                  engine: str = "auto") -> dict:
+    """Load one model the way the app would (TurboMind where it can) and measure what the Quantize
+    page's card shows: size on disk, the GPU memory the load took (NVML, the load's increase; the
+    process's resident memory on a CPU), tokens/s at each batch size (concurrent streams, greedy,
+    ``new_tokens`` each), the greedy answer to ``prompt``, and, with ``kv_capacity``, the tokens the
+    KV cache holds (TurboMind's own count, see ``LMDeployEngine.kv_capacity``)."""
+    from . import loadtest, models, registry, telemetry
+    from .base import ChatMessage, GenParams
+
+    base_gpu, base_rss = telemetry.snapshot()["gpu_used"], telemetry.process_rss()
+    resolved = models.resolve(path, cache_dir)
+    backend, _ = registry.choose(resolved, engine, device=device)
+    opts = ({"device": device} if backend == "transformers" else
+            {"cache_max_entry_count": cache_max_entry_count, "session_len": 4096, "model_format": model_format,
+             "quant_policy": quant_policy})
+    t0 = time.perf_counter()
+    eng = registry.create(resolved, backend, **opts)
+    row = {"model": label, "backend": backend, "quant_policy": quant_policy,
+           "cache_max_entry_count": cache_max_entry_count if backend != "transformers" else None,
+           "size on disk (GiB)": round(folder_size(path) / 2**30, 3), "load (s)": round(time.perf_counter() - t0, 1)}
+    try:
+        snap = telemetry.snapshot()
+        mem = snap["gpu_used"] - base_gpu if snap["gpus"] else telemetry.process_rss() - base_rss
+        row["memory at load (GiB)"] = round(mem / 2**30, 3)
+        if kv_capacity and hasattr(eng, "kv_capacity"):
+            cap = eng.kv_capacity()
+            row["KV cache tokens"] = cap["tokens"] if cap else None
+        p = GenParams(temperature=0, max_new_tokens=new_tokens)
+        if prompt:
+            row["answer"] = "".join(d.text for d in eng.stream([ChatMessage("user", prompt)],
+                                                               p.replace(max_new_tokens=min(new_tokens, 64)),
+                                                               session_id=f"card-{label}"))
+        if batches:
+            res = loadtest.compare_engines(lambda _c: _Borrowed(eng), [label], params=p, repeats=1,
+                                           batch=list(batches))
+            for r in res:
+                row[f"tok/s batch {r['batch']}"] = r.get("tokens_per_s")
+                if r.get("error") or r.get("first_error"):
+                    row["error"] = r.get("error") or r.get("first_error")
+    finally:
+        eng.close()
+    return row

@@ -86,7 +86,7 @@ def run_awq(job: dict, out: str) -> None:
     from lmdeploy.lite.apis import calibrate as cal_mod
 
     p = job["params"]
-    text = open(p["calib_file"], encoding="utf-8", errors="replace").read()
+    text = "" if p.get("dataset") else open(p["calib_file"], encoding="utf-8", errors="replace").read()
 
     def offline_loaders(name, tokenizer, nsamples=128, seed=0, seqlen=2048):
         ids = tokenizer(text, return_tensors="pt").input_ids
@@ -97,7 +97,9 @@ def run_awq(job: dict, out: str) -> None:
         print(f"calibration: {nsamples} samples of {seqlen} tokens from {p['calib_file']}", flush=True)
         return [ids[:, s:s + seqlen] for s in starts]
 
-    cal_mod.get_calib_loaders = offline_loaders
+    dataset = p.get("dataset") or ""
+    if not dataset:                 # offline: the shipped text or the user's file
+        cal_mod.get_calib_loaders = offline_loaders
     state = {"layers": 0}
 
     def wrap(fn, stage):
@@ -114,7 +116,9 @@ def run_awq(job: dict, out: str) -> None:
     awq_mod.awq_layers = wrap(awq_mod.awq_layers, "searching scales")
     awq_mod.quant_weights = wrap(awq_mod.quant_weights, "quantizing linears")
     progress(0, 1, "calibrating")
-    awq_mod.auto_awq(job["source"], work_dir=out, calib_dataset="offline", calib_samples=p["samples"],
+    # calibrate() asserts the dataset is one of its hub names; offline, our loader above replaces the
+    # hub loader, so any listed name will do
+    awq_mod.auto_awq(job["source"], work_dir=out, calib_dataset=dataset or "wikitext2", calib_samples=p["samples"],
                      calib_seqlen=p["seqlen"], w_bits=p.get("bits", 4), w_group_size=p["group_size"],
                      batch_size=p.get("batch_size", 1), dtype=p.get("dtype", "auto"))
 

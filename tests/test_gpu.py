@@ -140,3 +140,40 @@ def test_tiny_llava_on_lmdeploy_and_transformers_agree_on_16_greedy_tokens(tmp_p
                                              extra={"pixel_values": enc["pixel_values"]}), (lm_ids, hf_ids)
     finally:
         hf.close()
+
+
+def _nvidia_smi() -> list[tuple[int, int]]:
+    import subprocess
+
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return [tuple(int(x) * 2**20 for x in line.split(",")) for line in out.strip().splitlines()]
+
+
+def test_panel_memory_matches_nvidia_smi_and_follows_the_cache_setting(tiny_llama):
+    """The Monitor panel's figures (telemetry.gpu_status, NVML) agree with nvidia-smi within 2%, and
+    the tutorial's experiment holds: raising cache_max_entry_count takes that share of free memory."""
+    from engines import registry, telemetry
+
+    def check(label):
+        gpus, _ = telemetry.gpu_status()
+        smi = _nvidia_smi()
+        for g, (used, total) in zip(gpus, smi):
+            print(f"{label}: GPU {g['index']} NVML {g['used'] / 2**30:.2f} GiB, nvidia-smi {used / 2**30:.2f} GiB")
+            assert abs(g["used"] - used) <= 0.02 * max(used, 2**30)
+            assert abs(g["total"] - total) <= 0.02 * total
+        return gpus[0]["used"], gpus[0]["total"]
+
+    base, total = check("idle")
+    used = {}
+    for ratio in (0.1, 0.5):
+        free = total - telemetry.gpu_status()[0][0]["used"]
+        eng = registry.create(tiny_llama, "turbomind", cache_max_entry_count=ratio, session_len=4096)
+        try:
+            used[ratio] = check(f"cache {ratio}")[0] - base
+            print(f"cache_max_entry_count {ratio}: the load took {used[ratio] / 2**30:.2f} GiB "
+                  f"({used[ratio] / free:.2f} of the free memory)")
+        finally:
+            eng.close()
+    grew = used[0.5] - used[0.1]
+    assert 0.3 * free < grew < 0.5 * free, "0.5 against 0.1 of free memory should add about 0.4 of it"

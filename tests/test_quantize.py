@@ -115,8 +115,10 @@ def test_jobs_survive_a_restart(smollm2, data_dir):
     ("outside", "inside the app's data folder"),
     ("no_gpu", "needs a CUDA GPU"),
     ("too_big", "Not enough GPU memory"),
+    ("hub_offline", "not reachable from here"),
+    ("bad_dataset", "unknown calibration dataset"),
 ])
-def test_bad_requests_are_refused_before_start(tmp_path, data_dir, tiny_llama, case, fragment):
+def test_bad_requests_are_refused_before_start(tmp_path, data_dir, tiny_llama, case, fragment, monkeypatch):
     src, out = tiny_llama.path, os.path.join(data_dir, "models", "x")
     params = {"samples": 128, "seqlen": 512, "group_size": 16, "bits": 4}   # 16 divides 256 and 688
     free = 80 * 2**30
@@ -137,6 +139,11 @@ def test_bad_requests_are_refused_before_start(tmp_path, data_dir, tiny_llama, c
         free = None
     elif case == "too_big":
         free = 2**20
+    elif case == "hub_offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        params["dataset"] = "wikitext2"
+    elif case == "bad_dataset":
+        params["dataset"] = "my-secret-set"
     with pytest.raises(JobError, match=fragment):
         validate("awq", src, out, params, data_dir, free_gpu_bytes=free)
 
@@ -158,10 +165,10 @@ def test_quantize_page_through_the_app(app_server, smollm2, cache_dir):
     c = app_server.client()
     name = "ui-cast-" + uuid.uuid4().hex[:6]
     with pytest.raises(AppError, match="needs a CUDA GPU"):
-        c.predict(smollm2.path, name, "awq", 128, 512, 64, "bfloat16", None, api_name="/quantize_start")
+        c.predict(smollm2.path, name, "awq", 128, 512, 64, "bfloat16", None, "", api_name="/quantize_start")
     with pytest.raises(AppError, match="letters, digits"):
-        c.predict(smollm2.path, "../escape", "cast", 0, 0, 0, "bfloat16", None, api_name="/quantize_start")
-    rows, job_id = c.predict(smollm2.path, name, "cast", 0, 0, 0, "bfloat16", None, api_name="/quantize_start")
+        c.predict(smollm2.path, "../escape", "cast", 0, 0, 0, "bfloat16", None, "", api_name="/quantize_start")
+    rows, job_id = c.predict(smollm2.path, name, "cast", 0, 0, 0, "bfloat16", None, "", api_name="/quantize_start")
     deadline = time.time() + 120
     while time.time() < deadline:
         row = next(r for r in c.predict(api_name="/quantize_jobs") if r[0] == job_id)
@@ -170,7 +177,7 @@ def test_quantize_page_through_the_app(app_server, smollm2, cache_dir):
         time.sleep(0.5)
     assert row[4] == "done", row
     assert "GiB" in row[5]
-    card, answers = c.predict(job_id, "What is the capital of France?", api_name="/quantize_compare")
+    card, answers = c.predict(job_id, "What is the capital of France?", True, api_name="/quantize_compare")
     rows = {r[0]: r for r in card["data"]}
     headers = card["headers"]
     size = headers.index("size on disk (GiB)")

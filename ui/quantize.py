@@ -9,32 +9,11 @@ import time
 
 import gradio as gr
 
-from engines.quantize import JobRunner
+from engines.quantize import HUB_DATASETS, JobRunner, folder_size as _size, measure_model
 
 from .common import Context, require_admin, user_error
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
-
-
-def _size(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-    return total
-
-
-class _Borrowed:
-    """An engine lent to ``loadtest.compare_engines`` without giving it the right to close it."""
-
-    def __init__(self, eng):
-        self._eng = eng
-        self.info = eng.info
-
-    def stream(self, *a, **k):
-        return self._eng.stream(*a, **k)
-
-    def close(self):
-        pass
 
 
 def table(runner: JobRunner) -> list[list]:
@@ -72,6 +51,8 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
         group = gr.Number(128, precision=0, label="group size")
         dtype = gr.Dropdown(["bfloat16", "float16", "float32"], value="bfloat16", label="dtype (cast)")
         calib = gr.File(label="Calibration text (optional .txt)", file_types=[".txt"], type="filepath")
+        dataset = gr.Dropdown([("shipped text / your file (offline)", "")] + [(d, d) for d in HUB_DATASETS],
+                              value="", label="calibration data (hub datasets need the hub)")
     start = gr.Button("Start job", variant="primary")
     jobs = gr.Dataframe(table(runner), headers=["id", "kind", "source", "output", "state", "size", "error"],
                         interactive=False, wrap=True, elem_id="jobs-table")
@@ -85,17 +66,19 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
                     "tutorial's experiment) and measures size on disk, the memory each load takes, tokens/s "
                     "at batch 1 and 16, and their greedy answers to the same prompt.")
         cmp_prompt = gr.Textbox(value="Explain in two sentences why the sky is blue.", label="prompt")
+        cmp_kv = gr.Checkbox(True, label="also KV cache int8 and int4 (quant_policy 8 and 4): tokens the cache "
+                                   "holds and batch-16 speed")
         compare = gr.Button("Compare source and result")
         card = gr.Dataframe(interactive=False, elem_id="quantize-card")
         answers = gr.Markdown()
     timer = gr.Timer(1.0, active=False)
 
-    def do_start(source, name, kind, samples, seqlen, group, dtype, calib, request: gr.Request = None):
+    def do_start(source, name, kind, samples, seqlen, group, dtype, calib, dataset="", request: gr.Request = None):
         require_admin(s, request)
         if not name or not NAME.match(name):
             raise gr.Error("The output name may use letters, digits, '.', '_' and '-' only.", title="Bad name")
         params = ({"samples": int(samples or 0), "seqlen": int(seqlen or 0), "group_size": int(group or 0),
-                   "bits": 4, "calib_file": calib} if kind == "awq" else {"dtype": dtype})
+                   "bits": 4, "calib_file": calib, "dataset": dataset or ""} if kind == "awq" else {"dtype": dtype})
         try:
             s.load_policy().check(source)
             job = runner.submit(kind, source.strip(), os.path.join(models_dir, name), params)
@@ -125,53 +108,37 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
             raise user_error(e) from e
         return f"Loaded {info.model} on {info.backend}."
 
-    def do_compare(jid, prompt, request: gr.Request = None, progress=gr.Progress()):
+    def do_compare(jid, prompt, kv, request: gr.Request = None, progress=gr.Progress()):
         require_admin(s, request)
         import pandas as pd
 
-        from engines import loadtest, models, registry, telemetry
-        from engines.base import ChatMessage, GenParams
+        from engines import telemetry
 
         job = runner.get((jid or "").strip())
         if job is None or job.state != "done":
             raise gr.Error("Choose a finished job.", title="Not ready")
         if not (prompt or "").strip():
             raise gr.Error("Give a prompt to compare the answers on.", title="No prompt")
-        rows, texts = [], {}
-        for i, (label, path, fmt) in enumerate((("source", job.source, "hf"),
-                                                 ("result", job.output, "awq" if job.kind == "awq" else "hf"))):
-            progress(i / 2, desc=f"loading the {label}")
-            base_gpu, base_rss = telemetry.snapshot()["gpu_used"], telemetry.process_rss()
+        rows = []
+        steps = [("source", job.source, "hf", 0), ("result", job.output, "awq" if job.kind == "awq" else "hf", 0)]
+        steps += [(f"result, KV int{qp}", job.output, steps[1][2], qp) for qp in (8, 4)
+                  if kv and telemetry.gpu_memory()]      # KV quantization is TurboMind's, on a GPU
+        for i, (label, path, fmt, qp) in enumerate(steps):
+            progress(i / len(steps), desc=f"measuring the {label}")
             try:
-                resolved = models.resolve(path, s.cache_dir)
-                backend, _ = registry.choose(resolved, "auto", device=s.device)
-                opts = ({"device": s.device} if backend == "transformers" else
-                        {"cache_max_entry_count": 0.01, "session_len": 4096, "model_format": fmt})
-                eng = registry.create(resolved, backend, **opts)
+                rows.append(measure_model(path, label=label, cache_dir=s.cache_dir, model_format=fmt,
+                                          quant_policy=qp, cache_max_entry_count=0.01, prompt=prompt,
+                                          batches=(1, 16) if qp == 0 else (16,), new_tokens=64,
+                                          kv_capacity=True, device=s.device))
             except Exception as e:  # noqa: BLE001
                 raise user_error(e) from e
-            try:
-                snap = telemetry.snapshot()
-                mem = snap["gpu_used"] - base_gpu if snap["gpus"] else telemetry.process_rss() - base_rss
-                p = GenParams(temperature=0, max_new_tokens=48)
-                r = loadtest.one_request(eng.stream, [ChatMessage("user", prompt)], p, f"card-{label}")
-                texts[label] = "".join(d.text for d in eng.stream([ChatMessage("user", prompt)], p,
-                                                                  session_id=f"card-{label}-t"))
-                row = {"model": label, "backend": backend, "size on disk (GiB)": round(_size(path) / 2**30, 3),
-                       "memory at load (GiB)": round(mem / 2**30, 3),
-                       "tok/s batch 1": round(r.tokens / r.seconds, 1) if r.seconds else 0}
-                progress(i / 2 + 0.25, desc=f"{label}: batch 16")
-                res = loadtest.compare_engines(lambda _c, e=eng: _Borrowed(e), [label], params=p, repeats=1, batch=16)
-                row["tok/s batch 16"] = res[0].get("tokens_per_s")
-                rows.append(row)
-            finally:
-                eng.close()
-        md = "\n\n".join(f"**{k}:** {v}" for k, v in texts.items())
+        answers = {r["model"]: r.pop("answer", "") for r in rows}
+        md = "\n\n".join(f"**{k}:** {v}" for k, v in answers.items())
         return pd.DataFrame(rows), md
 
-    compare.click(do_compare, [job_id, cmp_prompt], [card, answers], api_name="quantize_compare",
+    compare.click(do_compare, [job_id, cmp_prompt, cmp_kv], [card, answers], api_name="quantize_compare",
                   concurrency_id="bench", concurrency_limit=1)
-    start.click(do_start, [source, name, kind, samples, seqlen, group, dtype, calib], [jobs, job_id],
+    start.click(do_start, [source, name, kind, samples, seqlen, group, dtype, calib, dataset], [jobs, job_id],
                 api_name="quantize_start", concurrency_id="admin", concurrency_limit=1)
     cancel.click(do_cancel, job_id, jobs, api_name="quantize_cancel")
     load.click(do_load, job_id, log, api_name="quantize_load", concurrency_id="admin", concurrency_limit=1)

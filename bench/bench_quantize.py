@@ -1,0 +1,125 @@
+"""What W4A16 and KV-cache quantization buy on TurboMind, measured side by side in one run.
+
+    python -m bench.bench_quantize --shape llama2-7b --json q.json          # H100, ~8 min
+    python -m bench.bench_quantize --shape awq-small --samples 8 --seqlen 256  # quick check
+
+1. A random-weight model of ``--shape`` in fp16 (``bench.models``; weights do not change speed or
+   memory), quantized to W4A16 by the app's own job runner (``engines.quantize.JobRunner``: LMDeploy's
+   ``auto_awq`` in a subprocess, calibrated offline on the shipped text). The job's time is printed.
+2. The tutorial's experiment: each model loaded on TurboMind with cache_max_entry_count 0.01; the
+   GPU memory each load takes (NVML), and the size of the weights on disk.
+3. Speed: each model with a cache large enough for batch 16 (``--cache``), tokens/s at batch 1 and
+   16 (greedy, ``--new-tokens`` each).
+4. KV cache: the fp16 model with quant_policy 0, 8 (int8) and 4 (int4) at the same ``--cache``: the
+   tokens the cache holds (TurboMind's own block count) and tokens/s at batch 16.
+
+Prints a table and the ratios (targets: W4A16 >= 2x tokens/s at batch 1, <= 0.3x weight memory;
+KV int8 2x and int4 4x the tokens). Every row goes to ``--json`` as soon as it is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROMPT = "Explain in two sentences why the sky is blue."
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="llama2-7b")
+    ap.add_argument("--work", default="/tmp/turbostudio-quant-bench")
+    ap.add_argument("--samples", type=int, default=16, help="AWQ calibration samples")
+    ap.add_argument("--seqlen", type=int, default=512, help="AWQ calibration sequence length")
+    ap.add_argument("--cache", type=float, default=0.5, help="cache_max_entry_count for the speed runs")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--skip", default="", help="comma list of steps to skip: memory,speed,kv")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    from bench.models import build_llama
+    from engines.quantize import JobRunner, measure_model
+
+    skip = set(filter(None, a.skip.split(",")))
+    os.makedirs(a.work, exist_ok=True)
+    out = {"shape": a.shape, "args": vars(a), "rows": []}
+
+    def save(row=None):
+        if row is not None:
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+    t0 = time.perf_counter()
+    src = build_llama(os.path.join(a.work, f"{a.shape}-fp16"), a.shape, device="cuda", dtype="float16")
+    out["build_s"] = round(time.perf_counter() - t0, 1)
+    dst = os.path.join(a.work, "models", f"{a.shape}-w4a16")
+    if not os.path.isdir(dst):
+        runner = JobRunner(a.work)
+        t0 = time.perf_counter()
+        job = runner.submit("awq", src, dst, {"samples": a.samples, "seqlen": a.seqlen, "group_size": 128})
+        job = runner.wait(job.id, timeout=1800)
+        out["awq_job"] = {"state": job.state, "seconds": round(time.perf_counter() - t0, 1), "error": job.error,
+                          "samples": a.samples, "seqlen": a.seqlen}
+        runner.close()
+        print(f"AWQ job: {job.state} in {out['awq_job']['seconds']} s {job.error}", flush=True)
+        if job.state != "done":
+            print(runner.read_log(job.id)[-4000:])
+            save()
+            return out
+    save()
+    cache_dir = os.path.join(a.work, "cache")
+    kw = dict(cache_dir=cache_dir, new_tokens=a.new_tokens, engine="turbomind")
+    if "memory" not in skip:
+        for label, path, fmt in (("fp16", src, "hf"), ("w4a16", dst, "awq")):
+            save(measure_model(path, label=f"{label} @0.01", model_format=fmt, cache_max_entry_count=0.01,
+                               prompt=PROMPT, batches=(), **kw) | {"step": "memory"})
+    if "speed" not in skip:
+        for label, path, fmt in (("fp16", src, "hf"), ("w4a16", dst, "awq")):
+            save(measure_model(path, label=label, model_format=fmt, cache_max_entry_count=a.cache,
+                               batches=(1, 16), kv_capacity=True, **kw) | {"step": "speed"})
+    if "kv" not in skip:
+        for qp in (8, 4):
+            save(measure_model(src, label=f"fp16 kv int{qp}", quant_policy=qp, cache_max_entry_count=a.cache,
+                               batches=(16,), kv_capacity=True, **kw) | {"step": "kv"})
+    report(out)
+    save()
+    return out
+
+
+def report(out: dict) -> None:
+    rows = {r["model"]: r for r in out["rows"]}
+    print(f"\n{'model':22s} {'disk GiB':>9s} {'mem GiB':>8s} {'KV tokens':>10s} {'b1 tok/s':>9s} {'b16 tok/s':>10s}")
+    for r in out["rows"]:
+        print(f"{r['model']:22s} {r.get('size on disk (GiB)', 0):9.2f} {r.get('memory at load (GiB)', 0):8.2f} "
+              f"{str(r.get('KV cache tokens', '')):>10s} {str(r.get('tok/s batch 1', '')):>9s} "
+              f"{str(r.get('tok/s batch 16', '')):>10s}")
+    ratios = {}
+
+    def ratio(name, num, den):
+        if num and den:
+            ratios[name] = round(num / den, 3)
+
+    f, q = rows.get("fp16 @0.01", {}), rows.get("w4a16 @0.01", {})
+    ratio("w4a16/fp16 weights on disk", q.get("size on disk (GiB)"), f.get("size on disk (GiB)"))
+    ratio("w4a16/fp16 GPU memory at cache 0.01", q.get("memory at load (GiB)"), f.get("memory at load (GiB)"))
+    f, q = rows.get("fp16", {}), rows.get("w4a16", {})
+    ratio("w4a16/fp16 tok/s batch 1", q.get("tok/s batch 1"), f.get("tok/s batch 1"))
+    ratio("w4a16/fp16 tok/s batch 16", q.get("tok/s batch 16"), f.get("tok/s batch 16"))
+    for qp in (8, 4):
+        k = rows.get(f"fp16 kv int{qp}", {})
+        ratio(f"kv int{qp}/fp16 cache tokens", k.get("KV cache tokens"), f.get("KV cache tokens"))
+        ratio(f"kv int{qp}/fp16 tok/s batch 16", k.get("tok/s batch 16"), f.get("tok/s batch 16"))
+    out["ratios"] = ratios
+    print("\nratios:")
+    for k, v in ratios.items():
+        print(f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Real LMDeploy servers (marker ``gpu``; LMDeploy from ../shared/gpu-kit): ``lmdeploy serve
+api_server`` on TurboMind started by the app's server launcher and used by the remote engine; two of
+them behind ``lmdeploy serve proxy`` (one per GPU where there are several)."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+from engines import models, registry, servers  # noqa: E402
+from engines.base import ChatMessage, EngineError, GenParams  # noqa: E402
+
+from .conftest import free_port  # noqa: E402
+
+ASK = [ChatMessage("user", "Tell me a story about a lighthouse keeper.")]
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    m = servers.ServerManager(str(tmp_path / "logs"))
+    yield m
+    m.stop_all()
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _api_server(launcher, model, name, proxy=None, gpu=0):
+    port = free_port()
+    cmd = servers.api_server_command(model, port, backend="turbomind", cache_max_entry_count=0.1,
+                                     session_len=4096, proxy_url=proxy)
+    return launcher.start(name, cmd, f"http://127.0.0.1:{port}", timeout=300,
+                          env={"CUDA_VISIBLE_DEVICES": str(gpu % max(1, _gpus()))})
+
+
+def test_api_server_on_turbomind_driven_by_the_remote_engine(launcher, tiny_llama):
+    srv = _api_server(launcher, tiny_llama.path, "tm")
+    eng = registry.create(models.resolve(srv.url, "/tmp"), "remote")
+    try:
+        assert eng.info.backend == "remote"
+        p = GenParams(temperature=0, max_new_tokens=48)
+        a = "".join(d.text for d in eng.stream(ASK, p, session_id="a"))
+        b = "".join(d.text for d in eng.stream(ASK, p, session_id="b"))
+        assert a and a == b, "greedy answers repeat"
+        # abort mid-stream, then the server keeps serving
+        it = eng.stream(ASK, p.replace(max_new_tokens=2000, temperature=0.8), session_id="c")
+        next(it)
+        eng.abort("c")
+        rest = list(it)
+        assert sum(1 for _ in rest) < 1500
+        assert "".join(d.text for d in eng.stream(ASK, p, session_id="d")) == a
+        with pytest.raises(EngineError, match="does not serve"):
+            registry.create(models.resolve(srv.url, "/tmp"), "remote", remote_model="nope")
+        assert "api_server" in " ".join(srv.command) and srv.log_tail()
+    finally:
+        eng.close()
+
+
+def test_two_api_servers_behind_the_proxy(launcher, tiny_llama):
+    port = free_port()
+    proxy = launcher.start("proxy", servers.proxy_command(port), f"http://127.0.0.1:{port}", timeout=120)
+    for i in range(2):
+        _api_server(launcher, tiny_llama.path, f"node{i}", proxy=proxy.url, gpu=i)
+    nodes = json.loads(urllib.request.urlopen(proxy.url + "/nodes/status", timeout=10).read())
+    print("proxy nodes:", nodes)
+    assert len(nodes) == 2
+    eng = registry.create(models.resolve(proxy.url, "/tmp"), "remote")
+    outs = {}
+
+    def run(i):
+        outs[i] = "".join(d.text for d in eng.stream(ASK, GenParams(temperature=0.7, max_new_tokens=64, seed=i),
+                                                       session_id=f"u{i}"))
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+        [t.start() for t in threads]
+        [t.join(300) for t in threads]
+        assert len(outs) == 16 and all(outs.values())
+    finally:
+        eng.close()
+    logs = [launcher.servers[f"node{i}"].log_tail(200000) for i in range(2)]
+    served = [log.count("/v1/chat/completions") for log in logs]
+    print("requests per node:", served)
+    assert all(n > 0 for n in served), "the proxy spread the users over both servers"
