@@ -185,7 +185,7 @@ class JobRunner:
     def jobs(self) -> list[Job]:
         out = []
         for name in os.listdir(self.folder):
-            if name.endswith(".json"):
+            if name.endswith(".json") and not name.endswith(".spec.json"):   # not a worker's spec
                 try:
                     out.append(Job(**json.load(open(os.path.join(self.folder, name)))))
                 except (ValueError, TypeError, OSError):

@@ -99,7 +99,10 @@ def gpu_status() -> tuple[list[dict], str]:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(h)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            try:    # v2 reports the driver's reserved memory apart, as nvidia-smi does
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h, version=pynvml.nvmlMemory_v2)
+            except Exception:  # noqa: BLE001 - older drivers and bindings: v1 counts it as used
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             row = {"index": i, "name": name.decode() if isinstance(name, bytes) else name,
                    "used": int(mem.used), "total": int(mem.total)}
             for key, fn in (("util", lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
