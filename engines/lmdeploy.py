@@ -99,6 +99,45 @@ def _use_own_image_token(model) -> None:
         model.image_token_id = int(own)
 
 
+def kv_bytes_per_token(cfg: dict, quant_policy: int = 0) -> float:
+    """Bytes one token of KV cache takes (all layers, K and V): fp16/bf16, int8 (8) or int4 (4)."""
+    text = cfg.get("text_config", cfg)
+    heads = text.get("num_attention_heads") or 1
+    kv = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or text.get("hidden_size", 0) // heads
+    elem = {8: 1.0, 4: 0.5}.get(quant_policy, 2.0)
+    return text.get("num_hidden_layers", 0) * 2 * kv * head_dim * elem
+
+
+def weight_bytes(path: str, cfg: dict) -> int:
+    """The weights' size on the GPU, from the checkpoint files (float32 ones are loaded as 16-bit)."""
+    import os
+
+    total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+                if f.endswith((".safetensors", ".bin")))
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or cfg.get("text_config", {}).get("torch_dtype") or "")
+    return total // 2 if "float32" in dtype and "quantization_config" not in cfg else total
+
+
+def kv_tokens_estimate(cfg: dict, *, ratio: float, free_bytes: int, weights: int, quant_policy: int = 0,
+                       tp: int = 1) -> int:
+    """Tokens TurboMind's cache will hold: ``cache_max_entry_count`` is the share of the GPU memory
+    still free once the weights are in (LMDeploy >= 0.2). Measured against TurboMind's own count on
+    an H100 (Llama-2-7B shape, 0.05): 6570 estimated, 6720 held."""
+    per_gpu_free = free_bytes - weights / tp
+    per_token = kv_bytes_per_token(cfg, quant_policy) / tp
+    return int(max(0, per_gpu_free) * ratio / per_token) if per_token else 0
+
+
+def min_cache_ratio(path: str, cfg: dict, session_len: int | None, quant_policy: int, tp: int,
+                    free_bytes: int) -> float | None:
+    """The smallest cache_max_entry_count whose cache holds one whole session (None: unknown)."""
+    session = session_len or cfg.get("text_config", cfg).get("max_position_embeddings") or 4096
+    per_ratio = kv_tokens_estimate(cfg, ratio=1.0, free_bytes=free_bytes, weights=weight_bytes(path, cfg),
+                                   quant_policy=quant_policy, tp=tp)
+    return session / per_ratio if per_ratio else None
+
+
 class LMDeployEngine:
     def __init__(self, resolved, *, backend: str = "turbomind", model_format: str = "hf",
                  quant_policy: int = 0, cache_max_entry_count: float = 0.8,
@@ -131,6 +170,7 @@ class LMDeployEngine:
                 if not ok:
                     raise ModelLoadError(f"{why}: {resolved.spec!r}. Try the 'pytorch' or "
                                          "'transformers' engine.")
+                self._check_kv_room(resolved.path, cfg, cache_max_entry_count, session_len, quant_policy, tp)
             engine_cfg = TurbomindEngineConfig(model_format=None if model_format == "hf" else model_format,
                                                **common)
         else:
@@ -157,6 +197,26 @@ class LMDeployEngine:
             vision=self.vision, max_batch=int(bc.max_batch_size or 64),
             extra={"tp": tp, "quant_policy": quant_policy, "model_format": model_format,
                    "cache_max_entry_count": cache_max_entry_count})
+
+    @staticmethod
+    def _check_kv_room(path, cfg, ratio, session_len, quant_policy, tp) -> None:
+        """Refuse a cache too small for one session before TurboMind sees it: LMDeploy 0.18's
+        TurboMind never finishes loading then (seen on an H100: a Llama-2-7B shape with
+        cache_max_entry_count 0.01, room for ~1300 tokens against a 4096-token session, hung in its
+        warm-up until killed), where the tutorial's older LMDeploy simply ran with a tiny cache."""
+        import torch
+
+        if not 0 < ratio < 1 or not torch.cuda.is_available():
+            return
+        need = min_cache_ratio(path, cfg, session_len, quant_policy, tp, torch.cuda.mem_get_info()[0])
+        if need and ratio < need:
+            session = session_len or cfg.get("text_config", cfg).get("max_position_embeddings") or 4096
+            tokens = int(session * ratio / need)
+            raise ModelLoadError(
+                f"cache_max_entry_count {ratio} leaves the KV cache room for about {tokens} tokens, less than "
+                f"one session of {session} tokens; TurboMind 0.18 was seen not to finish loading then. Raise "
+                f"cache_max_entry_count to at least {min(0.95, need * 1.1):.2f}, or lower the session "
+                f"length to {max(256, tokens // 2)}.")
 
     def _messages(self, messages: Sequence[ChatMessage]) -> list[dict]:
         out = []
