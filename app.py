@@ -57,6 +57,18 @@ def main(argv=None) -> int:
     info = manager.info()
     concurrency = s.concurrency or (info.max_batch if info else 16)
     demo.queue(default_concurrency_limit=concurrency, max_size=s.max_queue)
+    # A full queue is answered by Gradio itself: the browser says "This application is currently
+    # busy. Please try again." and gradio_client raises QueueError; both ignore a server's own text
+    # (checked in Gradio 6.31's frontend), while queued users see their place in the queue.
+    from ui.common import queued_events
+
+    def load_sample():
+        running, waiting = manager.load_now()
+        return running, waiting + queued_events(demo)
+
+    from engines.telemetry import LoadSampler
+
+    ctx.load = LoadSampler(load_sample)
     uploads = os.path.join(s.cache_dir, "uploads")   # normalized vision uploads, shown in the history
     os.makedirs(uploads, exist_ok=True)
     # Each streaming event holds a worker thread while it waits for the engine: the pool must be

@@ -102,6 +102,7 @@ class EngineManager:
                         log.exception("could not reload the previous model")
                 raise
             new.info.reason = reason
+            new.info.extra.setdefault("weights_bytes", _weights_bytes(new, resolved))
             self._engine, self._request = new, LoadRequest(model, engine, opts)
             if old is not None and not on_gpu:
                 old.close()
@@ -208,7 +209,33 @@ class EngineManager:
                 prompt_tokens=prompt_tokens, tokens=tokens, ttft=ttft, seconds=time.perf_counter() - t0,
                 finish_reason=reason))
 
+    def load_now(self) -> tuple[int, int]:
+        """(running, queued inside the engine): the engine's own scheduler view where it has one
+        (TurboMind, the Transformers batcher), else the streams in flight and 0."""
+        eng = self._engine
+        fn = getattr(eng, "schedule_metrics", None)
+        m = fn() if fn else None
+        if m:
+            return int(m.get("active", 0)), int(m.get("waiting", 0))
+        return self.running, 0
+
     def abort(self, session_id: str) -> None:
         eng = self._engine
         if eng is not None:
             eng.abort(session_id)
+
+
+def _weights_bytes(eng, resolved) -> int | None:
+    """The model weights' bytes: the parameters where we hold the model (Transformers), else the
+    checkpoint's size (LMDeploy loads it as stored; float32 checkpoints as 16-bit)."""
+    model = getattr(eng, "model", None)
+    try:
+        if model is not None and hasattr(model, "parameters"):
+            return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+        if resolved.local:
+            from .lmdeploy import weight_bytes
+
+            return int(weight_bytes(resolved.path, models.read_config(resolved.path)))
+    except Exception:  # noqa: BLE001 - a figure for the panel, never a reason to fail a load
+        return None
+    return None

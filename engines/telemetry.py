@@ -142,3 +142,65 @@ def metrics_csv(items: list[ReplyMetrics]) -> str:
     for m in items:
         w.writerow({k: v for k, v in m.to_dict().items() if k in cols})
     return buf.getvalue()
+
+
+def gpu_processes() -> dict[int, list[dict]] | None:
+    """Per GPU index, the compute processes NVML sees with their memory: [{"pid", "used"}]; None
+    where NVML gives no per-process view (no GPU; some containers hide other PIDs)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        out = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+            out[i] = [{"pid": int(p.pid), "used": int(p.usedGpuMemory or 0)} for p in procs]
+        return out
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def own_pids() -> set[int]:
+    """This process and its descendants (LMDeploy's PyTorch engine runs its model in workers)."""
+    pids, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        pid = frontier.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            kids = []
+        for k in kids:
+            if k not in pids:
+                pids.add(k)
+                frontier.append(k)
+    return pids
+
+
+class LoadSampler:
+    """Running and queued requests, sampled once a second into a bounded history (for the Monitor
+    page's rolling plot). Reading two counters a second costs nothing measurable, so it samples even
+    when nobody looks; that is what lets the plot show the minutes before the page was opened."""
+
+    def __init__(self, read: "callable", period: float = 1.0, keep_s: float = 600):
+        self._read, self.period = read, period
+        self.history: deque = deque(maxlen=int(keep_s / period))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="load-sampler")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                running, queued = self._read()
+            except Exception:  # noqa: BLE001 - a sample missed is a gap in the plot, no more
+                continue
+            self.history.append((time.time(), int(running), int(queued)))
+
+    def window(self, seconds: float) -> list[tuple[float, int, int]]:
+        cut = time.time() - seconds
+        return [s for s in list(self.history) if s[0] >= cut]
+
+    def close(self) -> None:
+        self._stop.set()

@@ -272,6 +272,10 @@ class TransformersEngine:
             req.cancelled.set()   # a consumer that stops early aborts the request
             self._wake.set()
 
+    def schedule_metrics(self) -> dict:
+        """Requests decoding in the batch now and those waiting for a place in it."""
+        return {"active": len(self._active), "waiting": self._pending.qsize(), "cache_usage": None}
+
     def abort(self, session_id: str) -> None:
         with self._lock:
             reqs = [r for r in self._active if r.session_id == session_id]

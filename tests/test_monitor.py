@@ -96,3 +96,39 @@ def test_kv_sweep_without_a_gpu_says_why_per_setting(app_server):
                                                          ("cache 0.5", 16), ("cache 0.01", 1), ("cache 0.01", 16)]
     assert all("CUDA" in str(r.get("error")) or "LMDeploy" in str(r.get("error")) for r in rows)
     assert app_server.alive()
+
+
+def test_memory_breakdown_splits_weights_cache_and_others():
+    from engines.base import EngineInfo
+    from ui.monitor import memory_breakdown
+
+    G = 2**30
+    info = EngineInfo(backend="turbomind", model="m", model_path="/m", device="cuda", dtype="bf16",
+                      context_length=4096, extra={"weights_bytes": 13 * G, "tp": 1})
+    g = {"index": 0, "used": 60 * G, "total": 80 * G}
+    line = memory_breakdown(g, [{"pid": 10, "used": 50 * G}, {"pid": 99, "used": 8 * G}], {10}, info, 1)
+    assert "this app 50.0 GiB" in line and "weights ~13.0 GiB" in line and "KV cache and workspace ~37.0 GiB" in line
+    assert "other processes 8.0 GiB" in line and "driver and unattributed 2.0 GiB" in line
+    hidden = memory_breakdown(g, [], {10}, info, 1)
+    assert "not visible" in hidden and "13.0 GiB" in hidden
+    tp2 = EngineInfo(**{**info.__dict__, "extra": {"weights_bytes": 13 * G, "tp": 2}})
+    assert "weights ~6.5 GiB" in memory_breakdown(g, [{"pid": 10, "used": 50 * G}], {10}, tp2, 2)
+
+
+def test_running_requests_are_sampled_for_the_plot(app_server):
+    import time
+
+    c = app_server.client()
+    job = c.submit([{"role": "user", "content": "Write a long story about a dragon."}],
+                   {"temperature": 0.7, "max_new_tokens": 300}, api_name="/chat")
+    deadline = time.time() + 60
+    seen = 0
+    while time.time() < deadline and not job.done():
+        seen = max([r for _, r, _ in c.predict(api_name="/monitor_load")] + [0])
+        if seen >= 1:
+            break
+        time.sleep(0.5)
+    job.cancel()
+    assert seen >= 1, "the 1 Hz sampler saw the running request"
+    samples = c.predict(api_name="/monitor_load")
+    assert len(samples) >= 2 and all(s[0] <= 0 for s in samples)

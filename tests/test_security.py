@@ -89,3 +89,34 @@ def test_cancel_storm_leaves_the_engine_serving(app_server):
     assert again == base
     assert time.perf_counter() - t0 < 3 * base_s + 2
     assert app_server.alive()
+
+
+def test_a_full_queue_says_busy_and_the_app_keeps_serving(cache_dir, smollm2):
+    import time
+
+    from .conftest import AppProcess
+
+    app = AppProcess(["--cache-dir", cache_dir, "--concurrency", "1", "--max-queue", "1"])
+    try:
+        c = app.client()
+        p = {"temperature": 0.7, "max_new_tokens": 400}
+        jobs = []
+        for i in range(4):
+            jobs.append(c.submit([{"role": "user", "content": f"Write a long story number {i}."}], p,
+                                 api_name="/chat"))
+            time.sleep(0.3)
+        errors = []
+        for j in jobs[1:]:
+            try:
+                j.result(timeout=120)
+            except Exception as e:  # noqa: BLE001
+                errors.append(str(e))
+        jobs[0].cancel()
+        # Gradio's own wording (the browser's: "This application is currently busy")
+        assert any("Queue is full" in e for e in errors), errors
+        assert app.alive()
+        out = c.predict([{"role": "user", "content": "Hi"}], {"temperature": 0, "max_new_tokens": 4},
+                        api_name="/chat")
+        assert out, "served again once the queue drained"
+    finally:
+        app.stop()

@@ -22,6 +22,7 @@ class Context:
     vision: object = None      # ui.vision.VisionSlot, when the Vision page is on
     jobs: object = None        # engines.quantize.JobRunner, when the Quantize page is on
     servers: object = None     # engines.servers.ServerManager (api_server / proxy launcher)
+    load: object = None        # engines.telemetry.LoadSampler: running and queued, once a second
 
 
 class SamplingControls:
@@ -109,3 +110,11 @@ def require_admin(settings: Settings, request: gr.Request | None) -> None:
     if user not in admins:
         raise gr.Error("Only an administrator may load or unload models on this server.",
                        title="Not allowed")
+
+
+def queued_events(demo) -> int:
+    """Requests waiting in Gradio's queue for a free place (0 where that cannot be read)."""
+    try:
+        return len(demo._queue)
+    except Exception:  # noqa: BLE001
+        return 0

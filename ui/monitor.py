@@ -26,12 +26,16 @@ def panel(ctx: Context) -> str:
     if info:
         lines.append(f"**Model:** {info.model} on {info.backend} ({info.device}, {info.dtype})")
     if gpus:
+        procs = telemetry.gpu_processes()
+        mine = telemetry.own_pids() if procs else set()
         for g in gpus:
             extra = ", ".join(x for x in (f"{g['util']}% busy" if g.get("util") is not None else "",
                                           f"{g['temp']} °C" if g.get("temp") is not None else "",
                                           f"{g['power_w']:.0f} W" if g.get("power_w") is not None else "") if x)
             lines.append(f"**GPU {g['index']}** {g['name']}: {_gib(g['used'])} of {_gib(g['total'])} used"
                          + (f" · {extra}" if extra else ""))
+            lines.append(memory_breakdown(g, (procs or {}).get(g["index"]) if procs is not None else None,
+                                          mine, info, len(gpus)))
     else:
         c = telemetry.cpu_status()
         lines.append(f"*{why}: showing CPU and RAM.*")
@@ -42,6 +46,40 @@ def panel(ctx: Context) -> str:
     lines.append(f"**Now:** {ctx.manager.running} streams running · last minute {len(items)} replies, "
                  f"{rate:.1f} tokens/s on average")
     return "\n\n".join(lines)
+
+
+def memory_breakdown(g: dict, procs: list[dict] | None, mine: set[int], info, n_gpus: int) -> str:
+    """What the GPU's used memory is: this app's weights, its KV cache and workspace (the rest of
+    what this app holds), other processes, and what is left to the driver. Per-process figures come
+    from NVML; where it shows none (some containers), the split is given as unknown."""
+    weights = (info.extra.get("weights_bytes") if info and info.device.startswith("cuda") else None)
+    tp = int((info.extra.get("tp") or 1) if info else 1)
+    if weights:
+        weights = weights / max(1, min(tp, n_gpus))
+    if procs is None or not procs:
+        w = f"model weights ~{_gib(weights)} · " if weights else ""
+        return f"&nbsp;&nbsp;{w}per-process memory not visible here (NVML lists no processes)"
+    app = sum(p["used"] for p in procs if p["pid"] in mine)
+    others = sum(p["used"] for p in procs if p["pid"] not in mine)
+    parts = [f"this app {_gib(app)}"]
+    if weights and app:
+        parts.append(f"of which weights ~{_gib(min(weights, app))}, KV cache and workspace "
+                     f"~{_gib(max(0, app - weights))}")
+    parts.append(f"other processes {_gib(others)}")
+    parts.append(f"driver and unattributed {_gib(max(0, g['used'] - app - others))}")
+    return "&nbsp;&nbsp;" + " · ".join(parts)
+
+
+def load_frame(ctx: Context):
+    """Running and queued requests over the last minutes (from the app's 1 Hz load sampler)."""
+    import pandas as pd
+
+    now = time.time()
+    samples = ctx.load.window(WINDOW_S) if ctx.load is not None else []
+    rows = [r for t, running, queued in samples
+            for r in ({"seconds ago": round(t - now, 1), "requests": running, "series": "running"},
+                      {"seconds ago": round(t - now, 1), "requests": queued, "series": "queued"})]
+    return pd.DataFrame(rows or [{"seconds ago": 0.0, "requests": 0, "series": "running"}])
 
 
 def recent_frame(ctx: Context):
@@ -219,14 +257,23 @@ def build(ctx: Context, tab: gr.Tab):
                             height=220)
         ttft = gr.LinePlot(recent_frame(ctx), x="seconds ago", y="first token (s)", title="First token",
                            height=220)
+    load = gr.LinePlot(load_frame(ctx), x="seconds ago", y="requests", color="series",
+                       title="Running and queued requests", height=220)
     download = gr.DownloadButton("Download reply metrics (CSV)", size="sm")
     timer = gr.Timer(1.0, active=False)
 
     def tick():
         df = recent_frame(ctx)
-        return panel(ctx), df, df
+        return panel(ctx), df, df, load_frame(ctx)
 
-    timer.tick(tick, None, [status, speed, ttft], api_visibility="private", queue=False)
+    timer.tick(tick, None, [status, speed, ttft, load], api_visibility="private", queue=False)
+
+    def monitor_load() -> list:
+        """[seconds ago, running, queued] samples of the last minutes."""
+        now = time.time()
+        return [[round(t - now, 1), r, q] for t, r, q in (ctx.load.window(WINDOW_S) if ctx.load else [])]
+
+    gr.api(monitor_load, api_name="monitor_load", api_visibility="undocumented")
     # refresh only while someone looks at this tab
     tab.select(lambda: gr.Timer(active=True), None, timer, api_visibility="private", queue=False)
 

@@ -14,6 +14,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 
 from fastapi import Request  # at module level: FastAPI resolves the string annotations here
 
@@ -141,6 +142,13 @@ def mount(app, manager: EngineManager, settings: Settings) -> None:
                 return _err(429, f"Busy: {waiting['n']} requests ahead of you. Try again shortly.",
                             "rate_limit_error", "busy")
             waiting["n"] += 1
+        released = []
+
+        def release():      # exactly once, whichever way the request ends
+            with lock:
+                if not released:
+                    released.append(True)
+                    waiting["n"] -= 1
         sid = "api-" + uuid.uuid4().hex
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -148,12 +156,10 @@ def mount(app, manager: EngineManager, settings: Settings) -> None:
             fit = await asyncio.to_thread(manager.fit, messages, params)
             it = manager.stream(fit.messages, params, session_id=sid, prompt_tokens=fit.prompt_tokens)
         except ContextTooLong as e:
-            with lock:
-                waiting["n"] -= 1
+            release()
             return _err(400, e.message, "invalid_request_error", "context_length_exceeded")
         except EngineError as e:
-            with lock:
-                waiting["n"] -= 1
+            release()
             return _err(503 if isinstance(e, EngineUnavailable) else 500, e.message, "server_error", e.code)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -186,10 +192,15 @@ def mount(app, manager: EngineManager, settings: Settings) -> None:
                         raise d
                     yield d
             finally:
-                with lock:
-                    waiting["n"] -= 1
+                release()
 
-        prompt_tokens = fit.prompt_tokens or await asyncio.to_thread(manager.require().count_tokens, fit.messages)
+        try:
+            prompt_tokens = fit.prompt_tokens or await asyncio.to_thread(manager.require().count_tokens,
+                                                                         fit.messages)
+        except Exception:
+            release()
+            it.close()
+            raise
 
         def usage(tokens):
             return {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
@@ -214,7 +225,12 @@ def mount(app, manager: EngineManager, settings: Settings) -> None:
                 finally:
                     manager.abort(sid)   # no-op when finished; a disconnect lands here
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            body_iter = sse()
+            # a client gone before the body is first read leaves sse() unstarted, so no finally of
+            # its own runs: free the place (and the engine request) when the generator is collected
+            weakref.finalize(body_iter, release)
+            weakref.finalize(body_iter, manager.abort, sid)
+            return StreamingResponse(body_iter, media_type="text/event-stream")
         text, last = [], None
         try:
             async for d in deltas():
