@@ -262,11 +262,30 @@ def build(ctx: Context, tab: gr.Tab):
     download = gr.DownloadButton("Download reply metrics (CSV)", size="sm")
     timer = gr.Timer(1.0, active=False)
 
-    def tick():
-        df = recent_frame(ctx)
-        return panel(ctx), df, df, load_frame(ctx)
+    sent = gr.State({})
 
-    timer.tick(tick, None, [status, speed, ttft, load], api_visibility="private", queue=False)
+    def tick(last: dict):
+        """The panel text every second; a plot only when its data changed (the reply plots at a
+        reply's end, the load plot every 5 s at most): re-drawing unchanged charts each second is
+        what a browser pays for most (bench/bench_panel.py)."""
+        last = dict(last or {})
+        items = ctx.manager.metrics.items()
+        mark = (len(items), items[-1].time if items else 0, int(time.time() // 30))
+        outs = [panel(ctx)]
+        if mark != last.get("replies"):
+            df = recent_frame(ctx)
+            outs += [df, df]
+            last["replies"] = mark
+        else:
+            outs += [gr.skip(), gr.skip()]
+        if time.time() - last.get("load", 0) >= 5:
+            outs.append(load_frame(ctx))
+            last["load"] = time.time()
+        else:
+            outs.append(gr.skip())
+        return *outs, last
+
+    timer.tick(tick, sent, [status, speed, ttft, load, sent], api_visibility="private", queue=False)
 
     def monitor_load() -> list:
         """[seconds ago, running, queued] samples of the last minutes."""
