@@ -189,6 +189,7 @@ class LMDeployEngine:
         self._sessions: dict[str, list] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._fatal: str | None = None
         self._tokenizer = None
         self._path = resolved.path
         self.info = EngineInfo(
@@ -256,6 +257,9 @@ class LMDeployEngine:
                session_id: str) -> Iterator[Delta]:
         if self._closed:
             raise EngineError("This model was unloaded.", code="engine_unavailable")
+        if self.dead:
+            raise EngineError(f"The engine stopped ({self.dead}). Reload the model on the Engines page.",
+                              code="engine_dead")
         bound = token_upper_bound(messages)
         n_prompt = bound if bound is not None and bound < self.info.context_length else self.count_tokens(messages)
         if n_prompt >= self.info.context_length:
@@ -276,6 +280,7 @@ class LMDeployEngine:
                 tokens = out.generate_token_len
                 if out.finish_reason == "error":
                     finished = True
+                    self._note_error(out.error_message or "")
                     yield Delta(out.text or "", tokens, "error",
                                 out.error_message or "LMDeploy reported an error")
                     return
@@ -284,6 +289,9 @@ class LMDeployEngine:
                 yield Delta(out.text or "", tokens, out.finish_reason)
             if not finished:
                 yield Delta("", tokens, "stop")
+        except Exception as e:
+            self._note_error(str(e))
+            raise
         finally:
             if not finished:
                 try:
@@ -300,6 +308,28 @@ class LMDeployEngine:
                 session.close()
             except Exception:  # noqa: BLE001
                 pass
+
+    # errors after which a CUDA context is unusable: the engine must be reloaded, not retried
+    _FATAL = ("device-side assert", "illegal memory access", "CUDA error", "cudaError", "NCCL error",
+              "unspecified launch failure")
+
+    @property
+    def dead(self) -> str | None:
+        """Why this engine can no longer serve (the Engines page says so and offers a reload), or
+        None: LMDeploy's event-loop thread has ended, or a request failed with a CUDA error."""
+        if self._closed:
+            return None
+        if self._fatal:
+            return self._fatal
+        th = getattr(getattr(self.pipe, "internal_thread", None), "thread", None)
+        if th is not None and not th.is_alive():
+            return "LMDeploy's event loop has stopped"
+        return None
+
+    def _note_error(self, message: str) -> None:
+        if any(k.lower() in (message or "").lower() for k in self._FATAL):
+            self._fatal = message.strip().splitlines()[0][:300]
+            log.error("LMDeploy engine marked dead: %s", self._fatal)
 
     def schedule_metrics(self) -> dict | None:
         """TurboMind's scheduler: running and waiting sequences and the KV cache's used fraction
