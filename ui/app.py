@@ -1,7 +1,7 @@
 """Put the pages together into one Blocks app, with the public API endpoints."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import AsyncIterator
 
 import gradio as gr
 
@@ -36,8 +36,10 @@ def build_app(ctx: Context) -> gr.Blocks:
             if others:
                 tab.select(_stop_timers(len(others)), None, others, api_visibility="private", queue=False)
 
-        def api_chat(messages: list, params: dict | None = None, request: gr.Request = None) -> Iterator[str]:
-            yield from chat.api_chat(manager, settings, messages, params or {}, request)
+        async def api_chat(messages: list, params: dict | None = None,
+                           request: gr.Request = None) -> AsyncIterator[str]:
+            async for text in chat.api_chat(manager, settings, messages, params or {}, request):
+                yield text
 
         def engine_info() -> dict:
             return engines.engine_info(ctx)

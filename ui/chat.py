@@ -18,6 +18,7 @@ from engines.base import ChatMessage, EngineError, GenParams
 from engines.manager import EngineManager
 
 from .common import Context, SamplingControls, fmt_stats, make_params, session_id, user_error
+from .streaming import relay
 
 UPDATE_INTERVAL = 0.05   # seconds between UI updates while streaming (text is coalesced, not dropped)
 
@@ -116,7 +117,7 @@ def build(ctx: Context):
                 export_btn = gr.DownloadButton("Export chat (JSON)", size="sm")
                 import_btn = gr.UploadButton("Import chat (JSON)", file_types=[".json"], size="sm")
 
-    def respond(message, turns, system_prompt, *pvals, request: gr.Request = None):
+    async def respond(message, turns, system_prompt, *pvals, request: gr.Request = None):
         message = (message or "")
         if not message.strip():
             gr.Info("Type a message first: nothing was sent.")
@@ -127,18 +128,22 @@ def build(ctx: Context):
                            f"{settings.max_input_chars}.", title="Message too long")
         params = make_params(settings, *pvals)
         turns = list(turns) + [{"role": "user", "content": message}]
-        yield from _run(turns, system_prompt, params, request)
+        async for out in _run(turns, system_prompt, params, request):
+            yield out
 
-    def _run(turns, system_prompt, params, request):
+    async def _run(turns, system_prompt, params, request):
         sid = session_id(request)
         shown = turns + [{"role": "assistant", "content": ""}]
         yield "", turns, display(shown), "*generating…*"
         stats = None
         text = ""
+        warned = False
         try:
-            for text, stats, notice in stream_reply(manager, to_messages(turns, system_prompt), params, sid):
-                if notice:
+            async for text, stats, notice in relay(stream_reply(manager, to_messages(turns, system_prompt),
+                                                                params, sid), lambda: manager.abort(sid)):
+                if notice and not warned:
                     gr.Warning(notice)
+                    warned = True
                 # the partial reply is kept in the state too, so Stop loses nothing
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update()
@@ -149,14 +154,15 @@ def build(ctx: Context):
         turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
         yield gr.update(), turns, display(turns), ""
 
-    def regenerate(turns, system_prompt, *pvals, request: gr.Request = None):
+    async def regenerate(turns, system_prompt, *pvals, request: gr.Request = None):
         params = make_params(settings, *pvals)
         turns = drop_reply(turns)
         if not turns:
             gr.Info("Nothing to regenerate yet.")
             yield gr.update(), turns, display(turns), gr.update()
             return
-        yield from _run(turns, system_prompt, params, request)
+        async for out in _run(turns, system_prompt, params, request):
+            yield out
 
     def on_stop(request: gr.Request = None):
         manager.abort(session_id(request))
@@ -224,7 +230,7 @@ def parse_chat_json(data) -> list[dict]:
     return turns
 
 
-def api_chat(manager: EngineManager, settings, messages, params, request: gr.Request | None):
+async def api_chat(manager: EngineManager, settings, messages, params, request: gr.Request | None):
     """The public ``/chat`` endpoint: OpenAI-style messages and a dict of sampling parameters in,
     the reply streamed out (each update is the whole reply so far)."""
     if isinstance(messages, str):
@@ -247,7 +253,8 @@ def api_chat(manager: EngineManager, settings, messages, params, request: gr.Req
             len(msgs[-1].content) > settings.max_input_chars:
         raise gr.Error(f"Input too long: the limit is {settings.max_input_chars} characters a message.",
                        title="Invalid input")
-    for text, _stats, _notice in stream_reply(manager, msgs, p, session_id(request)):
+    sid = session_id(request)
+    async for text, _stats, _notice in relay(stream_reply(manager, msgs, p, sid), lambda: manager.abort(sid)):
         yield text
 
 

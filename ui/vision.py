@@ -7,6 +7,8 @@ any earlier image and the history shows them. The vision model has its own Engin
 """
 from __future__ import annotations
 
+import asyncio
+
 import hashlib
 import os
 import threading
@@ -20,6 +22,7 @@ from engines.manager import EngineManager
 
 from .chat import drop_reply, stream_reply, to_messages
 from .common import Context, SamplingControls, fmt_stats, make_params, require_admin, session_id
+from .streaming import relay
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
 EXAMPLES = [("shapes.png", "What shapes do you see, and what colours are they?"),
@@ -173,7 +176,7 @@ def build(ctx: Context, slot: VisionSlot):
             line += " **Warning: the context is nearly full; old turns will be dropped.**"
         return line
 
-    def respond(message, turns, snapshot, *pvals, request: gr.Request = None):
+    async def respond(message, turns, snapshot, *pvals, request: gr.Request = None):
         eng = slot.manager.engine
         if eng is None:
             raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
@@ -199,45 +202,57 @@ def build(ctx: Context, slot: VisionSlot):
         if not any(t.get("images") for t in turns) and not files:
             raise gr.Error("Attach an image to ask about (the first message needs one).", title="No image")
         params = make_params(settings, *pvals)
-        saved, notes = [], []
-        for f in files:
-            try:
-                p, n = save_prepared(settings.cache_dir, f)
-            except ImageError as e:
-                raise gr.Error(str(e), title="Image refused") from e
-            saved.append(p)
-            notes += n
+
+        def prepare_uploads():      # decoding and resizing images: off the event loop
+            saved, notes = [], []
+            for f in files:
+                try:
+                    p, n = save_prepared(settings.cache_dir, f)
+                except ImageError as e:
+                    raise gr.Error(str(e), title="Image refused") from e
+                saved.append(p)
+                notes += n
+            return saved, notes, [(os.path.basename(f), image_token_cost(slot.manager, p))
+                                  for f, p in zip(files, saved)]
+
+        saved, notes, costs = await asyncio.to_thread(prepare_uploads)
         for n in notes:
             gr.Warning(n)
-        costs = [(os.path.basename(f), image_token_cost(slot.manager, p)) for f, p in zip(files, saved)]
         turns = list(turns) + [{"role": "user", "content": text or "Describe the image.", "images": saved}]
-        yield from _run(turns, params, request, costs)
+        async for out in _run(turns, params, request, costs):
+            yield out
 
-    def _run(turns, params, request, costs=None):
+    async def _run(turns, params, request, costs=None):
         sid = "vision-" + session_id(request)
         shown = turns + [{"role": "assistant", "content": ""}]
-        yield None, turns, display(shown), None, context_report(turns, costs)
+        report = await asyncio.to_thread(context_report, turns, costs)
+        yield None, turns, display(shown), None, report
         text, stats = "", None
+        warned = False
         try:
-            for text, stats, notice in stream_reply(slot.manager, to_messages(turns), params, sid):
-                if notice:
+            async for text, stats, notice in relay(stream_reply(slot.manager, to_messages(turns), params, sid),
+                                                   lambda: slot.manager.abort(sid)):
+                if notice and not warned:
                     gr.Warning(notice)
+                    warned = True
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update(), gr.update()
         except gr.Error:
             yield gr.update(), turns[:-1], display(turns[:-1]), gr.update(), gr.update()
             raise
         turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
-        yield gr.update(), turns, display(turns), gr.update(), context_report(turns, costs)
+        report = await asyncio.to_thread(context_report, turns, costs)
+        yield gr.update(), turns, display(turns), gr.update(), report
 
-    def regenerate(turns, *pvals, request: gr.Request = None):
+    async def regenerate(turns, *pvals, request: gr.Request = None):
         params = make_params(settings, *pvals)
         turns = drop_reply(turns)
         if not turns:
             gr.Info("Nothing to regenerate yet.")
             yield gr.update(), turns, display(turns), gr.update(), gr.update()
             return
-        yield from _run(turns, params, request)
+        async for out in _run(turns, params, request):
+            yield out
 
     def load_vision(model, engine, request: gr.Request = None):
         require_admin(settings, request)
