@@ -34,23 +34,27 @@ async def relay(gen: Iterator[T], on_cancel: Callable[[], None] | None = None) -
         box.update(kw)
         ready.set()
 
+    def send(**kw) -> bool:
+        try:
+            loop.call_soon_threadsafe(lambda: post(**kw))
+            return True
+        except RuntimeError:          # the loop is closed (shutting down): nobody is listening
+            stop.set()
+            return False
+
     def pump():
         try:
             for item in gen:
-                loop.call_soon_threadsafe(lambda it=item: post(item=it, fresh=True))
-                if stop.is_set():
+                if not send(item=item, fresh=True) or stop.is_set():
                     break
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            loop.call_soon_threadsafe(lambda err=e: post(error=err))
+            send(error=e)
         finally:
             try:
                 gen.close()
             except Exception:  # noqa: BLE001
                 pass
-            try:
-                loop.call_soon_threadsafe(lambda: post(done=True))
-            except RuntimeError:      # the loop is gone (the app is shutting down)
-                pass
+            send(done=True)
 
     threading.Thread(target=pump, daemon=True, name="relay").start()
     finished = False

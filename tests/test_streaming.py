@@ -1,0 +1,75 @@
+"""ui.streaming.relay: a blocking stream handed to the event loop by one pump thread."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from ui.streaming import relay
+
+
+def _cumulative(n, delay=0.0, fail=False):
+    text = ""
+    for i in range(n):
+        if delay:
+            time.sleep(delay)
+        text += f"{i} "
+        yield text
+    if fail:
+        raise ValueError("engine failed")
+
+
+def test_every_item_reaches_a_consumer_that_keeps_up_and_the_last_always():
+    async def run():
+        return [x async for x in relay(_cumulative(50, delay=0.001))]
+
+    out = asyncio.run(run())
+    assert out[-1] == "".join(f"{i} " for i in range(50))
+    assert all(b.startswith(a) for a, b in zip(out, out[1:])), "in order, nothing lost"
+
+
+def test_a_slow_consumer_gets_fewer_larger_updates_and_the_whole_text():
+    async def run():
+        got = []
+        async for x in relay(_cumulative(400, delay=0.0005)):
+            got.append(x)
+            await asyncio.sleep(0.02)      # a busy event loop
+        return got
+
+    out = asyncio.run(run())
+    assert len(out) < 200, "intermediate updates were coalesced"
+    assert out[-1] == "".join(f"{i} " for i in range(400)), "the final text is never skipped"
+
+
+def test_errors_are_raised_in_the_consumer_after_what_came_before():
+    async def run():
+        got = []
+        with pytest.raises(ValueError, match="engine failed"):
+            async for x in relay(_cumulative(3, fail=True)):
+                got.append(x)
+        return got
+
+    assert asyncio.run(run())[-1] == "0 1 2 "
+
+
+def test_a_consumer_that_leaves_cancels_and_the_generator_is_closed_in_its_thread():
+    closed, cancelled = threading.Event(), []
+
+    def endless():
+        try:
+            while True:
+                time.sleep(0.001)
+                yield "x"
+        finally:
+            closed.set()
+
+    async def run():
+        agen = relay(endless(), on_cancel=lambda: cancelled.append(True))
+        await agen.__anext__()
+        await agen.aclose()           # what Gradio does on Stop or a closed tab (task cancelled)
+
+    asyncio.run(run())
+    assert cancelled == [True]
+    assert closed.wait(5), "the pump stopped and closed the engine stream"
