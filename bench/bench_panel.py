@@ -10,7 +10,9 @@ every second). In each phase the same greedy replies are generated one after ano
 gradio_client; their decode speed is the app's own per-reply figure (the Monitor CSV). Phases
 alternate (closed, open, closed, open, ...) so drift in the machine hits both; the ratio of the
 medians is printed (target: at least 0.98). On a machine where the browser shares the CPU with the
-app, its rendering is part of what is measured: a pessimistic figure for a remote browser.
+app, its rendering is part of what is measured: a pessimistic figure for a remote browser. So the
+CPU time of the app process and of the browser are also counted per phase: the app's CPU seconds per
+generated token, open against closed, is the panel's own server-side cost.
 """
 from __future__ import annotations
 
@@ -28,6 +30,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_app import launch  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def _cpu(pids) -> float:
+    """User + system CPU seconds of these processes (0 for any that is gone)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _browser_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["name"]) if "chrom" in (p.info["name"] or "").lower()]
 
 
 def main(argv=None):
@@ -50,6 +72,7 @@ def main(argv=None):
     proc, _ = launch(a.model, a.engine, a.port, a.app_args.split())
     url = f"http://127.0.0.1:{a.port}/"
     phases = {"closed": [], "open": []}
+    cpu = {k: {"app": 0.0, "browser": 0.0, "tokens": 0, "seconds": 0.0} for k in phases}
     try:
         c = Client(url, verbose=False)
         params = {"temperature": 0, "max_new_tokens": a.new_tokens}
@@ -72,14 +95,21 @@ def main(argv=None):
                     page.get_by_role("tab", name="Monitor" if phase == "open" else "Chat").click()
                     time.sleep(3)                      # let the page settle (the timer starts on select)
                     t0 = time.time()
+                    cpu0 = (_cpu([proc.pid]), _cpu(_browser_pids()))
                     for _ in range(a.replies):
                         c.predict([{"role": "user", "content": PROMPT}], params, api_name="/chat")
+                    cpu1 = (_cpu([proc.pid]), _cpu(_browser_pids()))
                     rows = [r for r in csv.DictReader(open(c.predict(api_name="/metrics_csv")))
                             if float(r["time"]) >= t0 and int(r["tokens"]) > 1]
                     speeds = [float(r["tokens_per_s"]) for r in rows]
                     phases[phase] += speeds
-                    print(f"round {rnd + 1} {phase:6s}: " + ", ".join(f"{s:.1f}" for s in speeds) + " tok/s",
-                          flush=True)
+                    tokens = sum(int(r["tokens"]) for r in rows)
+                    cpu[phase]["app"] += cpu1[0] - cpu0[0]
+                    cpu[phase]["browser"] += cpu1[1] - cpu0[1]
+                    cpu[phase]["tokens"] += tokens
+                    cpu[phase]["seconds"] += time.time() - t0
+                    print(f"round {rnd + 1} {phase:6s}: " + ", ".join(f"{s:.1f}" for s in speeds) + " tok/s; "
+                          f"CPU s app {cpu1[0] - cpu0[0]:.1f}, browser {cpu1[1] - cpu0[1]:.1f}", flush=True)
             browser.close()
     finally:
         proc.terminate()
@@ -88,8 +118,17 @@ def main(argv=None):
     ratio = med["open"] / med["closed"]
     print(f"\nmedian decode tokens/s: Monitor page closed {med['closed']:.2f}, open {med['open']:.2f}; "
           f"ratio {ratio:.3f} (target >= 0.98)")
+    # The server's own share, apart from the browser's: the app process's CPU seconds per token
+    # generated (its matmul threads included), open against closed; and the browser's CPU per second.
+    per_tok = {k: v["app"] / max(1, v["tokens"]) for k, v in cpu.items()}
+    server_cost = per_tok["open"] / per_tok["closed"] - 1
+    browser = {k: v["browser"] / max(1e-9, v["seconds"]) for k, v in cpu.items()}
+    print(f"app CPU per token: closed {per_tok['closed'] * 1000:.2f} ms, open {per_tok['open'] * 1000:.2f} ms "
+          f"(the panel's server work: {server_cost * 100:+.1f}%); browser CPU: closed {browser['closed']:.2f}, "
+          f"open {browser['open']:.2f} cores")
     if a.json:
-        json.dump({"args": vars(a), "phases": phases, "median": med, "ratio": ratio}, open(a.json, "w"), indent=1)
+        json.dump({"args": vars(a), "phases": phases, "median": med, "ratio": ratio, "cpu": cpu,
+                   "server_cost": server_cost, "browser_cores": browser}, open(a.json, "w"), indent=1)
     return ratio
 
 
