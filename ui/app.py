@@ -77,7 +77,8 @@ def build_app(ctx: Context) -> gr.Blocks:
                 loading = ctx.vision.loading
                 return ctx.vision.describe(), gr.Timer(active=loading)
 
-            timer.tick(vision_tick, None, [vstatus, timer], api_visibility="private", queue=False)
+            timer.tick(vision_tick, None, [vstatus, timer], api_visibility="private", queue=False,
+                       show_progress="hidden")
     return demo
 
 

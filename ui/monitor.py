@@ -285,7 +285,9 @@ def build(ctx: Context, tab: gr.Tab):
             outs.append(gr.skip())
         return *outs, last
 
-    timer.tick(tick, sent, [status, speed, ttft, load, sent], api_visibility="private", queue=False)
+    # no progress overlay flickering on the outputs each second
+    timer.tick(tick, sent, [status, speed, ttft, load, sent], api_visibility="private", queue=False,
+               show_progress="hidden")
 
     def monitor_load() -> list:
         """[seconds ago, running, queued] samples of the last minutes."""

@@ -142,7 +142,8 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
                 api_name="quantize_start", concurrency_id="admin", concurrency_limit=1)
     cancel.click(do_cancel, job_id, jobs, api_name="quantize_cancel")
     load.click(do_load, job_id, log, api_name="quantize_load", concurrency_id="admin", concurrency_limit=1)
-    timer.tick(refresh, job_id, [jobs, log], api_visibility="private", queue=False)
+    timer.tick(refresh, job_id, [jobs, log], api_visibility="private", queue=False,
+               show_progress="hidden")   # no progress animation each second
     tab.select(lambda: gr.Timer(active=True), None, timer, api_visibility="private", queue=False)
     def quantize_jobs() -> list:
         return table(runner)
