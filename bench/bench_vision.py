@@ -2,6 +2,8 @@
 
     python -m bench.bench_vision --shape tiny --backends transformers             # CPU
     python -m bench.bench_vision --shape llava-1.5-7b --backends pytorch,transformers   # GPU
+    python -m bench.bench_vision --shape tiny --backends pytorch,transformers           # GPU, tiny
+      (--shape small: the GPU agreement test's LLaVA, if LMDeploy refuses the tiny tower)
 
 Shapes: ``tiny`` (the tests' tiny LLaVA, 64 px), ``tiny-336`` (tiny text side, 336 px / patch 14 like
 LLaVA-1.5), ``llava-1.5-7b`` (CLIP ViT-L/14-336 + a Llama-2-7B text side, random weights, bf16).
@@ -31,6 +33,9 @@ def build(shape: str, device: str) -> str:
     if shape == "tiny-336":
         return build_tiny_llava(f"/tmp/turbostudio-llava-{shape}", device=device, dtype=dtype, image_size=336,
                                 patch=14)
+    if shape == "small":    # the GPU agreement test's model: SmolLM2-135M text, 4-layer ViT-B/16 at 224 px
+        return build_tiny_llava(f"/tmp/turbostudio-llava-{shape}", device=device, dtype=dtype, image_size=224,
+                                patch=16, text_shape="smollm2-135m", vision=(768, 3072, 4, 12))
     if shape == "llava-1.5-7b":
         return build_llava_7b("/tmp/turbostudio-llava-1.5-7b", device)
     raise SystemExit(f"unknown shape {shape}")
