@@ -129,10 +129,17 @@ def kv_tokens_estimate(cfg: dict, *, ratio: float, free_bytes: int, weights: int
     return int(max(0, per_gpu_free) * ratio / per_token) if per_token else 0
 
 
+MIN_CACHE_TOKENS = 4096
+
+
 def min_cache_ratio(path: str, cfg: dict, session_len: int | None, quant_policy: int, tp: int,
                     free_bytes: int) -> float | None:
-    """The smallest cache_max_entry_count whose cache holds one whole session (None: unknown)."""
+    """The smallest cache_max_entry_count whose cache holds one session, counted as at most
+    ``MIN_CACHE_TOKENS`` (None: unknown). The floor is capped so that long-context models, whose
+    default session is the whole context (LMDeploy takes max_position_embeddings), are not refused
+    for a cache LMDeploy itself would accept: what hung was a cache of ~1300 tokens."""
     session = session_len or cfg.get("text_config", cfg).get("max_position_embeddings") or 4096
+    session = min(session, MIN_CACHE_TOKENS)
     per_ratio = kv_tokens_estimate(cfg, ratio=1.0, free_bytes=free_bytes, weights=weight_bytes(path, cfg),
                                    quant_policy=quant_policy, tp=tp)
     return session / per_ratio if per_ratio else None
@@ -201,21 +208,23 @@ class LMDeployEngine:
 
     @staticmethod
     def _check_kv_room(path, cfg, ratio, session_len, quant_policy, tp) -> None:
-        """Refuse a cache too small for one session before TurboMind sees it: LMDeploy 0.18's
-        TurboMind never finishes loading then (seen on an H100: a Llama-2-7B shape with
-        cache_max_entry_count 0.01, room for ~1300 tokens against a 4096-token session, hung in its
-        warm-up until killed), where the tutorial's older LMDeploy simply ran with a tiny cache."""
+        """Refuse a cache too small for one session (at most 4096 tokens) before TurboMind sees it:
+        LMDeploy 0.18's TurboMind did not finish loading then (seen twice on an H100: a Llama-2-7B
+        shape with cache_max_entry_count 0.01, room for ~1300 tokens against a 4096-token session,
+        still loading when killed after 3 and 6 minutes; 0.05 loaded in 4 s), where the tutorial's
+        older LMDeploy simply ran with a tiny cache."""
         import torch
 
         if not 0 < ratio < 1 or not torch.cuda.is_available():
             return
         need = min_cache_ratio(path, cfg, session_len, quant_policy, tp, torch.cuda.mem_get_info()[0])
         if need and ratio < need:
-            session = session_len or cfg.get("text_config", cfg).get("max_position_embeddings") or 4096
+            session = min(session_len or cfg.get("text_config", cfg).get("max_position_embeddings") or 4096,
+                          MIN_CACHE_TOKENS)
             tokens = int(session * ratio / need)
             raise ModelLoadError(
                 f"cache_max_entry_count {ratio} leaves the KV cache room for about {tokens} tokens, less than "
-                f"one session of {session} tokens; TurboMind 0.18 was seen not to finish loading then. Raise "
+                f"{session}; TurboMind 0.18 was seen not to finish loading then. Raise "
                 f"cache_max_entry_count to at least {min(0.95, need * 1.1):.2f}, or lower the session "
                 f"length to {max(256, tokens // 2)}.")
 

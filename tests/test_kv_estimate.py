@@ -38,3 +38,13 @@ def test_the_tutorials_001_is_less_than_a_session_for_a_7b(cfg7b, tmp_path):
     assert 0.01 < need < 0.05            # 0.01 hung on the H100; 0.05 loaded and served
     assert min_cache_ratio(str(tmp_path), cfg, 4096, 4, 1, FREE) == pytest.approx(need / 4, rel=1e-3)
     assert min_cache_ratio(str(tmp_path), cfg, 4096, 0, 2, FREE) < need / 1.5, "tp splits weights and cache"
+
+
+def test_a_long_context_default_session_is_not_held_against_the_cache(tmp_path):
+    """A 128k-context model's default session is the whole context; the guard asks only for 4096."""
+    cfg = llama_config("llama2-7b", max_pos=131072).to_dict()
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(WEIGHTS_FP16)
+    need = min_cache_ratio(str(tmp_path), cfg, None, 0, 1, FREE)
+    assert need == pytest.approx(min_cache_ratio(str(tmp_path), cfg, 4096, 0, 1, FREE))
+    assert need < 0.05
