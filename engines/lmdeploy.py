@@ -132,17 +132,26 @@ def kv_tokens_estimate(cfg: dict, *, ratio: float, free_bytes: int, weights: int
 MIN_CACHE_TOKENS = 4096
 
 
+def cache_floor_tokens(cfg: dict, session_len: int | None) -> int:
+    """Tokens the KV cache must hold: one session, counted as at most ``MIN_CACHE_TOKENS``. The
+    floor is capped so that long-context models, whose default session is the whole context (LMDeploy
+    takes max_position_embeddings), are not refused for a cache LMDeploy itself would accept: what
+    hung was a cache of ~1300 tokens."""
+    session = session_len or cfg.get("text_config", cfg).get("max_position_embeddings") or 4096
+    return min(session, MIN_CACHE_TOKENS)
+
+
 def min_cache_ratio(path: str, cfg: dict, session_len: int | None, quant_policy: int, tp: int,
                     free_bytes: int) -> float | None:
-    """The smallest cache_max_entry_count whose cache holds one session, counted as at most
-    ``MIN_CACHE_TOKENS`` (None: unknown). The floor is capped so that long-context models, whose
-    default session is the whole context (LMDeploy takes max_position_embeddings), are not refused
-    for a cache LMDeploy itself would accept: what hung was a cache of ~1300 tokens."""
-    session = session_len or cfg.get("text_config", cfg).get("max_position_embeddings") or 4096
-    session = min(session, MIN_CACHE_TOKENS)
+    """The smallest cache_max_entry_count whose cache holds ``cache_floor_tokens`` (None: unknown)."""
     per_ratio = kv_tokens_estimate(cfg, ratio=1.0, free_bytes=free_bytes, weights=weight_bytes(path, cfg),
                                    quant_policy=quant_policy, tp=tp)
-    return session / per_ratio if per_ratio else None
+    return cache_floor_tokens(cfg, session_len) / per_ratio if per_ratio else None
+
+
+def suggested_cache_ratio(need: float) -> float:
+    """The share to offer instead of one that is too small: 10% above the minimum, at most 0.95."""
+    return round(min(0.95, need * 1.1), 3)
 
 
 class LMDeployEngine:
@@ -219,13 +228,12 @@ class LMDeployEngine:
             return
         need = min_cache_ratio(path, cfg, session_len, quant_policy, tp, torch.cuda.mem_get_info()[0])
         if need and ratio < need:
-            session = min(session_len or cfg.get("text_config", cfg).get("max_position_embeddings") or 4096,
-                          MIN_CACHE_TOKENS)
-            tokens = int(session * ratio / need)
+            floor = cache_floor_tokens(cfg, session_len)
+            tokens = int(floor * ratio / need)
             raise ModelLoadError(
                 f"cache_max_entry_count {ratio} leaves the KV cache room for about {tokens} tokens, less than "
-                f"{session}; TurboMind 0.18 was seen not to finish loading then. Raise "
-                f"cache_max_entry_count to at least {min(0.95, need * 1.1):.2f}, or lower the session "
+                f"{floor}; TurboMind 0.18 was seen not to finish loading then. Raise "
+                f"cache_max_entry_count to at least {suggested_cache_ratio(need):.2f}, or lower the session "
                 f"length to {max(256, tokens // 2)}.")
 
     def _messages(self, messages: Sequence[ChatMessage]) -> list[dict]:

@@ -400,13 +400,13 @@ def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = 
         # TurboMind 0.18 does not survive: take the smallest share that holds one (and say so)
         import torch
 
-        from .lmdeploy import min_cache_ratio
+        from .lmdeploy import min_cache_ratio, suggested_cache_ratio
         from .models import read_config
 
         need = min_cache_ratio(resolved.path, read_config(resolved.path), 4096, quant_policy, 1,
                                torch.cuda.mem_get_info()[0])
-        if need and cache_max_entry_count < need * 1.1:
-            cache_max_entry_count = round(min(0.95, need * 1.1), 3)
+        if need:
+            cache_max_entry_count = max(cache_max_entry_count, suggested_cache_ratio(need))
     opts = ({"device": device} if backend == "transformers" else
             {"cache_max_entry_count": cache_max_entry_count, "session_len": 4096, "model_format": model_format,
              "quant_policy": quant_policy})

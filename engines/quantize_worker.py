@@ -86,7 +86,8 @@ def run_awq(job: dict, out: str) -> None:
     from lmdeploy.lite.apis import calibrate as cal_mod
 
     p = job["params"]
-    text = "" if p.get("dataset") else open(p["calib_file"], encoding="utf-8", errors="replace").read()
+    dataset = p.get("dataset") or ""      # a hub dataset by name, or "" for a calibration text file
+    text = "" if dataset else open(p["calib_file"], encoding="utf-8", errors="replace").read()
 
     def offline_loaders(name, tokenizer, nsamples=128, seed=0, seqlen=2048):
         ids = tokenizer(text, return_tensors="pt").input_ids
@@ -97,7 +98,6 @@ def run_awq(job: dict, out: str) -> None:
         print(f"calibration: {nsamples} samples of {seqlen} tokens from {p['calib_file']}", flush=True)
         return [ids[:, s:s + seqlen] for s in starts]
 
-    dataset = p.get("dataset") or ""
     if not dataset:                 # offline: the shipped text or the user's file
         cal_mod.get_calib_loaders = offline_loaders
     state = {"layers": 0}
