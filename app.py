@@ -13,6 +13,11 @@ import sys
 def main(argv=None) -> int:
     import settings as settings_mod
 
+    if os.environ.get("TURBOSTUDIO_PROFILE"):       # where the server's threads spend their time
+        from bench import sampler
+
+        sampler.start(os.environ["TURBOSTUDIO_PROFILE"])
+
     try:
         s = settings_mod.from_args(argv)
     except ValueError as e:

@@ -13,10 +13,17 @@ medians is printed (target: at least 0.98). On a machine where the browser share
 app, its rendering is part of what is measured: a pessimistic figure for a remote browser. So the
 CPU time of the app process and of the browser are also counted per phase: the app's CPU seconds per
 generated token, open against closed, is the panel's own server-side cost.
+
+``--viewer http`` replaces the browser by what it sends the server: the Monitor timer's tick, posted
+once a second to ``/gradio_api/run/predict`` with the same function index, trigger and session
+fields as Gradio's front end (found in the app's ``/config``). That is the whole server-side load of
+an open Monitor page, without a browser's rendering on the server's own cores: the case of a user
+behind an SSH tunnel or a share link, and the only one possible on a GPU machine without Chromium.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -52,6 +59,74 @@ def _browser_pids() -> list[int]:
     return [p.pid for p in psutil.process_iter(["name"]) if "chrom" in (p.info["name"] or "").lower()]
 
 
+class HttpViewer:
+    """An open Monitor page as the server sees it: its timer's tick, once a second."""
+
+    def __init__(self, url: str, period: float = 1.0):
+        import threading
+        import urllib.request
+        import uuid
+
+        cfg = json.load(urllib.request.urlopen(url + "config"))
+        panel = next(c["id"] for c in cfg["components"] if c.get("props", {}).get("elem_id") == "monitor-panel")
+        dep = next(d for d in cfg["dependencies"]
+                   if any(t[1] == "tick" for t in d["targets"]) and panel in d["outputs"])
+        self.url = url + cfg.get("api_prefix", "/gradio_api").strip("/") + "/run/predict"
+        self.body = {"data": [None] * len(dep["inputs"]), "fn_index": dep["id"], "event_data": None,
+                     "trigger_id": dep["targets"][0][0], "session_hash": uuid.uuid4().hex[:11]}
+        self.period, self.ticks, self.errors = period, 0, 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _run(self):
+        import urllib.request
+
+        data = json.dumps(self.body).encode()
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                urllib.request.urlopen(urllib.request.Request(self.url, data=data, headers={
+                    "Content-Type": "application/json"}), timeout=10).read()
+                self.ticks += 1
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+            nxt += self.period
+            self._stop.wait(max(0.0, nxt - time.monotonic()))
+
+    def show(self, tab: str):
+        import threading
+
+        if tab == "Monitor" and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        elif tab != "Monitor" and self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+
+@contextlib.contextmanager
+def _browser_page(url: str, nice: bool):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if nice:
+        wrapper = "/tmp/turbostudio-nice-chromium"
+        with open(wrapper, "w") as f:
+            f.write(f'#!/bin/sh\nexec nice -n 19 {chromium} "$@"\n')
+        os.chmod(wrapper, 0o755)
+        chromium = wrapper
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url, wait_until="load")
+        page.wait_for_selector("#chat-input textarea", timeout=60000)
+        yield page
+        browser.close()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -64,11 +139,11 @@ def main(argv=None):
     ap.add_argument("--nice-browser", action="store_true",
                     help="run Chromium at nice 19, so it only takes CPU the app leaves: closer to a "
                          "browser on another machine, where its rendering costs the server nothing")
+    ap.add_argument("--viewer", choices=("browser", "http"), default="browser",
+                    help="a real Chromium (default) or the page's timer requests alone (see above)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     from gradio_client import Client
-    from playwright.sync_api import sync_playwright
-
     proc, _ = launch(a.model, a.engine, a.port, a.app_args.split())
     url = f"http://127.0.0.1:{a.port}/"
     phases = {"closed": [], "open": []}
@@ -77,22 +152,18 @@ def main(argv=None):
         c = Client(url, verbose=False)
         params = {"temperature": 0, "max_new_tokens": a.new_tokens}
         c.predict([{"role": "user", "content": "Hi"}], {"temperature": 0, "max_new_tokens": 8}, api_name="/chat")
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if a.nice_browser:
-            wrapper = "/tmp/turbostudio-nice-chromium"
-            with open(wrapper, "w") as f:
-                f.write(f'#!/bin/sh\nexec nice -n 19 {chromium} "$@"\n')
-            os.chmod(wrapper, 0o755)
-            chromium = wrapper
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                        args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url, wait_until="load")
-            page.wait_for_selector("#chat-input textarea", timeout=60000)
+        with contextlib.ExitStack() as stack:
+            if a.viewer == "http":
+                viewer = HttpViewer(url)
+                show = viewer.show
+            else:
+                page = stack.enter_context(_browser_page(url, a.nice_browser))
+
+                def show(tab):
+                    page.get_by_role("tab", name=tab).click()
             for rnd in range(a.rounds):
                 for phase in ("closed", "open"):
-                    page.get_by_role("tab", name="Monitor" if phase == "open" else "Chat").click()
+                    show("Monitor" if phase == "open" else "Chat")
                     time.sleep(3)                      # let the page settle (the timer starts on select)
                     t0 = time.time()
                     cpu0 = (_cpu([proc.pid]), _cpu(_browser_pids()))
@@ -110,7 +181,10 @@ def main(argv=None):
                     cpu[phase]["seconds"] += time.time() - t0
                     print(f"round {rnd + 1} {phase:6s}: " + ", ".join(f"{s:.1f}" for s in speeds) + " tok/s; "
                           f"CPU s app {cpu1[0] - cpu0[0]:.1f}, browser {cpu1[1] - cpu0[1]:.1f}", flush=True)
-            browser.close()
+            show("Chat")
+            if a.viewer == "http":
+                print(f"http viewer: {viewer.ticks} ticks, {viewer.errors} errors", flush=True)
+                assert viewer.ticks and not viewer.errors
     finally:
         proc.terminate()
         proc.wait(20)

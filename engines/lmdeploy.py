@@ -180,6 +180,8 @@ class LMDeployEngine:
                       quant_policy=quant_policy, dtype=dtype)
         if max_batch:
             common["max_batch_size"] = max_batch
+        if resolved.local and cfg:
+            self._check_weights_fit(resolved.path, cfg, tp)
         if backend == "turbomind":
             if resolved.local:
                 ok, why = turbomind_supports(resolved.path, trust_remote_code)
@@ -216,6 +218,21 @@ class LMDeployEngine:
                    "cache_max_entry_count": cache_max_entry_count})
 
     @staticmethod
+    def _check_weights_fit(path, cfg, tp) -> None:
+        """Refuse a model whose weights cannot fit in the free GPU memory, with the figures, before
+        LMDeploy allocates anything (an out-of-memory half way through a load leaves less behind and
+        says less)."""
+        import torch
+
+        free = torch.cuda.mem_get_info()[0]
+        weights = weight_bytes(path, cfg) / tp
+        if weights > 0.95 * free:
+            raise ModelLoadError(
+                f"Not enough GPU memory: the weights take {weights / 2**30:.2f} GiB per GPU and "
+                f"{free / 2**30:.2f} GiB is free. Unload a model, stop other GPU processes, or use a "
+                "quantized (AWQ) version of the model.")
+
+    @staticmethod
     def _check_kv_room(path, cfg, ratio, session_len, quant_policy, tp) -> None:
         """Refuse a cache too small for one session (at most 4096 tokens) before TurboMind sees it:
         LMDeploy 0.18's TurboMind did not finish loading then (seen twice on an H100: a Llama-2-7B
@@ -226,7 +243,8 @@ class LMDeployEngine:
 
         if not 0 < ratio < 1 or not torch.cuda.is_available():
             return
-        need = min_cache_ratio(path, cfg, session_len, quant_policy, tp, torch.cuda.mem_get_info()[0])
+        free = torch.cuda.mem_get_info()[0]
+        need = min_cache_ratio(path, cfg, session_len, quant_policy, tp, free)
         if need and ratio < need:
             floor = cache_floor_tokens(cfg, session_len)
             tokens = int(floor * ratio / need)

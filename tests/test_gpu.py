@@ -1,6 +1,8 @@
 """GPU-only checks (marker ``gpu``): TurboMind agrees with Transformers, switching frees memory."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from engines.base import ChatMessage, GenParams
@@ -177,3 +179,45 @@ def test_panel_memory_matches_nvidia_smi_and_follows_the_cache_setting(tiny_llam
             eng.close()
     grew = used[0.5] - used[0.1]
     assert 0.3 * free < grew < 0.5 * free, "0.5 against 0.1 of free memory should add about 0.4 of it"
+
+
+_OOM_CHILD = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from engines import models
+from engines.base import GenParams, ChatMessage
+from engines.lmdeploy import LMDeployEngine
+resolved = models.resolve(sys.argv[1], "/tmp/tscache-oom")
+# what the pre-check would refuse: let TurboMind itself run out of memory half way through the weights
+LMDeployEngine._check_weights_fit = staticmethod(lambda *a: None)
+free = torch.cuda.mem_get_info()[0]
+hog = torch.empty(free - int(2.0 * 2**30), dtype=torch.uint8, device="cuda")
+try:
+    LMDeployEngine(resolved, backend="turbomind", cache_max_entry_count=0.5, session_len=2048)
+    print("LOADED", flush=True)
+except Exception as e:
+    print("REFUSED", type(e).__name__, str(e)[:300], flush=True)
+del hog
+torch.cuda.empty_cache()
+eng = LMDeployEngine(resolved, backend="turbomind", cache_max_entry_count=0.2, session_len=2048)
+text = "".join(d.text for d in eng.stream([ChatMessage("user", "Hi")], GenParams(temperature=0, max_new_tokens=8), session_id="x"))
+print("SERVED", repr(text[:40]), flush=True)
+eng.close()
+"""
+
+
+def test_turbomind_out_of_memory_in_a_load_is_an_error_not_a_crash(tmp_path):
+    """Issue #7: TurboMind running out of memory half way through loading a 1.8B model (3.7 GiB of
+    weights, 2 GiB free) raises in Python, and the same process loads it once memory is back. Run in
+    a child process: a C++ abort would otherwise end the test run."""
+    import subprocess
+    import sys
+
+    from bench.models import build_llama
+
+    big = build_llama("/tmp/turbostudio-bench-1.8b", "1.8b", device="cuda", dtype="bfloat16")
+    p = subprocess.run([sys.executable, "-c", _OOM_CHILD, big, os.path.dirname(os.path.dirname(__file__))],
+                       capture_output=True, text=True, timeout=600)
+    print(p.stdout, p.stderr[-3000:])
+    assert p.returncode == 0, f"the process died (code {p.returncode})"
+    assert "REFUSED" in p.stdout and "SERVED" in p.stdout

@@ -48,3 +48,22 @@ def test_a_long_context_default_session_is_not_held_against_the_cache(tmp_path):
     need = min_cache_ratio(str(tmp_path), cfg, None, 0, 1, FREE)
     assert need == pytest.approx(min_cache_ratio(str(tmp_path), cfg, 4096, 0, 1, FREE))
     assert need < 0.05
+
+
+def test_weights_larger_than_the_free_memory_are_refused_with_the_figures(cfg7b, tmp_path, monkeypatch):
+    """Before LMDeploy allocates anything: the 7B's 12.6 GiB against 8 GiB free is refused, and the
+    message gives both figures; with 80 GiB free it passes."""
+    import torch
+
+    from engines.base import ModelLoadError
+    from engines.lmdeploy import LMDeployEngine
+
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(WEIGHTS_FP16)
+    cfg = dict(cfg7b, torch_dtype="float16")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (8 * 2**30, 80 * 2**30))
+    with pytest.raises(ModelLoadError, match=r"weights take 12\.\d\d GiB per GPU and 8\.00 GiB is free"):
+        LMDeployEngine._check_weights_fit(str(tmp_path), cfg, 1)
+    LMDeployEngine._check_weights_fit(str(tmp_path), cfg, 2)     # tp 2: 6.3 GiB a GPU fits
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (80 * 2**30, 80 * 2**30))
+    LMDeployEngine._check_weights_fit(str(tmp_path), cfg, 1)
