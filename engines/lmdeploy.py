@@ -226,7 +226,9 @@ class LMDeployEngine:
 
         free = torch.cuda.mem_get_info()[0]
         weights = weight_bytes(path, cfg) / tp
-        if weights > 0.95 * free:
+        # TurboMind also allocates workspace and cuBLAS buffers beside the weights and the KV cache
+        # (which is a share of what the weights leave): keep 1 GiB (or 5%) for them
+        if weights + max(2**30, 0.05 * free) > free:
             raise ModelLoadError(
                 f"Not enough GPU memory: the weights take {weights / 2**30:.2f} GiB per GPU and "
                 f"{free / 2**30:.2f} GiB is free. Unload a model, stop other GPU processes, or use a "

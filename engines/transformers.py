@@ -361,6 +361,10 @@ class TransformersEngine:
                         for r in list(self._active):
                             self._step_single(r)
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail the batch, keep serving
+                    cropped = self._evict_on_oom(e, batch_cache, mask)
+                    if cropped is not None:
+                        batch_cache = cropped     # restacked without the evicted row next step
+                        continue
                     log.exception("decode step failed")
                     for r in list(self._active):
                         self._fail(r, e)
@@ -370,6 +374,29 @@ class TransformersEngine:
                     self._empty_cache()
         for r in list(self._active) + list(self._pending.queue):
             self._finish(r, "abort")
+
+    def _evict_on_oom(self, exc, batch_cache, mask):
+        """Out of memory in a batched decode step: end only the longest request (its cache is the
+        largest) with the out-of-memory message and go on with the others, the way a serving engine
+        preempts, instead of failing every user in the batch. The step may have appended this
+        position to some layers before it failed: the batch cache is cropped back to its width
+        before the step, so the next step restacks consistent rows; that cropped cache is returned
+        (None: not handled here)."""
+        if not isinstance(exc, self._torch.OutOfMemoryError) or len(self._active) < 2 or not self.batchable:
+            return None
+        if batch_cache is None or mask is None:
+            return None
+        width = int(mask.shape[1])
+        # (keys, values) per layer, each cut back to its width before the step (no API call: the
+        # name and meaning of DynamicCache.crop's argument differ between transformers 5 releases)
+        cropped = [(k[:, :, :width], v[:, :, :width]) for k, v in self._layers(batch_cache)]
+        victim = max(self._active, key=lambda r: r.length)
+        log.warning("out of memory in a decode step of %d requests; ending the longest (%d tokens)",
+                    len(self._active), victim.length)
+        self._fail(victim, exc)
+        with self._lock:
+            self._active = [r for r in self._active if r is not victim]
+        return cropped
 
     def _empty_cache(self):
         gc.collect()
@@ -456,6 +483,8 @@ class TransformersEngine:
     # --- batched decoding over left-padded caches
     @staticmethod
     def _layers(cache):
+        if isinstance(cache, list):        # already (keys, values) per layer
+            return cache
         if hasattr(cache, "layers"):
             return [(layer.keys, layer.values) for layer in cache.layers]
         return list(zip(cache.key_cache, cache.value_cache))  # transformers 4.x

@@ -205,6 +205,50 @@ def test_out_of_memory_in_a_step_fails_that_batch_and_the_engine_recovers(tiny_l
         eng.close()
 
 
+def test_out_of_memory_in_a_batch_ends_only_the_longest_request(tiny_llama):
+    """Two users decode in one batch; the step runs out of memory half way through the layers
+    (layer 0 has already appended its keys): the longer request ends with the out-of-memory message,
+    the other one goes on and its answer is the one it gets alone (greedy)."""
+    import threading
+
+    import torch
+
+    from engines import registry
+
+    eng = registry.create(tiny_llama, "transformers", device="cpu")
+    try:
+        short = [ChatMessage("user", "Name three colours.")]
+        long = [ChatMessage("user", "Tell me about the sea. " * 60)]
+        p = GenParams(temperature=0, max_new_tokens=24)
+        alone = "".join(d.text for d in eng.stream(short, p, session_id="alone"))
+        layer = eng.model.model.layers[1]
+        real = layer.forward
+        seen = {"n": 0}
+
+        def flaky(hidden_states, *a, **k):
+            if hidden_states.shape[0] == 2 and hidden_states.shape[1] == 1:
+                seen["n"] += 1
+                if seen["n"] == 3:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(hidden_states, *a, **k)
+
+        layer.forward = flaky
+        outs = {}
+
+        def run(name, msgs):
+            outs[name] = list(eng.stream(msgs, p, session_id=name))
+
+        threads = [threading.Thread(target=run, args=a) for a in (("long", long), ("short", short))]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert seen["n"] >= 3, "the two requests never shared a decode step"
+        assert outs["long"][-1].finish_reason == "error" and "Out of memory" in outs["long"][-1].error
+        assert outs["short"][-1].finish_reason in ("stop", "length")
+        assert "".join(d.text for d in outs["short"]) == alone
+    finally:
+        eng.close()
+
+
 def test_a_dead_scheduler_is_reported_and_a_reload_serves_again(tiny_llama, tmp_path):
     from engines.base import EngineError
     from engines.manager import EngineManager
