@@ -353,7 +353,8 @@ class TransformersEngine:
                     continue
                 try:
                     if self.batchable:
-                        if batch_rows != self._active:
+                        # a list: the cache cut back after an out-of-memory step (_evict_on_oom)
+                        if batch_rows != self._active or isinstance(batch_cache, list):
                             batch_cache, mask = self._restack(batch_rows, batch_cache, self._active)
                             batch_rows = list(self._active)
                         batch_cache, mask = self._step_batched(batch_rows, batch_cache, mask)

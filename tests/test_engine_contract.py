@@ -249,6 +249,55 @@ def test_out_of_memory_in_a_batch_ends_only_the_longest_request(tiny_llama):
         eng.close()
 
 
+def test_out_of_memory_when_a_long_request_joins_the_batch_ends_only_that_request(tiny_llama):
+    """The case seen on the H100 (2026-11-25): a user decodes alone; a 60k-token request joins and
+    stacking its cache into the batch runs out of memory. The newcomer ends with the out-of-memory
+    message; the first user's reply goes on, the same as alone."""
+    import threading
+    import time
+
+    import torch
+
+    from engines import registry
+
+    eng = registry.create(tiny_llama, "transformers", device="cpu")
+    try:
+        short = [ChatMessage("user", "Name three colours.")]
+        long = [ChatMessage("user", "Tell me about the sea. " * 60)]
+        p = GenParams(temperature=0, max_new_tokens=48)
+        alone = "".join(d.text for d in eng.stream(short, p, session_id="alone"))
+        real = eng._restack
+        seen = {"n": 0}
+
+        def flaky(old_rows, old_cache, rows):
+            if len(rows) == 2 and not seen["n"]:
+                seen["n"] += 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+            return real(old_rows, old_cache, rows)
+
+        eng._restack = flaky
+        outs = {"short": []}
+        first = threading.Event()
+
+        def run_short():
+            for d in eng.stream(short, p, session_id="short"):
+                outs["short"].append(d)
+                first.set()
+                time.sleep(0.02)        # slow reader: still decoding when the long one arrives
+
+        t = threading.Thread(target=run_short)
+        t.start()
+        assert first.wait(60)
+        outs["long"] = list(eng.stream(long, p, session_id="long"))
+        t.join(120)
+        assert seen["n"] == 1, "the long request never joined the batch"
+        assert outs["long"][-1].finish_reason == "error" and "Out of memory" in outs["long"][-1].error
+        assert outs["short"][-1].finish_reason in ("stop", "length"), outs["short"][-1]
+        assert "".join(d.text for d in outs["short"]) == alone
+    finally:
+        eng.close()
+
+
 def test_a_dead_scheduler_is_reported_and_a_reload_serves_again(tiny_llama, tmp_path):
     from engines.base import EngineError
     from engines.manager import EngineManager
