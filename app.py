@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if s.switch_interval:
+        sys.setswitchinterval(s.switch_interval)
     if s.share:
         print("warning: --share makes this app reachable by anyone with the link"
               + ("" if s.auth else " and --share-without-auth lets them in without a password"),

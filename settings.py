@@ -49,6 +49,7 @@ class Settings:
     cache_dir: str = field(default_factory=_default_cache_dir)
     concurrency: int | None = None    # generation events run at once; None: sized from the engine
     max_queue: int = 64               # waiting events before "busy" is answered
+    switch_interval: float | None = None  # the GIL's switch interval (s); None: Python's 0.005
     max_input_chars: int = 16000
     max_new_tokens_limit: int = 4096
     no_load: bool = False             # start without loading a model (tests, admin-only setups)
@@ -80,6 +81,8 @@ class Settings:
             raise ValueError("--session-len must be at least 16")
         if self.tp < 1:
             raise ValueError("--tp must be at least 1")
+        if self.switch_interval is not None and not 0 < self.switch_interval <= 1:
+            raise ValueError("--switch-interval is in seconds, in (0, 1] (Python's own is 0.005)")
         if not 0 < self.server_port < 65536:
             raise ValueError("--server-port must be in 1..65535")
         if self.share and not self.auth and not self.share_without_auth:
@@ -155,6 +158,10 @@ _HELP = {
     "cache_dir": "where converted models and app data are kept",
     "concurrency": "generation requests served at once (default: sized from the engine)",
     "max_queue": "requests allowed to wait before new ones are told the app is busy",
+    "switch_interval": "seconds a Python thread may hold the GIL while another waits (default: Python's "
+                       "0.005). An in-process engine's scheduler thread waits up to this long for the GIL "
+                       "behind the web server's threads at each step; a smaller value (e.g. 0.0005) is an "
+                       "experiment for many users (bench/bench_app.py --app-args)",
     "max_input_chars": "longest accepted user message, in characters",
     "max_new_tokens_limit": "largest max_new_tokens a user may ask for",
     "no_load": "start the app without loading a model",

@@ -168,7 +168,12 @@ def app_runs(url, messages, params, users, tokens_by_users, kind="gradio_client"
             out[n] = {"tokens": toks, "seconds": wall, "ttft_p50": statistics.median(ttfts),
                       "ttft_p99": ttfts[min(len(ttfts) - 1, int(round(0.99 * (len(ttfts) - 1))))],
                       "texts": [r["text"] for r in res],
-                      "decode_tok_s_1": (per_tok - 1) / (r0["seconds"] - r0["ttft"])}
+                      "decode_tok_s_1": (per_tok - 1) / (r0["seconds"] - r0["ttft"]),
+                      # per user: start (s after the first start), first token, reply time, updates
+                      # seen: tells a late start from a late first token from a slow stream
+                      "users_detail": sorted([round(r["start"] - min(x["start"] for x in res), 3),
+                                              round(r["ttft"], 3), round(r["seconds"], 3), r.get("updates")]
+                                             for r in res)}
     return out
 
 

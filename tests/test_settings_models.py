@@ -38,7 +38,8 @@ def test_environment_variables_fill_in_and_flags_win():
 
 
 @pytest.mark.parametrize("argv", [["--quant-policy", "3"], ["--cache-max-entry-count", "1.5"], ["--tp", "0"],
-                                  ["--engine", "vllm"], ["--server-port", "0"]])
+                                  ["--engine", "vllm"], ["--server-port", "0"],
+                                  ["--switch-interval", "0"], ["--switch-interval", "5"]])
 def test_bad_options_are_refused(argv):
     with pytest.raises((ValueError, SystemExit)):
         settings.from_args(argv, env={})
