@@ -205,6 +205,25 @@ def test_out_of_memory_in_a_step_fails_that_batch_and_the_engine_recovers(tiny_l
         eng.close()
 
 
+SHORT = [ChatMessage("user", "Name three colours.")]
+LONG = [ChatMessage("user", "Tell me about the sea. " * 60)]
+
+
+def _oom_pair(tiny_llama, max_new: int):
+    """A CPU engine, greedy params, and the short request's answer alone (the reference)."""
+    from engines import registry
+
+    eng = registry.create(tiny_llama, "transformers", device="cpu")
+    p = GenParams(temperature=0, max_new_tokens=max_new)
+    return eng, p, "".join(d.text for d in eng.stream(SHORT, p, session_id="alone"))
+
+
+def _only_the_long_one_failed(outs, alone):
+    assert outs["long"][-1].finish_reason == "error" and "Out of memory" in outs["long"][-1].error
+    assert outs["short"][-1].finish_reason in ("stop", "length"), outs["short"][-1]
+    assert "".join(d.text for d in outs["short"]) == alone
+
+
 def test_out_of_memory_in_a_batch_ends_only_the_longest_request(tiny_llama):
     """Two users decode in one batch; the step runs out of memory half way through the layers
     (layer 0 has already appended its keys): the longer request ends with the out-of-memory message,
@@ -213,14 +232,8 @@ def test_out_of_memory_in_a_batch_ends_only_the_longest_request(tiny_llama):
 
     import torch
 
-    from engines import registry
-
-    eng = registry.create(tiny_llama, "transformers", device="cpu")
+    eng, p, alone = _oom_pair(tiny_llama, 24)
     try:
-        short = [ChatMessage("user", "Name three colours.")]
-        long = [ChatMessage("user", "Tell me about the sea. " * 60)]
-        p = GenParams(temperature=0, max_new_tokens=24)
-        alone = "".join(d.text for d in eng.stream(short, p, session_id="alone"))
         layer = eng.model.model.layers[1]
         real = layer.forward
         seen = {"n": 0}
@@ -238,19 +251,17 @@ def test_out_of_memory_in_a_batch_ends_only_the_longest_request(tiny_llama):
         def run(name, msgs):
             outs[name] = list(eng.stream(msgs, p, session_id=name))
 
-        threads = [threading.Thread(target=run, args=a) for a in (("long", long), ("short", short))]
+        threads = [threading.Thread(target=run, args=a) for a in (("long", LONG), ("short", SHORT))]
         [t.start() for t in threads]
         [t.join(120) for t in threads]
         assert seen["n"] >= 3, "the two requests never shared a decode step"
-        assert outs["long"][-1].finish_reason == "error" and "Out of memory" in outs["long"][-1].error
-        assert outs["short"][-1].finish_reason in ("stop", "length")
-        assert "".join(d.text for d in outs["short"]) == alone
+        _only_the_long_one_failed(outs, alone)
     finally:
         eng.close()
 
 
 def test_out_of_memory_when_a_long_request_joins_the_batch_ends_only_that_request(tiny_llama):
-    """The case seen on the H100 (2026-11-25): a user decodes alone; a 60k-token request joins and
+    """The case seen on the H100 (2026-11-25): a user decodes alone; a long request joins and
     stacking its cache into the batch runs out of memory. The newcomer ends with the out-of-memory
     message; the first user's reply goes on, the same as alone."""
     import threading
@@ -258,14 +269,8 @@ def test_out_of_memory_when_a_long_request_joins_the_batch_ends_only_that_reques
 
     import torch
 
-    from engines import registry
-
-    eng = registry.create(tiny_llama, "transformers", device="cpu")
+    eng, p, alone = _oom_pair(tiny_llama, 96)
     try:
-        short = [ChatMessage("user", "Name three colours.")]
-        long = [ChatMessage("user", "Tell me about the sea. " * 60)]
-        p = GenParams(temperature=0, max_new_tokens=48)
-        alone = "".join(d.text for d in eng.stream(short, p, session_id="alone"))
         real = eng._restack
         seen = {"n": 0}
 
@@ -280,7 +285,7 @@ def test_out_of_memory_when_a_long_request_joins_the_batch_ends_only_that_reques
         first = threading.Event()
 
         def run_short():
-            for d in eng.stream(short, p, session_id="short"):
+            for d in eng.stream(SHORT, p, session_id="short"):
                 outs["short"].append(d)
                 first.set()
                 time.sleep(0.02)        # slow reader: still decoding when the long one arrives
@@ -288,12 +293,10 @@ def test_out_of_memory_when_a_long_request_joins_the_batch_ends_only_that_reques
         t = threading.Thread(target=run_short)
         t.start()
         assert first.wait(60)
-        outs["long"] = list(eng.stream(long, p, session_id="long"))
+        outs["long"] = list(eng.stream(LONG, p, session_id="long"))
         t.join(120)
         assert seen["n"] == 1, "the long request never joined the batch"
-        assert outs["long"][-1].finish_reason == "error" and "Out of memory" in outs["long"][-1].error
-        assert outs["short"][-1].finish_reason in ("stop", "length"), outs["short"][-1]
-        assert "".join(d.text for d in outs["short"]) == alone
+        _only_the_long_one_failed(outs, alone)
     finally:
         eng.close()
 
