@@ -60,6 +60,9 @@ def main(argv=None) -> int:
 
     ctx.servers = ServerManager(os.path.join(s.cache_dir, "servers"))
     atexit.register(ctx.servers.stop_all)
+    from ui.gradio_patches import lazy_session_config
+
+    lazy_session_config()        # a new session no longer builds ~190 component configs on the loop
     demo = build_app(ctx)
     info = manager.info()
     concurrency = s.concurrency or (info.max_batch if info else 16)

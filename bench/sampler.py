@@ -2,8 +2,8 @@
 where the server's threads spend their time under load, on machines without py-spy (the GPU host).
 
 Every ``interval`` seconds it reads every thread's stack (``sys._current_frames``) and counts, per
-thread name, the innermost project-or-library frames; every 10 s it rewrites ``path`` with the top
-entries, so a process ended by a signal still leaves its figures. Off unless the variable is set;
+thread name, the innermost project-or-library frames; every 10 s (and at SIGTERM) it rewrites ``path`` with
+the top entries, so a process ended by a signal still leaves its figures. Off unless the variable is set;
 its own cost at 100 samples/s is a few per cent of one core."""
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def _where(frame, depth: int = 3) -> str:
     return " < ".join(parts)
 
 
-def start(path: str, interval: float = 0.01) -> None:
+def start(path: str, interval: float = 0.01, depth: int | None = None) -> None:
+    depth = depth or int(os.environ.get("TURBOSTUDIO_PROFILE_DEPTH", "3"))
     counts: collections.Counter = collections.Counter()
     names: dict[int, str] = {}
     state = {"samples": 0, "t0": time.time()}
@@ -46,10 +47,18 @@ def start(path: str, interval: float = 0.01) -> None:
             for ident, frame in sys._current_frames().items():
                 if ident == me:
                     continue
-                counts[(names.get(ident, str(ident)).split(" (")[0], _where(frame))] += 1
+                counts[(names.get(ident, str(ident)).split(" (")[0], _where(frame, depth))] += 1
             state["samples"] += 1
             if time.time() - last > 10:
                 dump()
                 last = time.time()
 
     threading.Thread(target=run, name="turbostudio-sampler", daemon=True).start()
+    if threading.current_thread() is threading.main_thread():
+        import signal
+
+        def on_term(signum, frame):      # a benchmark ends the app with SIGTERM: keep the last figures
+            dump()
+            raise SystemExit(143)
+
+        signal.signal(signal.SIGTERM, on_term)

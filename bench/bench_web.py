@@ -1,0 +1,158 @@
+"""The web layer alone: the app's real server path (Gradio queue, ``/chat``, the async relay, the
+engine manager) in front of a *synthetic* engine that makes tokens at a GPU engine's pace, against
+that engine alone, side by side in one run.
+
+    python -m bench.bench_web --users 1,16,64 --step-ms 3 --new-tokens 256
+
+Not an engine benchmark and not a stand-in for one: it answers one question the GPU runs cannot
+separate, namely how much of the gap between the app and an in-process engine (bench_app.py on the
+H100: 0.63 at 16 users, 0.26 at 64) the server costs by itself. The synthetic engine is a
+continuous-batching loop: every ``--step-ms`` (a decode step, GIL released like a GPU kernel) it hands
+one token to every running request through that request's queue, per-token Python work like
+LMDeploy's pipeline does. It runs in the app's process, where TurboMind would. Clients are plain HTTP
+(bench_app.py's load generator, several processes). Figures: the ratio of aggregate tokens/s and the
+first-token latency of the app against the engine driven by threads in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from engines.base import ChatMessage, Delta, EngineInfo, GenParams  # noqa: E402
+
+
+class SyntheticEngine:
+    """Tokens at a fixed step, for every running request at once (see the module's docstring)."""
+
+    def __init__(self, step_ms: float = 3.0, max_batch: int = 256):
+        self.step = step_ms / 1000
+        self.info = EngineInfo(backend="synthetic", model="synthetic", device="cpu", context_length=32768,
+                               max_batch=max_batch, reason="bench/bench_web.py")
+        self._active: dict[int, tuple[queue.Queue, list]] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._next = 0
+        threading.Thread(target=self._loop, daemon=True, name="synthetic-engine").start()
+
+    def _loop(self):
+        while not self._closed.is_set():
+            time.sleep(self.step)                       # the "GPU" step: no GIL held
+            with self._lock:
+                rows = list(self._active.values())
+            for q, left in rows:
+                if left[0] > 0:
+                    left[0] -= 1
+                    q.put(" tok")
+
+    def count_tokens(self, messages) -> int:
+        return sum(len(m.content.split()) + 4 for m in messages)
+
+    def stream(self, messages, params: GenParams, *, session_id: str):
+        q: queue.Queue = queue.Queue()
+        with self._lock:
+            key = self._next
+            self._next += 1
+            self._active[key] = (q, [params.max_new_tokens])
+        return self._relay(q, key, params.max_new_tokens)
+
+    def _relay(self, q, key, n):
+        try:
+            for i in range(1, n + 1):
+                yield Delta(q.get(), i, "length" if i == n else None)
+        finally:
+            with self._lock:
+                self._active.pop(key, None)
+
+    def abort(self, session_id: str) -> None:   # the relay's close ends a stream; nothing else to do
+        pass
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _serve(port: int, step_ms: float, extra: list[str]) -> int:
+    """The real app.py with the synthetic engine where a model would load (run in a subprocess)."""
+    from engines import manager as m
+
+    def load(self, model, engine="auto", progress=None, policy=None, **options):
+        self._engine = SyntheticEngine(step_ms)
+        return self._engine.info
+
+    m.EngineManager.load = load
+    import app
+
+    return app.main(["--server-port", str(port), "--model", "synthetic", *extra])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--users", default="1,16,64")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--step-ms", type=float, default=3.0, help="decode step (3 ms: TurboMind, 1.8B, batch 16)")
+    ap.add_argument("--port", type=int, default=7897)
+    ap.add_argument("--app-args", default="")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    if a.serve:
+        return _serve(a.port, a.step_ms, a.app_args.split())
+    from bench.bench_app import app_runs
+    from bench.bench_engines import one_stream
+
+    users = [int(u) for u in a.users.split(",")]
+    msgs = [ChatMessage("user", "Tell me a story.")]
+    params = GenParams(temperature=0, max_new_tokens=a.new_tokens)
+    eng = SyntheticEngine(a.step_ms)
+    engine = {}
+    for n in users:
+        res = [None] * n
+        threads = [threading.Thread(target=lambda i=i: res.__setitem__(i, one_stream(eng, msgs, params, f"e{i}")))
+                   for i in range(n)]
+        t0 = time.perf_counter()
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        engine[n] = {"tokens": sum(r["tokens"] for r in res), "seconds": time.perf_counter() - t0,
+                     "ttft_p50": sorted(r["ttft"] for r in res)[n // 2]}
+    eng.close()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bench_web", "--serve", "--port", str(a.port),
+                             "--step-ms", str(a.step_ms), "--app-args", a.app_args], cwd=ROOT,
+                            stdout=open(f"/tmp/bench-web-{a.port}.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{a.port}/gradio_api/info", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise SystemExit(open(f"/tmp/bench-web-{a.port}.log").read()[-3000:])
+                time.sleep(0.2)
+        app = app_runs(f"http://127.0.0.1:{a.port}/", msgs, params, users,
+                       {n: e["tokens"] for n, e in engine.items()}, kind="http")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    report = {"args": vars(a), "engine": engine, "app": {n: {k: v for k, v in r.items() if k != "texts"}
+                                                          for n, r in app.items()}}
+    for n in users:
+        e, g = engine[n], app[n]
+        ratio = (g["tokens"] / g["seconds"]) / (e["tokens"] / e["seconds"])
+        same = all(t == " tok" * a.new_tokens for t in g["texts"])
+        print(f"users {n:3d}: engine {e['tokens'] / e['seconds']:8.1f} tok/s (ttft p50 {e['ttft_p50'] * 1000:6.1f} ms)"
+              f" | app {g['tokens'] / g['seconds']:8.1f} tok/s (ttft p50 {g['ttft_p50'] * 1000:6.1f} ms, p99 "
+              f"{g['ttft_p99'] * 1000:6.1f} ms) | app/engine x{ratio:.3f} | whole text: {same}", flush=True)
+    if a.json:
+        json.dump(report, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
