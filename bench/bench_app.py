@@ -36,6 +36,13 @@ def engine_runs(resolved, engine, opts, messages, params, users):
 
     eng = registry.create(resolved, engine, **opts)
     one_stream(eng, messages, params.replace(max_new_tokens=8), "warm")
+    out = streams_at_once(eng, messages, params, users)
+    eng.close()
+    return out
+
+
+def streams_at_once(eng, messages, params, users):
+    """For each N in ``users``: N threads stream the same request from ``eng`` at once."""
     out = {}
     for n in users:
         res = [None] * n
@@ -48,7 +55,6 @@ def engine_runs(resolved, engine, opts, messages, params, users):
         out[n] = {"tokens": sum(r["tokens"] for r in res), "seconds": wall,
                   "ttft_p50": statistics.median(r["ttft"] for r in res), "texts": [r["text"] for r in res],
                   "decode_tok_s_1": (res[0]["tokens"] - 1) / (res[0]["seconds"] - res[0]["ttft"])}
-    eng.close()
     return out
 
 

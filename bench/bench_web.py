@@ -106,23 +106,13 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.serve:
         return _serve(a.port, a.step_ms, a.app_args.split())
-    from bench.bench_app import app_runs
-    from bench.bench_engines import one_stream
+    from bench.bench_app import app_runs, streams_at_once
 
     users = [int(u) for u in a.users.split(",")]
     msgs = [ChatMessage("user", "Tell me a story.")]
     params = GenParams(temperature=0, max_new_tokens=a.new_tokens)
     eng = SyntheticEngine(a.step_ms)
-    engine = {}
-    for n in users:
-        res = [None] * n
-        threads = [threading.Thread(target=lambda i=i: res.__setitem__(i, one_stream(eng, msgs, params, f"e{i}")))
-                   for i in range(n)]
-        t0 = time.perf_counter()
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        engine[n] = {"tokens": sum(r["tokens"] for r in res), "seconds": time.perf_counter() - t0,
-                     "ttft_p50": sorted(r["ttft"] for r in res)[n // 2]}
+    engine = streams_at_once(eng, msgs, params, users)
     eng.close()
     proc = subprocess.Popen([sys.executable, "-m", "bench.bench_web", "--serve", "--port", str(a.port),
                              "--step-ms", str(a.step_ms), "--app-args", a.app_args], cwd=ROOT,

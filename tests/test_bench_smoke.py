@@ -1,0 +1,37 @@
+"""CI's smoke check of the serving benchmarks (issue #6): each runs end to end in its small mode and
+reports consistent figures. Speed targets are read from their printed ratios on the H100, not here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("gradio_client")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path, timeout=600):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", *args, "--json", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout, json.load(open(out))
+
+
+def test_bench_web_small(tmp_path):
+    stdout, rep = _run(["bench.bench_web", "--users", "1,4", "--new-tokens", "32", "--port", "7931"], tmp_path)
+    assert stdout.count("whole text: True") == 2, stdout
+    for n in ("1", "4"):
+        assert rep["engine"][n]["tokens"] == int(n) * 32
+        assert rep["app"][n]["tokens"] == int(n) * 32 and rep["app"][n]["ttft_p99"] > 0
+
+
+def test_bench_app_small(tmp_path, tiny_llama):
+    stdout, rep = _run(["bench.bench_app", "--model", tiny_llama.path, "--engine", "transformers", "--users",
+                        "1,2", "--new-tokens", "16", "--client", "http", "--port", "7932"], tmp_path)
+    assert stdout.count("same text: True") == 2, stdout
+    users = rep["app_runs"]["2"]["users_detail"]
+    assert len(users) == 2 and all(u[1] > 0 and u[2] >= u[1] for u in users)
