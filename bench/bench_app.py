@@ -59,8 +59,13 @@ def streams_at_once(eng, messages, params, users):
 
 
 def launch(model, engine, port, extra):
-    args = [sys.executable, os.path.join(ROOT, "app.py"), "--server-port", str(port), "--engine", engine,
-            *(["--model", model] if model else []), *extra]
+    return start_server([sys.executable, os.path.join(ROOT, "app.py"), "--server-port", str(port),
+                         "--engine", engine, *(["--model", model] if model else []), *extra], port)
+
+
+def start_server(args, port):
+    """Start a Gradio app process (``args``) and wait until it answers on ``port``; returns the
+    process and the seconds it took (the process's log is /tmp/bench-app-PORT.log)."""
     t0 = time.perf_counter()
     log = open(f"/tmp/bench-app-{port}.log", "w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -19,11 +19,9 @@ import argparse
 import json
 import os
 import queue
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -106,7 +104,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.serve:
         return _serve(a.port, a.step_ms, a.app_args.split())
-    from bench.bench_app import app_runs, streams_at_once
+    from bench.bench_app import app_runs, start_server, streams_at_once
 
     users = [int(u) for u in a.users.split(",")]
     msgs = [ChatMessage("user", "Tell me a story.")]
@@ -114,18 +112,9 @@ def main(argv=None):
     eng = SyntheticEngine(a.step_ms)
     engine = streams_at_once(eng, msgs, params, users)
     eng.close()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.bench_web", "--serve", "--port", str(a.port),
-                             "--step-ms", str(a.step_ms), "--app-args", a.app_args], cwd=ROOT,
-                            stdout=open(f"/tmp/bench-web-{a.port}.log", "w"), stderr=subprocess.STDOUT)
+    proc, _ = start_server([sys.executable, "-m", "bench.bench_web", "--serve", "--port", str(a.port),
+                            "--step-ms", str(a.step_ms), "--app-args", a.app_args], a.port)
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{a.port}/gradio_api/info", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise SystemExit(open(f"/tmp/bench-web-{a.port}.log").read()[-3000:])
-                time.sleep(0.2)
         app = app_runs(f"http://127.0.0.1:{a.port}/", msgs, params, users,
                        {n: e["tokens"] for n, e in engine.items()}, kind="http")
     finally:

@@ -1,5 +1,6 @@
-"""Clients that go away: a separate process streams replies through gradio_client and is killed
-mid-way (what a closed laptop or a dropped connection looks like to the server)."""
+"""Clients for the app tests: ones that go away (a separate process streams replies through
+gradio_client and is killed mid-way: what a closed laptop or a dropped connection looks like to the
+server), and the waits they share (a job's first text, every stream released)."""
 from __future__ import annotations
 
 import json
@@ -31,3 +32,22 @@ def streaming_clients(url: str, n: int, messages: list, params: dict, timeout: f
         p.kill()
         raise AssertionError(f"the client process did not start streaming within {time.time() - t0:.0f} s")
     return p
+
+
+def first_output(job, timeout: float = 60) -> float:
+    """Wait until a gradio_client job has streamed its first text; returns when (perf_counter)."""
+    t0 = time.perf_counter()
+    while not any(job.outputs()):
+        assert not job.done(), job.status()
+        assert time.perf_counter() - t0 < timeout, "no first output"
+        time.sleep(0.02)
+    return time.perf_counter()
+
+
+def wait_released(client, timeout: float) -> float:
+    """Poll ``/engine_info`` until no stream runs (or ``timeout``); returns the seconds waited. The
+    caller asserts what it expects of ``running`` afterwards."""
+    t0 = time.time()
+    while client.predict(api_name="/engine_info")["running"] and time.time() - t0 < timeout:
+        time.sleep(0.2)
+    return time.time() - t0

@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError
 
+from .clients import first_output  # noqa: E402
+
 GREEDY = {"temperature": 0, "max_new_tokens": 24}
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -186,10 +188,7 @@ def test_stop_aborts_generation_and_frees_the_slot(app_server):
     c = app_server.client()
     job = c.submit([{"role": "user", "content": "Write a very long story about the sea."}],
                    {"temperature": 0.8, "max_new_tokens": 2000, "seed": 3}, api_name="/chat")
-    t0 = time.perf_counter()
-    while not any(job.outputs()):
-        time.sleep(0.05)
-        assert time.perf_counter() - t0 < 60
+    first_output(job, 60)
     job.cancel()
     time.sleep(1.0)
     info = c.predict(api_name="/engine_info")

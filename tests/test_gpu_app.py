@@ -11,6 +11,7 @@ import pytest
 pytestmark = pytest.mark.gpu
 pytest.importorskip("gradio_client")
 
+from .clients import first_output, streaming_clients, wait_released  # noqa: E402
 from .conftest import AppProcess  # noqa: E402
 from .test_app import poll  # noqa: E402
 
@@ -47,12 +48,9 @@ def test_stop_frees_the_slot_on_turbomind(tm_app):
     c = tm_app.client()
     job = c.submit([{"role": "user", "content": "Go on forever."}], {"temperature": 0.8, "max_new_tokens": 3000},
                    api_name="/chat")
-    while not any(job.outputs()):
-        time.sleep(0.05)
+    first_output(job)
     job.cancel()
-    deadline = time.time() + 30
-    while c.predict(api_name="/engine_info")["running"] and time.time() < deadline:
-        time.sleep(0.2)
+    wait_released(c, 30)
     assert c.predict(api_name="/engine_info")["running"] == 0
     t0 = time.perf_counter()
     assert c.predict([{"role": "user", "content": "Hi"}], {"temperature": 0, "max_new_tokens": 8}, api_name="/chat")
@@ -77,8 +75,6 @@ def test_cancel_storm_of_200_streams_leaves_turbomind_at_full_speed(tm_app):
     """Issue #7: 200 streams cancelled mid-way, 100 by stop and 100 by dropped connections (client
     processes killed): no stuck session (ours or TurboMind's), and the next user is served at the
     speed of before (LMDeploy users saw TurboMind stall after such storms)."""
-    from .clients import streaming_clients
-
     c = tm_app.client()
     before = _speed(c)
     msgs = [{"role": "user", "content": "Write a very long story about the sea."}]
@@ -103,10 +99,7 @@ def test_cancel_storm_of_200_streams_leaves_turbomind_at_full_speed(tm_app):
             j.cancel()
         for g in gone:
             g.kill()
-        t0 = time.time()
-        while c.predict(api_name="/engine_info")["running"] and time.time() - t0 < 60:
-            time.sleep(0.2)
-        freed = time.time() - t0
+        freed = wait_released(c, 60)
     assert cancelled >= 200, cancelled
     assert c.predict(api_name="/engine_info")["running"] == 0, "every cancelled stream must be released"
     time.sleep(2.5)           # the load sampler's next readings: TurboMind's own scheduler view
@@ -158,8 +151,7 @@ def test_out_of_memory_is_a_clear_message_and_the_app_keeps_serving(tmp_path_fac
         assert c.predict(huge, {"temperature": 0, "max_new_tokens": 4}, api_name="/chat") is not None
         hog = _hog(int(1.5 * 2**30))
         other = app.client().submit(story, greedy, api_name="/chat")
-        while not any(other.outputs()):
-            time.sleep(0.02)
+        first_output(other)
         with pytest.raises(AppError, match="[Oo]ut of memory"):
             c.predict(huge, {"temperature": 0, "max_new_tokens": 4}, api_name="/chat")
         assert other.result(timeout=120)[:40] == solo[:40], "the other user's reply went on unharmed"

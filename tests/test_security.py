@@ -12,6 +12,7 @@ pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+from .clients import wait_released  # noqa: E402
 from .conftest import ROOT, AppProcess  # noqa: E402
 
 LOAD_ARGS = ("auto", "auto", "auto", "hf", 0, 0.8, None, 1)
@@ -79,9 +80,7 @@ def test_cancel_storm_leaves_the_engine_serving(app_server):
         time.sleep(0.1)
     for j in jobs:
         j.cancel()
-    deadline = time.time() + 60
-    while c.predict(api_name="/engine_info")["running"] and time.time() < deadline:
-        time.sleep(0.5)
+    wait_released(c, 60)
     assert c.predict(api_name="/engine_info")["running"] == 0, "every cancelled stream must be released"
     t0 = time.perf_counter()
     again = c.predict([{"role": "user", "content": "Count from one to twenty."}],

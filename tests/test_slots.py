@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("gradio_client")
 
-from .clients import streaming_clients  # noqa: E402
+from .clients import first_output, streaming_clients  # noqa: E402
 from .conftest import AppProcess  # noqa: E402
 
 LONG = [{"role": "user", "content": "Write a very long story about the sea."}]
@@ -23,15 +23,6 @@ def one_slot(cache_dir, smollm2):
     app.stop()
 
 
-def _wait_first(job, timeout=60):
-    t0 = time.perf_counter()
-    while not any(job.outputs()):
-        assert not job.done(), job.status()
-        assert time.perf_counter() - t0 < timeout, "no first output"
-        time.sleep(0.02)
-    return time.perf_counter()
-
-
 def _waiter_starts_after(one_slot, release) -> float:
     """A second user queues behind a long reply; ``release()`` frees the slot; returns the seconds
     from the release to the waiting user's first text."""
@@ -42,7 +33,7 @@ def _waiter_starts_after(one_slot, release) -> float:
     assert c.predict(api_name="/engine_info")["running"] == 1
     t0 = time.perf_counter()
     release()
-    first = _wait_first(waiter)
+    first = first_output(waiter)
     waiter.result(timeout=60)
     return first - t0
 
@@ -50,7 +41,7 @@ def _waiter_starts_after(one_slot, release) -> float:
 def test_stop_hands_the_slot_to_the_waiting_user(one_slot):
     c = one_slot.client()
     job = c.submit(LONG, FOREVER, api_name="/chat")
-    _wait_first(job)
+    first_output(job)
     waited = _waiter_starts_after(one_slot, job.cancel)
     assert waited < 5, f"the waiting user started {waited:.1f} s after stop"
 
