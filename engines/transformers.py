@@ -23,6 +23,7 @@ round-robin instead: every active request advances one token per turn, with its 
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import os
 import queue
@@ -134,7 +135,8 @@ class TransformersEngine:
         ctx = getattr(text_cfg, "max_position_embeddings", None) or 2048
         self.context_length = int(min(session_len, ctx) if session_len else ctx)
         self.eos_ids = self._eos_ids()
-        self._keep_last = None   # whether forward() takes logits_to_keep (found at the first prefill)
+        # whether forward() takes logits_to_keep: prefill then computes only the last position's logits
+        self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.batchable = self._batchable(mcfg)
         self.max_batch = max_batch
         self.info = EngineInfo(
@@ -412,10 +414,6 @@ class TransformersEngine:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        if self._keep_last is None:
-            import inspect
-
-            self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         # only the last position's logits: a long prompt's full logits (tokens x vocabulary) would
         # take more memory than its KV cache (8k tokens x 49k vocabulary = 0.8 GB in bf16)
         extra = {"logits_to_keep": 1} if self._keep_last else {}

@@ -120,7 +120,7 @@ def lazy_session_config() -> bool:
         del made.config_for_block               # the class's method again
         values = getattr(self, "config_values", None)
         if made is self.blocks_config and isinstance(values, dict):
-            self.config_values = _LazyConfigValues(self, [k for k, v in values.items() if v is None])
+            self.config_values = _LazyConfigValues(self, list(values))   # all None: built nothing
         else:                                   # not the expected shape: build them as Gradio does
             self.config_values = {k: made.config_for_block(k, [], made.blocks[k]) for k in values or {}}
 
