@@ -132,6 +132,33 @@ def http_stream(url, messages, params):
     return {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": text, "updates": updates}
 
 
+def openai_stream(url, messages, params):
+    """One streamed reply from an OpenAI-compatible server (``lmdeploy serve api_server``, the app's
+    own ``--api``): POST /v1/chat/completions with ``stream`` and read its server-sent events. The
+    model is the server's first listed one."""
+    t0 = time.perf_counter()
+    model = json.load(urllib.request.urlopen(url + "v1/models", timeout=30))["data"][0]["id"]
+    body = {"model": model, "messages": [m.to_dict() for m in messages], "stream": True,
+            "max_tokens": params.get("max_new_tokens"), "temperature": params.get("temperature", 0),
+            **{k: params[k] for k in ("top_p", "top_k", "repetition_penalty", "seed") if k in params}}
+    req = urllib.request.Request(url + "v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    ttft, text, updates = None, "", 0
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            piece = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content") or ""
+            if piece:
+                text += piece
+                updates += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+    return {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": text, "updates": updates}
+
+
 def _users_in_process(url, kind, messages, params, count, start_at):
     """Run ``count`` users (threads) in this worker process, all starting at ``start_at``."""
     clients = []
@@ -144,8 +171,8 @@ def _users_in_process(url, kind, messages, params, count, start_at):
     def one(i):
         time.sleep(max(0.0, start_at - time.time()))
         t_start = time.time()
-        r = client_stream(clients[i], messages, params) if kind == "gradio_client" else \
-            http_stream(url, messages, params)
+        r = (client_stream(clients[i], messages, params) if kind == "gradio_client" else
+             openai_stream(url, messages, params) if kind == "openai" else http_stream(url, messages, params))
         r["start"], r["end"] = t_start, time.time()
         res[i] = r
 

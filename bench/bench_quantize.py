@@ -38,6 +38,9 @@ def main(argv=None):
     ap.add_argument("--cache", type=float, default=0.5, help="cache_max_entry_count for the speed runs")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--skip", default="", help="comma list of steps to skip: memory,speed,kv")
+    ap.add_argument("--speed-models", default="fp16,w4a16", help="which models the speed step loads")
+    ap.add_argument("--tag", default="", help="appended to each row's label (e.g. the TM_GEMM_* settings "
+                                                "of a kernel-tuning experiment, set in the environment)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     from bench.models import build_llama
@@ -45,7 +48,8 @@ def main(argv=None):
 
     skip = set(filter(None, a.skip.split(",")))
     os.makedirs(a.work, exist_ok=True)
-    out = {"shape": a.shape, "args": vars(a), "rows": []}
+    out = {"shape": a.shape, "args": vars(a), "rows": [],
+           "env": {k: v for k, v in os.environ.items() if k.startswith("TM_")}}
 
     def save(row=None):
         if row is not None:
@@ -77,7 +81,9 @@ def main(argv=None):
     kw = dict(cache_dir=cache_dir, new_tokens=a.new_tokens, engine="turbomind")
     if "speed" not in skip:
         for label, path, fmt in (("fp16", src, "hf"), ("w4a16", dst, "awq")):
-            save(measure_model(path, label=label, model_format=fmt, cache_max_entry_count=a.cache,
+            if label not in a.speed_models.split(","):
+                continue
+            save(measure_model(path, label=label + a.tag, model_format=fmt, cache_max_entry_count=a.cache,
                                batches=(1, 16), kv_capacity=True, prompt=PROMPT, **kw) | {"step": "speed"})
     if "kv" not in skip:
         for qp in (8, 4):

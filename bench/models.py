@@ -22,7 +22,33 @@ SHAPES = {
     "awq-small": (1024, 2816, 8, 8, 8),       # ~0.2B, dims divisible by AWQ's group 128; GPU tests
     "1.8b": (2048, 8192, 24, 16, 8),          # the gpu-kit's 1.8B shape (InternLM2-1.8B-like)
     "llama2-7b": (4096, 11008, 32, 32, 32),
+    "llama2-7b-32k": (4096, 11008, 32, 32, 32),   # the same with Llama-2's own 32 000-token vocabulary
 }
+# shapes whose vocabulary is not SmolLM2's 49 152: their tokenizer keeps SmolLM2's first N tokens
+VOCABS = {"llama2-7b-32k": 32000}
+
+
+def truncate_tokenizer(folder: str, vocab: int) -> None:
+    """Cut the byte-level BPE tokenizer in ``folder`` to its first ``vocab`` ids: the tokens above go,
+    and so does every merge that makes or uses one. The 256 byte tokens sit low in SmolLM2's vocabulary,
+    so any text still encodes (into more, shorter tokens), and no id reaches past the model's
+    embedding. Gives a real tokenizer for a shape with another vocabulary size (Llama-2: 32 000)."""
+    import json
+
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        tok = json.load(f)
+    model = tok["model"]
+    keep = {t: i for t, i in model["vocab"].items() if i < vocab}
+    merges = []
+    for m in model["merges"]:
+        a, b = m if isinstance(m, list) else m.split(" ", 1)
+        if a in keep and b in keep and a + b in keep:
+            merges.append(m)
+    model["vocab"], model["merges"] = keep, merges
+    tok["added_tokens"] = [t for t in tok.get("added_tokens", []) if t["id"] < vocab]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(tok, f, ensure_ascii=False)
 
 
 def copy_tokenizer(out_dir: str) -> None:
@@ -36,7 +62,7 @@ def llama_config(shape: str, max_pos: int = 4096, **overrides):
     from transformers import LlamaConfig
 
     hidden, inter, layers, heads, kv = SHAPES[shape]
-    kw = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    kw = dict(vocab_size=VOCABS.get(shape, VOCAB), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
               num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max_pos,
               bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
               rope_theta=10000.0, architectures=["LlamaForCausalLM"])
@@ -60,6 +86,8 @@ def build_llama(out_dir: str, shape: str = "tiny", *, device: str = "cpu", dtype
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     copy_tokenizer(tmp)
+    if shape in VOCABS:
+        truncate_tokenizer(tmp, VOCABS[shape])
     os.replace(tmp, out_dir)
     del model
     return out_dir
