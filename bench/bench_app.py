@@ -179,7 +179,16 @@ def _users_in_process(url, kind, messages, params, count, start_at):
     threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    for r in res:
+        r["worker"] = os.getpid()
     return res
+
+
+def _warm_worker(url, kind, messages, params, count, start_at):
+    """Each load-generator process sends ``count`` short requests at once before it is measured.
+    Without this, the users of a process that had never sent a request came ~180 ms later than the
+    others (seen on the H200 host: of 16 users, exactly the 8 of the unwarmed process)."""
+    return os.getpid(), len(_users_in_process(url, kind, messages, params, count, start_at))
 
 
 def app_runs(url, messages, params, users, tokens_by_users, kind="gradio_client"):
@@ -191,8 +200,16 @@ def app_runs(url, messages, params, users, tokens_by_users, kind="gradio_client"
 
     p = {k: getattr(params, k) for k in GenParams.RANGES if getattr(params, k) is not None}
     out = {}
-    with ProcessPoolExecutor(max_workers=max(1, (max(users) + 7) // 8), mp_context=mp.get_context("spawn")) as pool:
-        pool.submit(_users_in_process, url, kind, messages, {**p, "max_new_tokens": 8}, 1, time.time()).result()
+    workers = max(1, (max(users) + 7) // 8)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        # every worker process warmed (all submitted at once, each waits for the same moment, so
+        # each lands in a process of its own), not only the first
+        start_at = time.time() + 5.0
+        warm = [pool.submit(_warm_worker, url, kind, messages, {**p, "max_new_tokens": 8}, 8, start_at)
+                for _ in range(workers)]
+        warmed = {f.result()[0] for f in warm}
+        if len(warmed) < workers:
+            print(f"note: {len(warmed)} of {workers} load-generator processes warmed", flush=True)
         for n in users:
             per = [8] * (n // 8) + ([n % 8] if n % 8 else [])
             start_at = time.time() + 3.0   # every worker has its clients ready by then
@@ -208,9 +225,11 @@ def app_runs(url, messages, params, users, tokens_by_users, kind="gradio_client"
                       "texts": [r["text"] for r in res],
                       "decode_tok_s_1": (per_tok - 1) / (r0["seconds"] - r0["ttft"]),
                       # per user: start (s after the first start), first token, reply time, updates
-                      # seen: tells a late start from a late first token from a slow stream
+                      # seen, load-generator process: tells a late start from a late first token from
+                      # a slow stream, and a slow client process from a slow server
                       "users_detail": sorted([round(r["start"] - min(x["start"] for x in res), 3),
-                                              round(r["ttft"], 3), round(r["seconds"], 3), r.get("updates")]
+                                              round(r["ttft"], 3), round(r["seconds"], 3), r.get("updates"),
+                                              r.get("worker")]
                                              for r in res)}
     return out
 

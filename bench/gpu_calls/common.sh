@@ -8,6 +8,4 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, its output in $
   timeout -k 5 "$secs" "$@" > "$OUT/$name.log" 2>&1
   echo "[$name] rc=$? $(( $(date +%s) - t0 )) s" | tee -a "$OUT/steps.txt"
 }
-build18() {
-  python3 -c "from bench.models import build_llama; build_llama('$M18','1.8b',device='cuda',dtype='bfloat16')"
-}
+BUILD18=(python3 -c "from bench.models import build_llama; build_llama('$M18','1.8b',device='cuda',dtype='bfloat16')")
