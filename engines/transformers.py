@@ -83,7 +83,7 @@ class _Request:
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: object = None
-    seen: object = None          # tensor of token ids seen (prompt + reply), for repetition_penalty
+    seen: object = None          # token ids seen (prompt + reply), only for a repetition_penalty
     generated: int = 0
     length: int = 0              # tokens in this row's cache
     cache: object = None         # own cache while outside a batch
@@ -421,21 +421,24 @@ class TransformersEngine:
         req.cache = out.past_key_values
         ids = inputs["input_ids"][0]
         req.length = int(ids.shape[0])
-        req.seen = ids.clone()
+        # the ids seen (prompt and reply), kept only where repetition_penalty needs them
+        req.seen = ids.clone() if req.params.repetition_penalty != 1.0 else None
         seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
-        req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # a CPU generator per request: its draws are host-side (no device sync), and a seed gives
+        # the same answer whoever else shares the batch
+        req.generator = torch.Generator().manual_seed(seed)
         req.detok = IncrementalDetokenizer(self.tokenizer)
-        self._accept(req, out.logits[0, -1])
+        self._accept(req, self._next_tokens([req], out.logits[:, -1])[0])
 
-    def _accept(self, req: _Request, logits) -> None:
-        """Sample the next token from ``logits`` and emit it (or finish the request)."""
-        tok = self._sample(req, logits)
+    def _accept(self, req: _Request, tok: int) -> None:
+        """Emit the sampled token ``tok`` (or finish the request)."""
         req.generated += 1
         if tok in self.eos_ids:
             req.next_token = None
             self._finish(req, "stop")
             return
-        req.seen = self._torch.cat([req.seen, req.seen.new_tensor([tok])])
+        if req.seen is not None:
+            req.seen = self._torch.cat([req.seen, req.seen.new_tensor([tok])])
         text = req.detok.push(tok)
         if req.generated >= req.max_new or req.cancelled.is_set():
             text += req.detok.flush()
@@ -446,30 +449,55 @@ class TransformersEngine:
         req.next_token = tok
         req.out.put(Delta(text, req.generated))
 
-    def _sample(self, req: _Request, logits) -> int:
+    def _next_tokens(self, rows: list[_Request], logits) -> list[int]:
+        """The next token of every row from ``logits`` [rows, vocabulary], for the whole batch at once:
+        one host copy per step, however many rows (a per-row ``argmax``/``multinomial`` made one
+        device sync and several kernel launches per row, and the step's cost grew with the batch).
+
+        Per row, in this order: repetition penalty, then greedy (argmax) or temperature, top-k,
+        top-p and a draw. The draw is inverse-CDF sampling with a uniform number from the row's own
+        CPU generator: the same distribution as ``torch.multinomial``, and a seed reproduces a reply
+        whatever else shares the batch."""
         torch = self._torch
-        p = req.params
         logits = logits.float()
-        if p.repetition_penalty != 1.0:
-            seen = req.seen
-            score = logits.gather(0, seen)
-            score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
-            logits = logits.scatter(0, seen, score)
-        if p.greedy:
-            return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        if p.top_k and p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, idx = torch.sort(logits, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            cum = probs.cumsum(-1)
-            remove = cum - probs > p.top_p   # keep the first token that crosses top_p
-            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=req.generator))
+        n = len(rows)
+        for i, r in enumerate(rows):      # rare: rows with a repetition penalty, one by one
+            pen = r.params.repetition_penalty
+            if pen != 1.0 and r.seen is not None:
+                score = logits[i].gather(0, r.seen)
+                logits[i] = logits[i].scatter(0, r.seen, torch.where(score < 0, score * pen, score / pen))
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if not sampled:
+            return logits.argmax(-1).tolist()
+        dev = logits.device
+        out = torch.empty(n, dtype=torch.long, device=dev)
+        if greedy:
+            g = torch.tensor(greedy, device=dev)
+            out[g] = logits[g].argmax(-1)
+        s = torch.tensor(sampled, device=dev)
+        ps = [rows[i].params for i in sampled]
+        x = logits[s] / torch.tensor([p.temperature for p in ps], device=dev).unsqueeze(1)
+        vocab = x.shape[-1]
+        ks = [p.top_k if p.top_k and p.top_k < vocab else 0 for p in ps]
+        if any(ks):
+            kmax = max(ks)
+            top = torch.topk(x, kmax, dim=-1).values
+            kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev).unsqueeze(1))
+            kth = kth.masked_fill(torch.tensor([k == 0 for k in ks], device=dev).unsqueeze(1), float("-inf"))
+            x = x.masked_fill(x < kth, float("-inf"))
+        if any(p.top_p < 1.0 for p in ps):
+            sorted_x, idx = torch.sort(x, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in ps], device=dev).unsqueeze(1)
+            remove = (probs.cumsum(-1) - probs) > top_p   # keep the first token that crosses top_p
+            x = torch.full_like(x, float("-inf")).scatter(1, idx, sorted_x.masked_fill(remove, float("-inf")))
+        cdf = torch.softmax(x, dim=-1).cumsum(-1)
+        u = torch.tensor([float(torch.rand((), generator=rows[i].generator)) for i in sampled], device=dev)
+        # the first token whose cumulative probability exceeds u (zero-probability tokens never are)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1).contiguous(), right=True).squeeze(1)
+        out[s] = pick.clamp_(max=vocab - 1)
+        return out.tolist()
 
     def _step_single(self, req: _Request):
         torch = self._torch
@@ -477,7 +505,7 @@ class TransformersEngine:
         out = self.model(input_ids=ids, past_key_values=req.cache, use_cache=True)
         req.cache = out.past_key_values
         req.length += 1
-        self._accept(req, out.logits[0, -1])
+        self._accept(req, self._next_tokens([req], out.logits[:, -1])[0])
 
     # --- batched decoding over left-padded caches
     @staticmethod
@@ -536,10 +564,9 @@ class TransformersEngine:
         pos = torch.tensor([[r.length] for r in rows], device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                          past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1]
-        for i, r in enumerate(rows):
+        for r, tok in zip(rows, self._next_tokens(rows, out.logits[:, -1])):
             r.length += 1
-            self._accept(r, logits[i])
+            self._accept(r, tok)
         return out.past_key_values, mask
 
     # --- endings
