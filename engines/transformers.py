@@ -147,6 +147,7 @@ class TransformersEngine:
                    "load_seconds": round(self.load_seconds, 2),
                    "architecture": (getattr(mcfg, "architectures", None) or ["?"])[0]})
         self.dead: str | None = None   # why the scheduler thread ended, if it did
+        self._give_back = False         # release the allocator's cache at the scheduler's next turn
         self._admitting: list[_Request] = []
         self._pending: queue.Queue[_Request] = queue.Queue()
         self._active: list[_Request] = []
@@ -323,6 +324,11 @@ class TransformersEngine:
         batch_rows: list[_Request] = []
         mask = None
         while not self._closed.is_set():
+            if self._give_back:
+                # after an out-of-memory: here, outside the handler, the failed step's exception and
+                # the tensors its traceback held are gone, so the memory really goes back to the GPU
+                self._give_back = False
+                self._empty_cache()
             admitted = self._admitting = []
             while len(self._active) + len(admitted) < self.max_batch:
                 try:
@@ -374,7 +380,7 @@ class TransformersEngine:
                     with self._lock:
                         self._active = []
                     batch_cache, batch_rows, mask = None, [], None
-                    self._empty_cache()
+                    self._give_back = True
         for r in list(self._active) + list(self._pending.queue):
             self._finish(r, "abort")
 
@@ -585,7 +591,10 @@ class TransformersEngine:
         torch = self._torch
         if isinstance(exc, torch.OutOfMemoryError):
             msg = "Out of memory during generation; try a shorter prompt or fewer max_new_tokens."
-            self._empty_cache()
+            # not released here: this runs inside the handler, where the exception's traceback still
+            # holds the failed step's tensors (on the H100 the app kept a 60k-token prompt's pool,
+            # gigabytes, that a model load then found free); the scheduler releases it next turn
+            self._give_back = True
         else:
             msg = f"Generation failed: {_first_line(exc)}"
         req.out.put(Delta("", req.generated, "error", msg))

@@ -205,6 +205,44 @@ def test_out_of_memory_in_a_step_fails_that_batch_and_the_engine_recovers(tiny_l
         eng.close()
 
 
+def test_after_an_out_of_memory_the_failed_steps_tensors_are_gone_when_memory_is_given_back(tiny_llama):
+    """The cache release after an out-of-memory must come when nothing holds the failed step's
+    tensors any more (an exception's traceback does, while it is being handled): else on a GPU the
+    allocator keeps that memory, seen on the H100 as gigabytes held after a 60k-token prompt."""
+    import sys
+    import weakref
+
+    import torch
+
+    from engines import registry
+
+    eng = registry.create(tiny_llama, "transformers", device="cpu")
+    try:
+        real = eng.model.forward
+        held, at_release = [], []
+
+        def greedy_forward(*a, **k):
+            big = torch.ones(1 << 20)          # what the step had allocated before it ran out
+            held.append(weakref.ref(big))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def release():
+            at_release.append((sys.exc_info()[0], [r() is None for r in held]))
+
+        eng.model.forward = greedy_forward
+        eng._empty_cache = release
+        deltas = list(eng.stream(PROMPT, GenParams(temperature=0, max_new_tokens=8), session_id="oom"))
+        assert deltas[-1].finish_reason == "error" and "Out of memory" in deltas[-1].error
+        eng.model.forward = real
+        ok = list(eng.stream(PROMPT, GenParams(temperature=0, max_new_tokens=4), session_id="after"))
+        assert ok[-1].tokens == 4
+        assert at_release, "the memory was never given back"
+        exc_type, freed = at_release[0]
+        assert exc_type is None and all(freed), at_release
+    finally:
+        eng.close()
+
+
 SHORT = [ChatMessage("user", "Name three colours.")]
 LONG = [ChatMessage("user", "Tell me about the sea. " * 60)]
 

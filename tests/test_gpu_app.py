@@ -133,6 +133,14 @@ def _hog(leave_bytes: int):
     return p
 
 
+def _gpu_used_by(pid: int) -> int:
+    """GPU memory NVML counts for process ``pid`` (bytes)."""
+    from engines.telemetry import gpu_processes
+
+    procs = gpu_processes() or {}
+    return sum(p["used"] for ps in procs.values() for p in ps if p["pid"] == pid)
+
+
 def test_out_of_memory_is_a_clear_message_and_the_app_keeps_serving(tmp_path_factory):
     """Issue #7: out of memory during generation (Transformers on CUDA, a 60k-token prompt while
     another process holds the GPU) and during a load (a 1.8B model that cannot fit): clear messages,
@@ -154,6 +162,7 @@ def test_out_of_memory_is_a_clear_message_and_the_app_keeps_serving(tmp_path_fac
         story = [{"role": "user", "content": "Tell me a story."}]
         greedy = {"temperature": 0, "max_new_tokens": 300}
         solo = c.predict(story, greedy, api_name="/chat")
+        baseline = _gpu_used_by(app.proc.pid)
         huge = [{"role": "user", "content": "word " * 60000 + "\nSummarize."}]
         assert c.predict(huge, {"temperature": 0, "max_new_tokens": 4}, api_name="/chat") is not None
         hog = _hog(int(1.5 * 2**30))
@@ -163,6 +172,11 @@ def test_out_of_memory_is_a_clear_message_and_the_app_keeps_serving(tmp_path_fac
             c.predict(huge, {"temperature": 0, "max_new_tokens": 4}, api_name="/chat")
         assert other.result(timeout=120)[:40] == solo[:40], "the other user's reply went on unharmed"
         assert c.predict(story, greedy, api_name="/chat")[:40] == solo[:40]
+        # the failed prompt's memory went back to the GPU (another process, or a load, may use it)
+        held = _gpu_used_by(app.proc.pid)
+        print(f"app GPU memory: {baseline / 2**30:.2f} GiB before the long prompts, "
+              f"{held / 2**30:.2f} GiB after the out-of-memory", flush=True)
+        assert held < baseline + 2**30, (baseline, held)
         # a load that cannot fit: refused with the figures, the previous model back and serving. The
         # hog is taken again now: the app's memory pool from the first long prompt went back to the
         # GPU with the out-of-memory, so what a load would find free is the hog's 1.5 GiB plus what
