@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     atexit.register(ctx.servers.stop_all)
     from ui.gradio_patches import lazy_session_config
 
-    lazy_session_config()        # a new session no longer builds ~190 component configs on the loop
+    if os.environ.get("TURBOSTUDIO_SESSION_SHIM", "1") != "0":   # "0": Gradio's own (for A/B runs)
+        lazy_session_config()    # a new session no longer builds ~190 component configs on the loop
     demo = build_app(ctx)
     info = manager.info()
     concurrency = s.concurrency or (info.max_batch if info else 16)

@@ -234,6 +234,46 @@ def app_runs(url, messages, params, users, tokens_by_users, kind="gradio_client"
     return out
 
 
+def alternating(resolved, a, opts, extra, messages, params, users):
+    """``a.rounds`` rounds of (engine alone, then the app), the engine loaded in this process the
+    whole time beside the app's own: both sides see the same machine, round by round. Returns the
+    engine's and the app's results as medians over the rounds (texts and per-user details of the
+    first round, the worst first-token p99), the app's start time and each round's ratios."""
+    from engines import registry
+
+    eng = registry.create(resolved, a.engine, **opts)
+    one_stream(eng, messages, params.replace(max_new_tokens=8), "warm")
+    proc, ready_s = launch(a.model, a.engine, a.port, extra)
+    runs = []
+    try:
+        for _ in range(a.rounds):
+            e = streams_at_once(eng, messages, params, users)
+            g = app_runs(f"http://127.0.0.1:{a.port}/", messages, params, users,
+                         {n: e[n]["tokens"] for n in users}, a.client)
+            runs.append((e, g))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        eng.close()
+
+    def median_of(side: int) -> dict:
+        out = {}
+        for n in users:
+            rs = [r[side][n] for r in runs]
+            out[n] = {**rs[0], **{k: statistics.median(r[k] for r in rs)
+                                  for k in ("seconds", "ttft_p50", "decode_tok_s_1")}}
+            if "ttft_p99" in rs[0]:
+                out[n]["ttft_p99"] = max(r["ttft_p99"] for r in rs)
+        return out
+
+    rounds = [{n: {"app/engine": round(e[n]["seconds"] / g[n]["seconds"], 3),
+                   "engine_tok_s": round(e[n]["tokens"] / e[n]["seconds"], 1),
+                   "app_tok_s": round(g[n]["tokens"] / g[n]["seconds"], 1)} for n in users} for e, g in runs]
+    for i, r in enumerate(rounds):
+        print(f"round {i + 1}: " + ", ".join(f"{n} users x{v['app/engine']}" for n, v in r.items()), flush=True)
+    return median_of(0), median_of(1), ready_s, rounds
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model folder (default: the built-in SmolLM2)")
@@ -246,6 +286,10 @@ def main(argv=None):
     ap.add_argument("--app-args", default="", help="extra app.py arguments")
     ap.add_argument("--client", choices=["gradio_client", "http"], default="gradio_client",
                     help="how simulated users talk to the app")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate engine-alone and app runs this many times (the engine stays loaded "
+                         "beside the app) and report medians: on a shared GPU host one engine run's "
+                         "speed varies by up to ~15%% from the next")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     from engines import models
@@ -255,17 +299,20 @@ def main(argv=None):
     params = GenParams(temperature=0, max_new_tokens=a.new_tokens)
     resolved = models.resolve(a.model, os.path.join(os.path.expanduser("~"), ".cache", "turbostudio"))
     opts = {"cache_max_entry_count": 0.5, "session_len": 4096} if a.engine != "transformers" else {}
-    eng = engine_runs(resolved, a.engine, opts, messages, params, users)
-    report = {"engine": a.engine, "model": resolved.spec, "engine_runs": {}, "app_runs": {}}
     extra = a.app_args.split() + (["--cache-max-entry-count", "0.5", "--session-len", "4096"]
                                   if a.engine != "transformers" else [])
-    proc, ready_s = launch(a.model, a.engine, a.port, extra)
-    try:
-        app = app_runs(f"http://127.0.0.1:{a.port}/", messages, params, users,
-                       {n: eng[n]["tokens"] for n in users}, a.client)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    report = {"engine": a.engine, "model": resolved.spec, "engine_runs": {}, "app_runs": {}}
+    if a.rounds > 1:
+        eng, app, ready_s, report["rounds"] = alternating(resolved, a, opts, extra, messages, params, users)
+    else:
+        eng = engine_runs(resolved, a.engine, opts, messages, params, users)
+        proc, ready_s = launch(a.model, a.engine, a.port, extra)
+        try:
+            app = app_runs(f"http://127.0.0.1:{a.port}/", messages, params, users,
+                           {n: eng[n]["tokens"] for n in users}, a.client)
+        finally:
+            proc.terminate()
+            proc.wait(30)
     print(f"\n{a.engine} on {resolved.spec}: app ready {ready_s:.1f} s after launch; users talk through {a.client}")
     for n in users:
         e, g = eng[n], app[n]

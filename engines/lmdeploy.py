@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 from typing import Iterator, Sequence
 
@@ -205,6 +206,9 @@ class LMDeployEngine:
             _patch_vision_preprocessor(self.pipe)
         bc = self.pipe.backend_config
         self._sessions: dict[str, list] = {}
+        # diagnostic switch: end streams at LMDeploy's end marker and close sessions blocking, as
+        # before 2026-11-26 (for side-by-side runs on a GPU; see _relay)
+        self._wait_end = os.environ.get("TURBOSTUDIO_LMDEPLOY_WAIT_END") == "1"
         self._lock = threading.Lock()
         self._closed = False
         self._fatal: str | None = None
@@ -327,7 +331,9 @@ class LMDeployEngine:
                 if out.finish_reason:
                     finished = True
                     yield Delta(out.text or "", tokens, out.finish_reason)
-                    return
+                    if not self._wait_end:
+                        return
+                    continue
                 yield Delta(out.text or "", tokens, out.finish_reason)
             if not finished:
                 yield Delta("", tokens, "stop")
@@ -346,7 +352,7 @@ class LMDeployEngine:
                     lst.remove(session)
                 if not lst:
                     self._sessions.pop(session_id, None)
-            self._close_session(session, wait=not finished)
+            self._close_session(session, wait=not finished or self._wait_end)
 
     @staticmethod
     def _close_session(session, wait: bool) -> None:
@@ -393,6 +399,15 @@ class LMDeployEngine:
         if any(k.lower() in (message or "").lower() for k in self._FATAL):
             self._fatal = message.strip().splitlines()[0][:300]
             log.error("LMDeploy engine marked dead: %s", self._fatal)
+
+    def live_sessions(self) -> dict:
+        """Sessions alive now: ours (streams being relayed) and LMDeploy's own session manager's
+        (a number that stays above ours after the streams end is a leak: stuck sessions)."""
+        mgr = getattr(self.pipe, "session_mgr", None) or getattr(getattr(self.pipe, "async_engine", None),
+                                                                 "session_mgr", None)
+        with self._lock:
+            ours = sum(len(v) for v in self._sessions.values())
+        return {"relayed": ours, "lmdeploy": len(getattr(mgr, "sessions", {}) or {}) if mgr is not None else None}
 
     def schedule_metrics(self) -> dict | None:
         """TurboMind's scheduler: running and waiting sequences and the KV cache's used fraction

@@ -113,8 +113,13 @@ def test_cancel_storm_of_200_streams_leaves_turbomind_at_full_speed(tm_app):
     load = c.predict(api_name="/monitor_load")
     assert load and load[-1][1] == 0, f"TurboMind still runs requests: {load[-3:]}"
     after = _speed(c)
+    time.sleep(15)
+    sessions = c.predict(api_name="/engine_info").get("sessions")
+    later = _speed(c)
     print(f"cancel storm: {cancelled} running streams cancelled in {waves} waves, the last released in "
-          f"{freed:.1f} s; decode {before:.0f} tok/s before, {after:.0f} after ({after / before:.3f})")
+          f"{freed:.1f} s; decode {before:.0f} tok/s before, {after:.0f} after ({after / before:.3f}), "
+          f"{later:.0f} 15 s later ({later / before:.3f}); sessions alive after: {sessions}", flush=True)
+    assert sessions is None or sessions["lmdeploy"] in (None, 0), f"LMDeploy sessions left behind: {sessions}"
     assert after >= 0.9 * before
     assert tm_app.alive()
 

@@ -11,7 +11,7 @@ from engines.lmdeploy import LMDeployEngine, _use_own_image_token
 
 def _bare_engine():
     eng = object.__new__(LMDeployEngine)      # no pipeline: only the bookkeeping is exercised
-    eng._closed, eng._fatal = False, None
+    eng._closed, eng._fatal, eng._wait_end = False, None, False
     eng.pipe = types.SimpleNamespace(internal_thread=types.SimpleNamespace(thread=threading.current_thread()))
     return eng
 

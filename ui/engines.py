@@ -160,7 +160,16 @@ def engine_info(ctx: Context) -> dict:
     return {"loaded": info is not None, **(info.to_dict() if info else {}),
             "running": ctx.manager.running, "dead": getattr(ctx.manager.engine, "dead", None),
             "last_switch": ctx.manager.last_switch,
+            "sessions": _live_sessions(ctx.manager.engine),
             "memory": telemetry.snapshot()}
+
+
+def _live_sessions(eng) -> dict | None:
+    fn = getattr(eng, "live_sessions", None)
+    try:
+        return fn() if fn else None
+    except Exception:  # noqa: BLE001 - a figure for the page, never a reason to fail it
+        return None
 
 
 __all__ = ["build", "describe", "engine_info"]
