@@ -60,10 +60,12 @@ def main(argv=None) -> int:
 
     ctx.servers = ServerManager(os.path.join(s.cache_dir, "servers"))
     atexit.register(ctx.servers.stop_all)
-    from ui.gradio_patches import lazy_session_config
+    from ui.gradio_patches import event_driven_queue, lazy_session_config
 
     if os.environ.get("TURBOSTUDIO_SESSION_SHIM", "1") != "0":   # "0": Gradio's own (for A/B runs)
         lazy_session_config()    # a new session no longer builds ~190 component configs on the loop
+    if os.environ.get("TURBOSTUDIO_QUEUE_SHIM", "1") != "0":
+        event_driven_queue()     # the queue loop wakes on events, not every 1 ms (the GIL: TurboMind)
     demo = build_app(ctx)
     info = manager.info()
     concurrency = s.concurrency or (info.max_batch if info else 16)

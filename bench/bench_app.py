@@ -114,7 +114,7 @@ def http_stream(url, messages, params):
     req = urllib.request.Request(url + "gradio_api/call/chat", data=body,
                                  headers={"Content-Type": "application/json"})
     event_id = json.load(urllib.request.urlopen(req, timeout=60))["event_id"]
-    ttft, text, updates, event = None, "", 0, ""
+    ttft, text, updates, event, complete = None, "", 0, "", None
     with urllib.request.urlopen(f"{url}gradio_api/call/chat/{event_id}", timeout=600) as resp:
         for raw in resp:
             line = raw.decode().strip()
@@ -122,6 +122,8 @@ def http_stream(url, messages, params):
                 event = line[6:].strip()
             elif line.startswith("data:") and event in ("generating", "complete"):
                 data = json.loads(line[5:])
+                if event == "complete":
+                    complete = time.perf_counter() - t0
                 if data and data[0]:
                     text = data[0]
                     updates += 1
@@ -129,7 +131,8 @@ def http_stream(url, messages, params):
                         ttft = time.perf_counter() - t0
             elif line.startswith("data:") and event == "error":
                 raise RuntimeError(line)
-    return {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": text, "updates": updates}
+    closed = time.perf_counter() - t0
+    return {"ttft": ttft, "seconds": closed, "complete": complete, "text": text, "updates": updates}
 
 
 def openai_stream(url, messages, params):

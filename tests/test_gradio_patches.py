@@ -61,3 +61,55 @@ def test_a_value_set_before_any_read_lands_in_the_config(demo):
     assert a.config_values[key]["props"]["value"] == "hello"
     assert b.config_values[key]["props"].get("value") != "hello", "sessions do not share configs"
     assert key in a.config_values and a.config_values.get(key) is a.config_values[key]
+
+
+def test_the_queue_wakes_on_events_and_sleeps_when_idle():
+    """event_driven_queue: a request starts at once (it wakes the loop; the fallback wait is 50 ms),
+    a request waiting for a place starts when the place frees, and an idle queue loop runs ~20
+    times a second instead of ~1000 (Gradio's 1 ms poll)."""
+    import threading
+
+    from gradio import queueing
+    from gradio_client import Client
+
+    from ui.gradio_patches import event_driven_queue
+
+    assert event_driven_queue() and event_driven_queue(), "installs once, idempotent"
+    started, ended = [], []
+
+    def work(x):
+        started.append(time.perf_counter())
+        time.sleep(0.3)
+        ended.append(time.perf_counter())
+        return x
+
+    with gr.Blocks() as app:
+        box = gr.Textbox()
+        gr.Button().click(work, box, box, api_name="work", concurrency_limit=1)
+    app.queue()
+    app.launch(prevent_thread_lock=True, server_port=None, quiet=True)
+    try:
+        client = Client(app.local_url, verbose=False)
+        calls = {"n": 0}
+        real_len = queueing.Queue.__len__
+
+        def counting_len(self):
+            calls["n"] += 1
+            return real_len(self)
+
+        queueing.Queue.__len__ = counting_len
+        try:
+            time.sleep(1.0)
+        finally:
+            queueing.Queue.__len__ = real_len
+        assert calls["n"] < 60, f"the idle queue loop ran {calls['n']} times in a second"
+        jobs, sent = [], []
+        for i in range(2):          # the second waits for the first's place (concurrency 1)
+            sent.append(time.perf_counter())
+            jobs.append(client.submit(str(i), api_name="/work"))
+        assert [j.result(timeout=30) for j in jobs] == ["0", "1"]
+        assert started[0] - sent[0] < 0.2, "the first request started late"   # client + HTTP included
+        assert started[1] - ended[0] < 0.03, "the waiting request did not start when the place freed"
+    finally:
+        app.close()
+    assert threading.active_count() < 200
