@@ -83,6 +83,17 @@ class _LazyConfigValues(dict):
         return dict.values(self)
 
 
+def _gradio_class(module: str, name: str):
+    """(the Gradio module, its class ``name``), or (None, None) where this Gradio has neither."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"gradio.{module}")
+    except ImportError:
+        return None, None
+    return mod, getattr(mod, name, None)
+
+
 def lazy_session_config() -> bool:
     """Install the shim; False (and Gradio untouched) when Gradio's SessionState is not the shape
     this was written against (Gradio 6.31: ``copy(blocks.default_config)``, then ``config_values``
@@ -95,11 +106,9 @@ def lazy_session_config() -> bool:
     Nothing shared is changed, so concurrent sessions and handlers see Gradio as it is."""
     import threading
 
-    try:
-        from gradio import state_holder
-    except ImportError:
+    state_holder, cls = _gradio_class("state_holder", "SessionState")
+    if cls is None:
         return False
-    cls = state_holder.SessionState
     if getattr(cls, "_turbostudio_lazy", False):
         return True
     real_copy = getattr(state_holder, "copy", None)
@@ -163,11 +172,9 @@ def event_driven_queue() -> bool:
     import asyncio
     import time
 
-    try:
-        from gradio import queueing
-    except ImportError:
+    queueing, cls = _gradio_class("queueing", "Queue")
+    if cls is None:
         return False
-    cls = queueing.Queue
     if getattr(cls, "_turbostudio_event_driven", False):
         return True
     if _source_sha(cls.start_processing) != _START_PROCESSING_SHA:
