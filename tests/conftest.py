@@ -118,3 +118,34 @@ def app_server(cache_dir, smollm2):
     app = AppProcess(["--cache-dir", cache_dir])
     yield app
     app.stop()
+
+
+# shared by the vision tests and the browser tests
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    from bench.models import build_tiny_llava
+
+    return build_tiny_llava(str(tmp_path_factory.mktemp("models") / "tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def vision_app(tiny_llava, cache_dir, smollm2):
+    app = AppProcess(["--cache-dir", cache_dir, "--vision-model", tiny_llava, "--max-images", "6"])
+    c = app.client()
+    for _ in range(120):   # the vision model loads in the background
+        if "on **transformers**" in c.predict(api_name="/engine_info_vision"):
+            break
+        time.sleep(0.5)
+    yield app
+    app.stop()
+
+
+# shared by the security tests and the browser tests (users ann and bob; ann is the admin)
+@pytest.fixture(scope="session")
+def users_app(cache_dir, smollm2, tmp_path_factory):
+    d = tmp_path_factory.mktemp("auth")
+    users = d / "users.txt"
+    users.write_text("ann:pw1\nbob:pw2\n")
+    app = AppProcess(["--cache-dir", cache_dir, "--auth", str(users), "--admin", "ann"])
+    yield app
+    app.stop()

@@ -1,4 +1,5 @@
-"""A real browser (Debian's Chromium, driven by Playwright) against the launched app.
+"""A real browser (Debian's Chromium, driven by Playwright) against the launched app: chat and its
+streamed answer, a refused message, every page, an image on the Vision page, the login form.
 
 Screenshots of each page are kept in ``artifacts/screenshots`` (or ``$TURBOSTUDIO_ARTIFACTS``).
 Skipped where Chromium or Playwright is missing; `.ci/run` installs both.
@@ -15,21 +16,37 @@ sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.environ.get("TURBOSTUDIO_ARTIFACTS") or os.path.join(ROOT, "artifacts", "screenshots")
+SHAPES = os.path.join(ROOT, "assets", "examples", "shapes.png")
 
 
 @pytest.fixture(scope="module")
-def page(app_server):
+def browser():
     if not CHROMIUM:
         pytest.skip("Chromium is not installed (apt-get install chromium)")
     os.makedirs(ARTIFACTS, exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        pg = browser.new_page(viewport={"width": 1280, "height": 900})
-        pg.goto(app_server.url, wait_until="load")
-        yield pg
-        browser.close()
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    pg = browser.new_page(viewport={"width": 1280, "height": 900})
+    pg.goto(url, wait_until="load")
+    return pg
+
+
+def shot(pg, name):
+    pg.screenshot(path=os.path.join(ARTIFACTS, f"{name}.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_server):
+    pg = open_page(browser, app_server.url)
+    yield pg
+    pg.close()
 
 
 def test_chat_in_the_browser_streams_an_answer(page):
@@ -48,7 +65,7 @@ def test_chat_in_the_browser_streams_an_answer(page):
     text = page.inner_text("#chatbot")
     assert "Paris" in text
     assert "first token" in text and "tok/s" in text
-    page.screenshot(path=os.path.join(ARTIFACTS, "chat.png"), full_page=True)
+    shot(page, "chat")
 
 
 def test_empty_message_shows_a_notice_and_sends_nothing(page):
@@ -59,11 +76,74 @@ def test_empty_message_shows_a_notice_and_sends_nothing(page):
     assert page.inner_text("#chatbot") == before
 
 
+def test_a_message_over_the_limit_is_refused_with_the_reason(page):
+    page.get_by_role("tab", name="Chat").click()
+    before = page.inner_text("#chatbot")
+    page.fill("#chat-input textarea", "x" * 16001)          # the app's default limit: 16000
+    page.click("#chat-send")
+    page.wait_for_selector("text=the limit is 16000", timeout=20000)
+    shot(page, "chat-limit")
+    after = page.inner_text("#chatbot")
+    assert "x" * 50 not in after and before.strip() in after, "nothing was added to the conversation"
+    page.fill("#chat-input textarea", "")
+
+
 def test_other_pages_open(page):
-    for tab, marker in (("Engines", "#engine-status"), ("Vision", "#vision-status"), ("Monitor", "#monitor-panel")):
+    for tab, marker in (("Engines", "#engine-status"), ("Vision", "#vision-status"), ("Quantize", "#jobs-table"),
+                        ("Monitor", "#monitor-panel")):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_selector(marker, state="visible", timeout=20000)
-        page.screenshot(path=os.path.join(ARTIFACTS, f"{tab.lower()}.png"), full_page=True)
+        shot(page, tab.lower())
     assert "SmolLM2-135M-Instruct" in page.inner_text("#engine-status") or \
         "transformers" in page.inner_text("#engine-status")
     page.get_by_role("tab", name="Chat").click()
+
+
+def test_vision_page_takes_an_uploaded_image_and_answers(browser, vision_app):
+    """Upload a picture on the Vision page, ask about it, see the streamed answer and what the image
+    cost in tokens; then too many images at once are refused with the limit."""
+    pg = open_page(browser, vision_app.url)
+    try:
+        pg.get_by_role("tab", name="Vision").click()
+        pg.wait_for_selector("#vision-input textarea", state="visible", timeout=20000)
+        pg.set_input_files("#vision-input input[type=file]", SHAPES)
+        pg.wait_for_selector("#vision-input img, #vision-input .thumbnail-item", timeout=20000)
+        pg.fill("#vision-input textarea", "What shapes are here?")
+        pg.press("#vision-input textarea", "Enter")
+        pg.wait_for_function(
+            "() => document.querySelector('#vision-context').innerText.includes('Image cost: shapes.png')",
+            timeout=120000)
+        text = pg.inner_text("#vision-chatbot")
+        assert "What shapes are here?" in text
+        assert len(pg.query_selector_all("#vision-chatbot img")) >= 1, "the picture is shown in the conversation"
+        pg.wait_for_function("() => document.querySelector('#vision-chatbot').innerText.includes('tok/s')",
+                             timeout=120000)          # the reply has ended (its speed is shown)
+        shot(pg, "vision-answer")
+        pg.set_input_files("#vision-input input[type=file]", [SHAPES] * 5)      # the turn limit is 4
+        pg.wait_for_function("() => document.querySelectorAll('#vision-input img').length >= 5", timeout=30000)
+        pg.fill("#vision-input textarea", "Compare them")
+        pg.press("#vision-input textarea", "Enter")
+        pg.wait_for_selector("text=limit is 4", timeout=30000)
+        shot(pg, "vision-limit")
+    finally:
+        pg.close()
+
+
+def test_login_when_auth_is_on(browser, users_app):
+    """With --auth the page is a login form: a wrong password is refused, a right one opens the app."""
+    pg = open_page(browser, users_app.url)
+    try:
+        pg.wait_for_selector("input[type=password]", timeout=20000)
+        shot(pg, "login")
+        pg.fill("input[data-testid=textbox]", "bob")
+        pg.fill("input[type=password]", "wrong")
+        pg.get_by_role("button", name="Login").click()
+        pg.wait_for_selector("text=Incorrect Credentials", timeout=20000)
+        pg.fill("input[data-testid=textbox]", "bob")
+        pg.fill("input[type=password]", "pw2")
+        pg.get_by_role("button", name="Login").click()
+        pg.wait_for_selector("#chat-input textarea", timeout=30000)
+        assert pg.get_by_role("tab", name="Engines").is_visible()
+        shot(pg, "after-login")
+    finally:
+        pg.close()

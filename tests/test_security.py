@@ -24,16 +24,6 @@ def test_share_requires_auth_or_an_explicit_opt_out():
     assert r.returncode == 2 and "--auth" in r.stderr and "public" in r.stderr
 
 
-@pytest.fixture(scope="module")
-def users_app(cache_dir, smollm2, tmp_path_factory):
-    d = tmp_path_factory.mktemp("auth")
-    users = d / "users.txt"
-    users.write_text("ann:pw1\nbob:pw2\n")
-    app = AppProcess(["--cache-dir", cache_dir, "--auth", str(users), "--admin", "ann"])
-    yield app
-    app.stop()
-
-
 def test_login_is_required(users_app):
     with pytest.raises(Exception):
         Client(users_app.url, verbose=False).predict(api_name="/engine_info")

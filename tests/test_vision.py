@@ -23,26 +23,6 @@ CHART = os.path.join(EXAMPLES, "chart.png")
 SAMPLING = [32, 0, 0.9, 40, 1.0, None]    # max_new_tokens, temperature (greedy), top_p, top_k, rep, seed
 
 
-@pytest.fixture(scope="session")
-def tiny_llava(tmp_path_factory):
-    from bench.models import build_tiny_llava
-
-    return build_tiny_llava(str(tmp_path_factory.mktemp("models") / "tiny-llava"))
-
-
-@pytest.fixture(scope="session")
-def vision_app(tiny_llava, cache_dir, smollm2):
-    app = AppProcess(["--cache-dir", cache_dir, "--vision-model", tiny_llava, "--max-images", "6"])
-    c = app.client()
-    import time
-    for _ in range(120):   # the vision model loads in the background
-        if "on **transformers**" in c.predict(api_name="/engine_info_vision"):
-            break
-        time.sleep(0.5)
-    yield app
-    app.stop()
-
-
 # ---------------------------------------------------------------- engine level
 def test_tiny_llava_streams_and_batches_like_it_answers_alone(tiny_llava, tmp_path):
     import threading
