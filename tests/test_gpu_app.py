@@ -83,7 +83,7 @@ def test_cancel_storm_of_200_streams_leaves_turbomind_at_full_speed(tm_app):
     processes killed): no stuck session (ours or TurboMind's), and the next user is served at the
     speed of before (LMDeploy users saw TurboMind stall after such storms)."""
     c = tm_app.client()
-    before = _speed(c)
+    before = _speed(c, 7)
     msgs = [{"role": "user", "content": "Write a very long story about the sea."}]
     p = {"temperature": 0.8, "max_new_tokens": 4000}
     # a random-weight model ends some replies early, so the storm comes in waves until 200 streams
@@ -112,18 +112,20 @@ def test_cancel_storm_of_200_streams_leaves_turbomind_at_full_speed(tm_app):
     time.sleep(2.5)           # the load sampler's next readings: TurboMind's own scheduler view
     load = c.predict(api_name="/monitor_load")
     assert load and load[-1][1] == 0, f"TurboMind still runs requests: {load[-3:]}"
-    after = _speed(c)
+    after = _speed(c, 7)
     time.sleep(15)
     sessions = c.predict(api_name="/engine_info").get("sessions")
-    later = _speed(c)
+    later = _speed(c, 7)
     print(f"cancel storm: {cancelled} running streams cancelled in {waves} waves, the last released in "
           f"{freed:.1f} s; decode {before:.0f} tok/s before, {after:.0f} after ({after / before:.3f}), "
           f"{later:.0f} 15 s later ({later / before:.3f}); sessions alive after: {sessions}", flush=True)
     assert sessions is None or sessions["lmdeploy"] in (None, 0), f"LMDeploy sessions left behind: {sessions}"
-    # full speed again: right after the storm or 15 s later. On this tiny model one reply's decode
-    # rate is Python-bound and varies by ~15% from reply to reply (H100, 2026-11-26: 2099-2825 tok/s
-    # in three storm runs); a stall of the kind LMDeploy's users saw would show in both
-    assert max(after, later) >= 0.9 * before
+    # full speed again: right after the storm or 15 s later. On this 4-layer model a reply decodes at
+    # ~2400 tok/s, Python-bound, and a median of 3 replies varied by +-13% between identical fresh
+    # starts (H100, 2026-11-26: "before" 2079-2695 tok/s in six runs; after/before 0.69-1.23 and 15 s
+    # later 0.65-1.21, no run slow in both, no session left in any). Medians of 7 replies now, and
+    # 0.85: a stall of the kind LMDeploy's users saw (requests hanging, not 10% slower) fails this
+    assert max(after, later) >= 0.85 * before
     assert tm_app.alive()
 
 
