@@ -119,6 +119,8 @@ def test_vision_page_takes_an_uploaded_image_and_answers(browser, vision_app):
         pg.wait_for_function("() => document.querySelector('#vision-chatbot').innerText.includes('tok/s')",
                              timeout=120000)          # the reply has ended (its speed is shown)
         shot(pg, "vision-answer")
+        status = pg.inner_text("#vision-status")
+        assert "loading" not in status and "on transformers" in status, status
         pg.set_input_files("#vision-input input[type=file]", [SHAPES] * 5)      # the turn limit is 4
         pg.wait_for_function("() => document.querySelectorAll('#vision-input img').length >= 5", timeout=30000)
         pg.fill("#vision-input textarea", "Compare them")

@@ -70,6 +70,9 @@ def build_app(ctx: Context) -> gr.Blocks:
         demo.load(lambda: (_header(ctx), engines.describe(ctx)), None, [header, status],
                   api_visibility="private")
         if ctx.vision is not None:
+            # the page's own copy of the status is from when the app was built: fresh at every load
+            demo.load(lambda: ctx.vision.describe(), None, vstatus, api_visibility="private", queue=False,
+                      show_progress="hidden")
             # the vision model loads in the background: keep its status line fresh while loading
             timer = gr.Timer(2.0, active=ctx.vision.loading or ctx.vision.manager.engine is None)
 
