@@ -114,7 +114,7 @@ def http_stream(url, messages, params):
     req = urllib.request.Request(url + "gradio_api/call/chat", data=body,
                                  headers={"Content-Type": "application/json"})
     event_id = json.load(urllib.request.urlopen(req, timeout=60))["event_id"]
-    ttft, text, updates, event, complete = None, "", 0, "", None
+    ttft, text, updates, event = None, "", 0, ""
     with urllib.request.urlopen(f"{url}gradio_api/call/chat/{event_id}", timeout=600) as resp:
         for raw in resp:
             line = raw.decode().strip()
@@ -122,8 +122,6 @@ def http_stream(url, messages, params):
                 event = line[6:].strip()
             elif line.startswith("data:") and event in ("generating", "complete"):
                 data = json.loads(line[5:])
-                if event == "complete":
-                    complete = time.perf_counter() - t0
                 if data and data[0]:
                     text = data[0]
                     updates += 1
@@ -131,16 +129,20 @@ def http_stream(url, messages, params):
                         ttft = time.perf_counter() - t0
             elif line.startswith("data:") and event == "error":
                 raise RuntimeError(line)
-    closed = time.perf_counter() - t0
-    return {"ttft": ttft, "seconds": closed, "complete": complete, "text": text, "updates": updates}
+    return {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": text, "updates": updates}
+
+
+_SERVED_MODEL: dict[str, str] = {}     # url -> the server's first listed model, asked once per process
 
 
 def openai_stream(url, messages, params):
     """One streamed reply from an OpenAI-compatible server (``lmdeploy serve api_server``, the app's
     own ``--api``): POST /v1/chat/completions with ``stream`` and read its server-sent events. The
-    model is the server's first listed one."""
+    model is the server's first listed one, asked for before the clock starts."""
+    if url not in _SERVED_MODEL:
+        _SERVED_MODEL[url] = json.load(urllib.request.urlopen(url + "v1/models", timeout=30))["data"][0]["id"]
+    model = _SERVED_MODEL[url]
     t0 = time.perf_counter()
-    model = json.load(urllib.request.urlopen(url + "v1/models", timeout=30))["data"][0]["id"]
     body = {"model": model, "messages": [m.to_dict() for m in messages], "stream": True,
             "max_tokens": params.get("max_new_tokens"), "temperature": params.get("temperature", 0),
             **{k: params[k] for k in ("top_p", "top_k", "repetition_penalty", "seed") if k in params}}

@@ -70,18 +70,17 @@ def build_app(ctx: Context) -> gr.Blocks:
         demo.load(lambda: (_header(ctx), engines.describe(ctx)), None, [header, status],
                   api_visibility="private")
         if ctx.vision is not None:
-            # the page's own copy of the status is from when the app was built: fresh at every load
-            demo.load(lambda: ctx.vision.describe(), None, vstatus, api_visibility="private", queue=False,
-                      show_progress="hidden")
-            # the vision model loads in the background: keep its status line fresh while loading
+            # the vision model loads in the background: its status line is refreshed at every page
+            # load (the page's copy dates from when the app was built) and every 2 s while loading
             timer = gr.Timer(2.0, active=ctx.vision.loading or ctx.vision.manager.engine is None)
 
             def vision_tick():
                 loading = ctx.vision.loading
                 return ctx.vision.describe(), gr.Timer(active=loading)
 
-            timer.tick(vision_tick, None, [vstatus, timer], api_visibility="private", queue=False,
-                       show_progress="hidden")
+            for event in (demo.load, timer.tick):
+                event(vision_tick, None, [vstatus, timer], api_visibility="private", queue=False,
+                      show_progress="hidden")
     return demo
 
 

@@ -11,7 +11,7 @@ blocks are untouched until then, and setting a block sets its config).
 
 ``event_driven_queue``: Gradio's queue loop looks for new events every 1 ms (``sleep_when_free``)
 and its progress loop every 10 ms, whether or not anything happens: ~1100 wake-ups a second of the
-event loop, each taking the GIL (an idle app used 4.4% of a core here). The GIL matters in this
+event loop, each taking the GIL (an idle app used 3.0% of a core here, 1.1% with this shim). The GIL matters in this
 process: TurboMind's engine thread takes it once a decode step to signal Python
 (``turbomind.py:async_signal_cb``, seen in the H100 profile), so every short hold by another thread
 can delay a GPU step; with one user that step is 2 ms. The shim wakes the loop when an event is
