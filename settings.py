@@ -50,7 +50,8 @@ class Settings:
     concurrency: int | None = None    # generation events run at once; None: sized from the engine
     max_queue: int = 64               # waiting events before "busy" is answered
     switch_interval: float | None = None  # the GIL's switch interval (s); None: Python's 0.005
-    max_input_chars: int = 16000
+    max_input_chars: int = 131072     # characters of a whole request (all messages together)
+    max_messages: int = 1024          # messages in one request (system and assistant included)
     max_new_tokens_limit: int = 4096
     no_load: bool = False             # start without loading a model (tests, admin-only setups)
     share_without_auth: bool = False  # explicit opt-out of the --auth that --share requires
@@ -65,6 +66,14 @@ class Settings:
     max_upload_mb: int = 20           # largest file a browser may upload
     max_images_per_turn: int = 4
     max_images: int = 8               # per conversation
+    # Set from the environment only (no command-line flag): where the app runs and diagnostics.
+    hosted: bool = False              # SPACE_ID is set: a public hosted demo (Hugging Face Spaces)
+    hub_offline: bool = False         # HF_HUB_OFFLINE: never try the model hub
+    hub_endpoint: str = "https://huggingface.co"   # HF_ENDPOINT
+    profile: str | None = None        # TURBOSTUDIO_PROFILE: sample the server's stacks into this file
+    session_shim: bool = True         # TURBOSTUDIO_SESSION_SHIM=0: Gradio's own per-session configs
+    queue_shim: bool = True           # TURBOSTUDIO_QUEUE_SHIM=0: Gradio's own 1 ms queue poll
+    lmdeploy_wait_end: bool = False   # TURBOSTUDIO_LMDEPLOY_WAIT_END=1: old stream ends (A/B runs)
 
     def validate(self) -> "Settings":
         if self.engine not in ENGINES:
@@ -85,15 +94,35 @@ class Settings:
             raise ValueError("--switch-interval is in seconds, in (0, 1] (Python's own is 0.005)")
         if not 0 < self.server_port < 65536:
             raise ValueError("--server-port must be in 1..65535")
+        if self.max_messages < 1 or self.max_input_chars < 1:
+            raise ValueError("--max-messages and --max-input-chars must be at least 1")
         if self.share and not self.auth and not self.share_without_auth:
             raise ValueError("--share makes the app public: give --auth user:password (or a file of users), "
                              "or --share-without-auth to accept that anyone with the link can use it")
         return self
 
     @property
+    def public(self) -> bool:
+        """Reachable by people the operator does not know: a share link or a hosted Space."""
+        return bool(self.share or self.hosted)
+
+    @property
     def restricted(self) -> bool:
         """Whether the UI may load models only from the configured roots and allowed ids."""
-        return bool(self.share or self.auth or self.model_roots)
+        return bool(self.public or self.auth or self.model_roots)
+
+    @property
+    def show_paths(self) -> bool:
+        """Whether every user may see paths on the server (a private app without users)."""
+        return not (self.public or self.auth)
+
+    def limits(self):
+        """The per-request limits every entry point shares (engines.manager.Limits)."""
+        from engines.manager import Limits
+
+        return Limits(max_pending=self.max_queue + (self.concurrency or 16),
+                      max_messages=self.max_messages, max_input_chars=self.max_input_chars,
+                      max_new_tokens=self.max_new_tokens_limit)
 
     def load_policy(self):
         from engines.models import LoadPolicy
@@ -105,12 +134,19 @@ class Settings:
                           trust_remote_code=self.trust_remote_code)
 
     def admins(self) -> set[str] | None:
-        """Users who may use operator controls; None means everyone (a private, local app)."""
-        if self.admin:
+        """Users who may use operator controls; None means everyone (a private, local app).
+
+        A public app (share link or hosted Space) has operator controls only with --auth *and*
+        --admin: anyone can reach it, so nobody is an operator by default."""
+        if self.admin and self.auth:
             return {a.strip() for a in self.admin.split(",") if a.strip()}
-        if self.share and not self.auth:
-            return set()       # public and anonymous: nobody
+        if self.public or self.admin:
+            return set()
         return None
+
+    def is_admin(self, user: str | None) -> bool:
+        admins = self.admins()
+        return admins is None or user in admins
 
     def auth_pairs(self) -> list[tuple[str, str]] | None:
         """``--auth`` as (user, password) pairs: "user:pw" or a file with one such line each."""
@@ -136,7 +172,7 @@ class Settings:
                     quant_policy=self.quant_policy, cache_max_entry_count=self.cache_max_entry_count,
                     session_len=self.session_len, tp=self.tp,
                     trust_remote_code=self.trust_remote_code, remote_model=self.remote_model,
-                    api_key=self.remote_api_key)
+                    api_key=self.remote_api_key, wait_end=self.lmdeploy_wait_end or None)
 
 
 _HELP = {
@@ -162,7 +198,9 @@ _HELP = {
                        "0.005). An in-process engine's scheduler thread waits up to this long for the GIL "
                        "behind the web server's threads at each step; a smaller value (e.g. 0.0005) is an "
                        "experiment for many users (bench/bench_app.py --app-args)",
-    "max_input_chars": "longest accepted user message, in characters",
+    "max_input_chars": "characters one request may carry, all its messages (system and assistant "
+                       "included) together",
+    "max_messages": "messages one request may carry (the Chat page leaves older turns out beyond it)",
     "max_new_tokens_limit": "largest max_new_tokens a user may ask for",
     "no_load": "start the app without loading a model",
     "share_without_auth": "allow --share without --auth (anyone with the link can chat)",
@@ -199,12 +237,36 @@ def _env_value(name: str, typ, env) -> object | None:
     return raw
 
 
+# Fields read from the environment only (name -> variable). Diagnostics and where the app runs are
+# not user options, so they get no flag.
+_ENV_ONLY = {"hosted": "SPACE_ID", "hub_offline": "HF_HUB_OFFLINE", "hub_endpoint": "HF_ENDPOINT",
+             "profile": "TURBOSTUDIO_PROFILE", "session_shim": "TURBOSTUDIO_SESSION_SHIM",
+             "queue_shim": "TURBOSTUDIO_QUEUE_SHIM", "lmdeploy_wait_end": "TURBOSTUDIO_LMDEPLOY_WAIT_END"}
+
+
+def _env_only(env) -> dict:
+    out = {}
+    for name, var in _ENV_ONLY.items():
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        if name == "hosted":
+            out[name] = True
+        elif name in ("hub_endpoint", "profile"):
+            out[name] = raw
+        else:
+            out[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="app.py", description="TurboStudio: chat with LLMs and VLMs on your own GPU (or CPU).")
     defaults = Settings()
     hints = {f.name: f.type for f in dataclasses.fields(Settings)}
     for f in dataclasses.fields(Settings):
+        if f.name in _ENV_ONLY:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         hint = str(hints[f.name])
@@ -223,6 +285,8 @@ def from_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Set
     ns = build_parser().parse_args(argv)
     s = Settings()
     for f in dataclasses.fields(Settings):
+        if f.name in _ENV_ONLY:
+            continue
         hint = str(f.type)
         typ = bool if hint == "bool" else int if hint.startswith("int") else \
             float if hint.startswith("float") else str
@@ -231,7 +295,9 @@ def from_args(argv: Sequence[str] | None = None, env: dict | None = None) -> Set
             val = _env_value(f.name, typ, env)
         if val is not None:
             setattr(s, f.name, val)
+    for name, val in _env_only(env).items():
+        setattr(s, name, val)
     # On a Hugging Face Space the app must listen on all interfaces (the Space's proxy connects to it)
-    if env.get("SPACE_ID") and ns.server_name is None and not env.get("TURBOSTUDIO_SERVER_NAME"):
+    if s.hosted and ns.server_name is None and not env.get("TURBOSTUDIO_SERVER_NAME"):
         s.server_name = "0.0.0.0"
     return s.validate()

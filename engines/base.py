@@ -8,7 +8,8 @@ and (on the last one) why generation finished. Errors are :class:`EngineError` s
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -44,6 +45,29 @@ class ContextTooLong(EngineError):
     code = "context_too_long"
 
 
+class InvalidRequest(EngineError):
+    """The request itself is wrong (a limit, an empty message, a parameter this engine cannot honour).
+    ``param`` names the offending parameter where there is one (the OpenAI endpoint reports it)."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message, code=code)
+        self.param = param
+
+
+class Busy(EngineError):
+    """Every place in the queue is taken; the request was not admitted (HTTP 429 on the API)."""
+
+    code = "busy"
+
+
+class Forbidden(EngineError):
+    """The user may not do this (an operator control, another user's job)."""
+
+    code = "forbidden"
+
+
 @dataclass(frozen=True)
 class GenParams:
     """Sampling parameters; validated on construction (``ValueError`` naming the allowed range)."""
@@ -60,6 +84,15 @@ class GenParams:
     """CTRL-style penalty in [0.5, 2] on tokens already in the prompt or reply; 1.0 disables it."""
     seed: int | None = None
     """Random seed in [0, 2**31); the same seed and inputs give the same answer. None: random."""
+    presence_penalty: float = 0.0
+    """OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of every token already
+    generated in this reply. 0 disables it. Honoured where ``Capabilities.penalties`` is set."""
+    frequency_penalty: float = 0.0
+    """OpenAI's frequency penalty in [-2, 2]: subtracted from a token's logit once per time it was
+    generated in this reply. 0 disables it."""
+    stop: tuple[str, ...] = ()
+    """Up to 4 stop strings: the reply ends before the first of them (which is not part of the reply),
+    with finish reason "stop". Applied by the engine manager to every backend's text stream."""
 
     RANGES = {
         "max_new_tokens": (1, 32768),
@@ -68,7 +101,12 @@ class GenParams:
         "top_k": (0, 1000),
         "repetition_penalty": (0.5, 2.0),
         "seed": (0, 2**31 - 1),
+        "presence_penalty": (-2.0, 2.0),
+        "frequency_penalty": (-2.0, 2.0),
     }
+    FIELDS = tuple(RANGES) + ("stop",)
+    MAX_STOP = 4
+    MAX_STOP_CHARS = 256
 
     def __post_init__(self):
         for name, (lo, hi) in self.RANGES.items():
@@ -87,24 +125,70 @@ class GenParams:
             object.__setattr__(self, name, int(getattr(self, name)))
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
+
+    @property
+    def penalized(self) -> bool:
+        """Whether presence or frequency penalties are asked for."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
     def replace(self, **changes) -> "GenParams":
-        d = {k: getattr(self, k) for k in self.RANGES}
+        d = {k: getattr(self, k) for k in self.FIELDS}
         d.update(changes)
         return GenParams(**d)
 
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.FIELDS}
+        d["stop"] = list(self.stop)
+        return d
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "GenParams":
+    def from_dict(cls, d: dict[str, Any] | None, *, defaults: "GenParams | None" = None) -> "GenParams":
+        """From a dict of the fields above (``stop`` as a string or a list); missing fields take
+        ``defaults`` (the model's own, see ``Capabilities``) or the class defaults."""
+        if d is not None and not isinstance(d, dict):
+            raise ValueError("params must be an object of sampling parameters")
         d = dict(d or {})
-        unknown = set(d) - set(cls.RANGES)
+        unknown = set(d) - set(cls.FIELDS)
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(cls.RANGES)}")
+                             f"known: {', '.join(cls.FIELDS)}")
+        if defaults is not None:
+            d = {**{k: getattr(defaults, k) for k in cls.FIELDS}, **d}
         return cls(**d)
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+        raise ValueError("stop must be a string or a list of strings")
+    if len(stop) > GenParams.MAX_STOP:
+        raise ValueError(f"stop takes at most {GenParams.MAX_STOP} strings, got {len(stop)}")
+    for x in stop:
+        if not x:
+            raise ValueError("a stop string must not be empty")
+        if len(x) > GenParams.MAX_STOP_CHARS:
+            raise ValueError(f"a stop string has at most {GenParams.MAX_STOP_CHARS} characters")
+        check_text(x, "a stop string")
+    return tuple(stop)
+
+
+def check_text(text: str, what: str = "the message") -> None:
+    """Text must be valid Unicode: a lone surrogate (JSON ``"\\ud800"``) cannot be encoded, and would
+    fail deep inside a tokenizer; it is refused here, with where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(text[e.start])
+        raise ValueError(f"{what} contains U+{bad:04X} at character {e.start}, a lone surrogate, which is "
+                         "not valid Unicode text") from None
 
 
 @dataclass(frozen=True)
@@ -120,6 +204,7 @@ class ChatMessage:
             raise ValueError(f"role must be system, user or assistant, got {self.role!r}")
         if not isinstance(self.content, str):
             raise ValueError("message content must be text")
+        check_text(self.content, f"a {self.role} message")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ChatMessage":
@@ -128,7 +213,10 @@ class ChatMessage:
         content = d["content"]
         if isinstance(content, list):  # OpenAI-style parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return cls(role=d["role"], content=content, images=tuple(d.get("images") or ()))
+        images = d.get("images") or ()
+        if not isinstance(images, (list, tuple)):
+            raise ValueError("'images' must be a list")
+        return cls(role=d["role"], content=content, images=tuple(images))
 
     def to_dict(self) -> dict:
         return {"role": self.role, "content": self.content}
@@ -154,6 +242,67 @@ class Delta:
     error: str | None = None  # with finish_reason "error": what went wrong, for the user
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loaded engine can honour, as typed fields (the manager refuses the rest up front,
+    naming the parameter, instead of an engine ignoring it)."""
+
+    penalties: bool = False          # presence_penalty / frequency_penalty
+    logprobs: bool = False           # per-token log probabilities
+    structured_output: bool = False  # response_format json_object / json_schema
+    vision: bool = False             # images in user messages
+    seed: bool = True                # a seed reproduces a reply
+
+
+@dataclass(frozen=True)
+class SchedulerView:
+    """The engine's own view of its work: requests decoding now, requests waiting inside the engine,
+    and the KV cache's used share (None where the engine does not say)."""
+
+    active: int
+    waiting: int
+    cache_usage: float | None = None
+
+
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One generation request, built once at its entry point (Chat page, Vision page, ``/chat``,
+    ``/v1``, load test, comparison, Quantize card) and carried unchanged to the engine.
+
+    ``request_id`` names it from admission to its end: ``abort(request_id)`` stops it in any state.
+    ``owner`` is who sent it (the logged-in user, or None in an app without users) and ``session``
+    the browser session or API connection it came through (a closed tab aborts its session's
+    requests). ``source`` says which entry point built it (for metrics and the Monitor page)."""
+
+    messages: tuple[ChatMessage, ...]
+    params: GenParams = field(default_factory=GenParams)
+    request_id: str = field(default_factory=new_request_id)
+    owner: str | None = None
+    session: str = ""
+    source: str = "api"
+
+    def __post_init__(self):
+        msgs = tuple(self.messages)
+        if not msgs:
+            raise InvalidRequest("A request needs at least one message.", param="messages")
+        if not all(isinstance(m, ChatMessage) for m in msgs):
+            raise TypeError("messages must be ChatMessage objects")
+        if not isinstance(self.params, GenParams):
+            raise TypeError("params must be a GenParams")
+        object.__setattr__(self, "messages", msgs)
+
+    def with_messages(self, messages: Sequence[ChatMessage]) -> "ChatRequest":
+        return replace(self, messages=tuple(messages))
+
+    @property
+    def chars(self) -> int:
+        return sum(len(m.content) for m in self.messages)
+
+
 @dataclass
 class EngineInfo:
     """What is actually running (not what was asked for)."""
@@ -167,25 +316,46 @@ class EngineInfo:
     vision: bool = False
     reason: str = ""             # why this backend was chosen (auto)
     max_batch: int = 1           # requests the engine serves at once, for sizing the UI's queue
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    defaults: GenParams | None = None   # the model's own sampling defaults (generation_config.json)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["defaults"] = self.defaults.to_dict() if self.defaults else None
+        return d
 
 
 @runtime_checkable
 class Engine(Protocol):
+    """What every backend provides. Backends import their heavy libraries lazily and know nothing
+    of Gradio; the :class:`~engines.manager.EngineManager` is their only caller."""
+
     info: EngineInfo
 
-    def stream(self, messages: Sequence[ChatMessage], params: GenParams, *,
-               session_id: str) -> Iterator[Delta]:
-        """Stream the assistant's reply to ``messages``. Closing the iterator early aborts it."""
+    def stream(self, request: ChatRequest) -> Iterator[Delta]:
+        """Stream the assistant's reply to ``request.messages``. Closing the iterator early aborts
+        the request; so does ``abort(request.request_id)`` from any thread."""
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Prompt tokens ``messages`` take once put through the model's chat template."""
 
-    def abort(self, session_id: str) -> None:
-        """Stop the generation running for ``session_id`` (no-op when none is)."""
+    def message_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Each message's own tokens (its text, without the template), in one pass: what history
+        fitting uses to stay linear in the number of messages."""
+
+    def abort(self, request_id: str) -> None:
+        """Stop ``request_id`` wherever it is (waiting, being admitted or prefilled, decoding);
+        a no-op when it is unknown or finished. Its stream ends with finish reason "abort"."""
+
+    def health(self) -> str | None:
+        """None while the engine can serve; else why not (the Engines page offers a reload)."""
+
+    def scheduler(self) -> SchedulerView | None:
+        """The engine's own view of running and waiting requests, where it has one."""
+
+    def live_requests(self) -> int:
+        """Requests the engine still holds (a number above zero once every stream ended is a leak)."""
 
     def close(self) -> None:
         """Free the model and its device memory. Idempotent."""

@@ -21,6 +21,8 @@ class ReplyMetrics:
     ttft: float | None        # seconds to the first text
     seconds: float            # whole reply
     finish_reason: str
+    owner: str | None = None  # the user who asked (None in an app without users)
+    source: str = ""          # the entry point: chat, vision, api, v1, loadtest, compare, ...
 
     @property
     def tokens_per_s(self) -> float:
@@ -46,9 +48,11 @@ class MetricsLog:
         with self._lock:
             self._items.append(m)
 
-    def items(self) -> list[ReplyMetrics]:
+    def items(self, owner: str | None = None, *, everyone: bool = True) -> list[ReplyMetrics]:
+        """Every reply (``everyone``), or only ``owner``'s: a user sees their own metrics, an admin all."""
         with self._lock:
-            return list(self._items)
+            items = list(self._items)
+        return items if everyone else [m for m in items if m.owner == owner]
 
 
 def gpu_memory() -> list[dict]:
@@ -135,8 +139,8 @@ def metrics_csv(items: list[ReplyMetrics]) -> str:
     import io
 
     buf = io.StringIO()
-    cols = ["time", "session", "backend", "model", "prompt_tokens", "tokens", "ttft", "seconds",
-            "tokens_per_s", "finish_reason"]
+    cols = ["time", "session", "owner", "source", "backend", "model", "prompt_tokens", "tokens", "ttft",
+            "seconds", "tokens_per_s", "finish_reason"]
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     for m in items:

@@ -101,15 +101,20 @@ def fmt_stats(stats: dict | None) -> str:
     return " · ".join(parts)
 
 
-def require_admin(settings: Settings, request: gr.Request | None) -> None:
-    """Operator controls (loading models) are for admins when the app is shared or has users."""
-    admins = settings.admins()
-    if admins is None:
-        return
-    user = getattr(request, "username", None) if request else None
-    if user not in admins:
-        raise gr.Error("Only an administrator may load or unload models on this server.",
-                       title="Not allowed")
+def user_of(request: gr.Request | None) -> str | None:
+    """The logged-in user (None in an app without --auth)."""
+    return getattr(request, "username", None) if request else None
+
+
+def is_admin(settings: Settings, request: gr.Request | None) -> bool:
+    return settings.is_admin(user_of(request))
+
+
+def require_admin(settings: Settings, request: gr.Request | None,
+                  what: str = "load or unload models") -> None:
+    """Operator controls are for admins when the app is public or has users (Settings.admins)."""
+    if not is_admin(settings, request):
+        raise gr.Error(f"Only an administrator may {what} on this server.", title="Not allowed")
 
 
 def queued_events(demo) -> int:

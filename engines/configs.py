@@ -1,0 +1,122 @@
+"""One frozen, validated config per backend, built once from the app's settings or the Engines page.
+
+``config_for(backend, options)`` picks the options that backend takes from the app-wide options
+dict (``Settings.engine_options()`` merged with what the user chose). An option no backend knows is
+an error; an option that belongs to another backend (``quant_policy`` when Transformers was picked)
+is returned in ``not_applicable`` so the manager can say it was not used, rather than swallowing it
+in a ``**_ignored`` catch-all as before.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TransformersConfig:
+    """Hugging Face Transformers on CPU or one CUDA GPU, with our continuous batcher."""
+
+    device: str = "auto"            # auto | cpu | cuda
+    dtype: str = "auto"             # auto: bfloat16/float16 on CUDA, float32 on CPU
+    session_len: int | None = None  # context length; None: the model's own
+    trust_remote_code: bool = False
+    max_batch: int = 16             # requests decoded together
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        _check_common(self)
+        if not 1 <= int(self.max_batch) <= 1024:
+            raise ValueError("max_batch must be in [1, 1024]")
+
+
+@dataclass(frozen=True)
+class LMDeployConfig:
+    """LMDeploy's TurboMind or PyTorch engine (names as in LMDeploy's CLI)."""
+
+    backend: str = "turbomind"      # turbomind | pytorch
+    model_format: str = "hf"        # hf | awq (TurboMind reads AWQ W4A16 folders)
+    quant_policy: int = 0           # KV cache: 0 off, 8 int8, 4 int4
+    cache_max_entry_count: float = 0.8   # share of free GPU memory for the KV cache
+    session_len: int | None = None
+    tp: int = 1
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    max_batch: int | None = None    # None: LMDeploy's default
+    wait_end: bool = False          # diagnostic: end streams at LMDeploy's end marker (A/B runs)
+
+    def __post_init__(self):
+        if self.backend not in ("turbomind", "pytorch"):
+            raise ValueError(f"backend must be turbomind or pytorch, got {self.backend!r}")
+        if self.model_format not in ("hf", "awq", "fp8"):
+            raise ValueError(f"model_format must be hf, awq or fp8, got {self.model_format!r}")
+        if self.quant_policy not in (0, 4, 8):
+            raise ValueError("quant_policy must be 0 (off), 4 (int4) or 8 (int8)")
+        if not 0.0 < float(self.cache_max_entry_count) <= 1.0:
+            raise ValueError("cache_max_entry_count must be in (0, 1]")
+        if int(self.tp) < 1:
+            raise ValueError("tp must be at least 1")
+        if self.max_batch is not None and not 1 <= int(self.max_batch) <= 4096:
+            raise ValueError("max_batch must be in [1, 4096]")
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """Any OpenAI-compatible server (``lmdeploy serve api_server``, its proxy, ...)."""
+
+    remote_model: str | None = None   # the model name on the server; None: the first it lists
+    api_key: str | None = None
+    session_len: int | None = None
+    timeout: float = 10.0             # connect timeout (s); reads wait as long as a reply takes
+
+    def __post_init__(self):
+        if self.session_len is not None and int(self.session_len) < 16:
+            raise ValueError("session_len must be at least 16")
+        if not 0 < float(self.timeout) <= 600:
+            raise ValueError("timeout must be in (0, 600] seconds")
+
+
+def _check_common(cfg) -> None:
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.session_len is not None and int(cfg.session_len) < 16:
+        raise ValueError("session_len must be at least 16")
+
+
+CONFIGS = {"transformers": TransformersConfig, "turbomind": LMDeployConfig, "pytorch": LMDeployConfig,
+           "remote": RemoteConfig}
+KNOWN_OPTIONS = frozenset(f.name for cls in set(CONFIGS.values()) for f in dataclasses.fields(cls)) - {"backend"}
+
+BackendConfig = TransformersConfig | LMDeployConfig | RemoteConfig
+
+
+def config_for(backend: str, options: dict) -> tuple[BackendConfig, list[str]]:
+    """(the config for ``backend`` from ``options``, the options given that it does not use).
+
+    ``None`` values mean "the default". Unknown option names raise ``ValueError``."""
+    if backend not in CONFIGS:
+        raise ValueError(f"unknown backend {backend!r}")
+    unknown = set(options) - KNOWN_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+    cls = CONFIGS[backend]
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in options.items() if k in names and v is not None}
+    if cls is LMDeployConfig:
+        kw["backend"] = backend
+    not_applicable = sorted(k for k, v in options.items()
+                            if k not in names and v is not None and not _is_default(k, v))
+    return cls(**kw), not_applicable
+
+
+def _is_default(name: str, value) -> bool:
+    """Whether ``value`` is the default of option ``name`` in whichever config declares it (an
+    untouched default from settings is not worth a "not used" note)."""
+    for cls in set(CONFIGS.values()):
+        for f in dataclasses.fields(cls):
+            if f.name == name and f.default is not dataclasses.MISSING and f.default == value:
+                return True
+    return False
