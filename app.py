@@ -13,16 +13,15 @@ import sys
 def main(argv=None) -> int:
     import settings as settings_mod
 
-    if os.environ.get("TURBOSTUDIO_PROFILE"):       # where the server's threads spend their time
-        from bench import sampler
-
-        sampler.start(os.environ["TURBOSTUDIO_PROFILE"])
-
     try:
         s = settings_mod.from_args(argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if s.profile:       # where the server's threads spend their time
+        from bench import sampler
+
+        sampler.start(s.profile)
     if s.switch_interval:
         sys.setswitchinterval(s.switch_interval)
     if s.share:
@@ -35,7 +34,7 @@ def main(argv=None) -> int:
     from ui.app import build_app
     from ui.common import Context
 
-    manager = EngineManager(s.cache_dir, s.engine_options())
+    manager = EngineManager(s.cache_dir, s.engine_options(), s.limits())
     atexit.register(manager.close)
     if not s.no_load:
         def progress(frac, msg):
@@ -62,9 +61,9 @@ def main(argv=None) -> int:
     atexit.register(ctx.servers.stop_all)
     from ui.gradio_patches import event_driven_queue, lazy_session_config
 
-    if os.environ.get("TURBOSTUDIO_SESSION_SHIM", "1") != "0":   # "0": Gradio's own (for A/B runs)
+    if s.session_shim:           # TURBOSTUDIO_SESSION_SHIM=0: Gradio's own (for A/B runs)
         lazy_session_config()    # a new session no longer builds ~190 component configs on the loop
-    if os.environ.get("TURBOSTUDIO_QUEUE_SHIM", "1") != "0":
+    if s.queue_shim:
         event_driven_queue()     # the queue loop wakes on events, not every 1 ms (the GIL: TurboMind)
     demo = build_app(ctx)
     info = manager.info()

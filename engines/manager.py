@@ -413,6 +413,23 @@ class EngineManager:
         return self.running, 0
 
 
+def within_limits(messages: Sequence[ChatMessage], limits: Limits) -> tuple[list[ChatMessage], int]:
+    """A page's own history cut to the request limits: the oldest turns go first (whole exchanges),
+    the system prompt and the newest message stay. Returns the kept messages and how many turns
+    were left out. What is left may still be refused by ``check`` (one message over the limit)."""
+    msgs = list(messages)
+    system = [m for m in msgs[:1] if m.role == "system"]
+    turns = msgs[len(system):]
+    chars = sum(len(m.content) for m in msgs)
+    start = 0
+    while start < len(turns) - 1 and (len(system) + len(turns) - start > limits.max_messages
+                                      or chars > limits.max_input_chars):
+        chars -= len(turns[start].content)
+        start += 1
+    start = _exchange_start(turns, start)
+    return system + turns[start:], start
+
+
 def _exchange_start(turns: Sequence[ChatMessage], i: int) -> int:
     """The first index at or after ``i`` where an exchange starts (a user turn), so a kept history
     never opens with an assistant reply; the last turn (the user's question) is always kept."""

@@ -10,15 +10,14 @@ import json
 import os
 import tempfile
 import time
-from typing import Iterator
+from typing import AsyncIterator
 
 import gradio as gr
 
-from engines.base import ChatMessage, EngineError, GenParams
-from engines.manager import EngineManager
+from engines.base import ChatMessage, ChatRequest, EngineError, GenParams, InvalidRequest
+from engines.manager import EngineManager, Limits, within_limits
 
-from .common import Context, SamplingControls, fmt_stats, make_params, session_id, user_error
-from .streaming import relay
+from .common import Context, SamplingControls, fmt_stats, make_params, session_id, user_error, user_of
 
 UPDATE_INTERVAL = 0.05   # seconds between UI updates while streaming (text is coalesced, not dropped)
 
@@ -48,25 +47,26 @@ def display(turns: list[dict]) -> list[dict]:
     return out
 
 
-def stream_reply(manager: EngineManager, messages: list[ChatMessage], params: GenParams,
-                 sid: str, interval: float = UPDATE_INTERVAL) -> Iterator[tuple[str, dict | None, str | None]]:
-    """Yield (reply so far, stats or None until the end, notice or None), throttled to ``interval``.
+async def stream_reply(manager: EngineManager, request: ChatRequest,
+                       interval: float = UPDATE_INTERVAL) -> AsyncIterator[tuple[str, dict | None, str | None]]:
+    """Yield (reply so far, stats or None until the end, notice or None), at most every ``interval``.
 
-    The history is trimmed to the context first (a notice says how many turns were dropped);
-    engine errors become ``gr.Error`` with the engine's message.
-    """
+    The request takes the one road (``manager.submit``: limits, admission, history fitting; a notice
+    says how many turns were left out) and is read through the one relay; engine errors and
+    refusals become ``gr.Error`` with the engine's message. If the consumer stops (Stop, a closed
+    tab), the relay aborts the request."""
     try:
-        fit = manager.fit(messages, params)
+        sub = await manager.submit_async(request)
     except Exception as e:  # noqa: BLE001
         raise user_error(e) from e
     notice = None
-    if fit.dropped:
-        notice = (f"The conversation is longer than the model's context: the {fit.dropped} oldest "
+    if sub.fit.dropped:
+        notice = (f"The conversation is longer than the model's context: the {sub.fit.dropped} oldest "
                   f"turn(s) were left out of the prompt.")
     t0 = time.perf_counter()
     text, ttft, last_yield, last = "", None, 0.0, None
     try:
-        for d in manager.stream(fit.messages, params, session_id=sid, prompt_tokens=fit.prompt_tokens):
+        async for d in sub:
             last = d
             if d.text:
                 text += d.text
@@ -82,13 +82,24 @@ def stream_reply(manager: EngineManager, messages: list[ChatMessage], params: Ge
                 yield text, None, notice
     except (EngineError, ValueError) as e:
         raise user_error(e) from e
+    finally:
+        sub.close()
     seconds = time.perf_counter() - t0
     tokens = last.tokens if last else 0
     tps = (tokens - 1) / (seconds - ttft) if ttft is not None and tokens > 1 and seconds > ttft else 0.0
     stats = {"ttft": ttft, "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tps, 2),
              "finish_reason": last.finish_reason if last else "abort",
-             "prompt_tokens": fit.prompt_tokens, "dropped_turns": fit.dropped}
+             "prompt_tokens": sub.fit.prompt_tokens, "dropped_turns": sub.fit.dropped}
     yield text, stats, notice
+
+
+def chat_request(messages: list[ChatMessage], params: GenParams, request: gr.Request | None,
+                 source: str, limits: Limits) -> tuple[ChatRequest, int]:
+    """The page's request: its history cut to the request limits (oldest turns first, the system
+    prompt and the new message kept) and the number of turns left out."""
+    kept, left_out = within_limits(messages, limits)
+    return ChatRequest(tuple(kept), params, owner=user_of(request), session=session_id(request),
+                       source=source), left_out
 
 
 def build(ctx: Context):
@@ -132,15 +143,17 @@ def build(ctx: Context):
             yield out
 
     async def _run(turns, system_prompt, params, request):
-        sid = session_id(request)
         shown = turns + [{"role": "assistant", "content": ""}]
         yield "", turns, display(shown), "*generating…*"
         stats = None
         text = ""
         warned = False
+        req, left_out = chat_request(to_messages(turns, system_prompt), params, request, "chat", manager.limits)
+        if left_out:
+            gr.Warning(f"The conversation is longer than one request may be: the {left_out} oldest "
+                       "turn(s) were left out of the prompt.")
         try:
-            async for text, stats, notice in relay(stream_reply(manager, to_messages(turns, system_prompt),
-                                                                params, sid), lambda: manager.abort(sid)):
+            async for text, stats, notice in stream_reply(manager, req):
                 if notice and not warned:
                     gr.Warning(notice)
                     warned = True
@@ -164,8 +177,17 @@ def build(ctx: Context):
         async for out in _run(turns, system_prompt, params, request):
             yield out
 
-    def on_stop(request: gr.Request = None):
-        manager.abort(session_id(request))
+    def on_stop(turns, request: gr.Request = None):
+        """Stop this tab's generation (the cancelled event gets no last update of its own): the
+        cut reply is kept and marked stopped; a reply stopped before its first token is removed."""
+        manager.abort_session(session_id(request))
+        turns = list(turns or [])
+        if turns and turns[-1]["role"] == "assistant" and not turns[-1].get("stats"):
+            if turns[-1]["content"]:
+                turns[-1] = {**turns[-1], "stats": {"tokens": None, "finish_reason": "abort"}}
+            else:
+                turns.pop()
+        return turns, display(turns), ""
 
     def undo_last(turns):
         turns = drop_reply(turns)
@@ -202,7 +224,7 @@ def build(ctx: Context):
     e1 = box.submit(respond, inputs, outputs, api_name="send", **common)
     e2 = send.click(respond, inputs, outputs, api_visibility="private", **common)
     e3 = regen.click(regenerate, [conv, system, *sampling.values], outputs, api_name="regenerate", **common)
-    stop.click(on_stop, None, None, cancels=[e1, e2, e3], api_name="stop", queue=False)
+    stop.click(on_stop, conv, [conv, chatbot, status], cancels=[e1, e2, e3], api_name="stop", queue=False)
     undo.click(undo_last, conv, [conv, chatbot], api_name="undo", queue=False)
     edit.click(edit_last, conv, [box, conv, chatbot], api_name="edit_last", queue=False)
     clear.click(lambda: ([], [], ""), None, [conv, chatbot, status], api_name="clear", queue=False)
@@ -231,8 +253,10 @@ def parse_chat_json(data) -> list[dict]:
 
 
 async def api_chat(manager: EngineManager, settings, messages, params, request: gr.Request | None):
-    """The public ``/chat`` endpoint: OpenAI-style messages and a dict of sampling parameters in,
-    the reply streamed out (each update is the whole reply so far)."""
+    """The public ``/chat`` endpoint: OpenAI-style messages and a dict of sampling parameters in
+    (``stop`` included), the reply streamed out (each update is the whole reply so far). The same
+    road and limits as ``/v1``: the whole request counts against --max-messages and
+    --max-input-chars, system and assistant text included."""
     if isinstance(messages, str):
         try:
             messages = json.loads(messages)
@@ -241,20 +265,15 @@ async def api_chat(manager: EngineManager, settings, messages, params, request: 
     if not isinstance(messages, list) or not messages:
         raise gr.Error("messages must be a non-empty list of {role, content}", title="Invalid input")
     try:
-        msgs = [ChatMessage.from_dict(m) for m in messages]
-        p = GenParams.from_dict(params if isinstance(params, dict) else json.loads(params or "{}"))
-        if p.max_new_tokens > settings.max_new_tokens_limit:
-            raise ValueError(f"max_new_tokens must be in [1, {settings.max_new_tokens_limit}]")
-    except ValueError as e:
-        raise gr.Error(str(e), title="Invalid input") from e
-    if msgs[-1].role != "user" or not msgs[-1].content.strip():
-        raise gr.Error("The last message must be a non-empty user message.", title="Invalid input")
-    if sum(len(m.content) for m in msgs if m.role == "user") > settings.max_input_chars * 4 or \
-            len(msgs[-1].content) > settings.max_input_chars:
-        raise gr.Error(f"Input too long: the limit is {settings.max_input_chars} characters a message.",
-                       title="Invalid input")
-    sid = session_id(request)
-    async for text, _stats, _notice in relay(stream_reply(manager, msgs, p, sid), lambda: manager.abort(sid)):
+        if isinstance(params, str):
+            params = json.loads(params or "{}")
+        info = manager.info()
+        msgs = tuple(ChatMessage.from_dict(m) for m in messages)
+        p = GenParams.from_dict(params, defaults=info.defaults if info else None)
+        req = ChatRequest(msgs, p, owner=user_of(request), session=session_id(request), source="api")
+    except (ValueError, InvalidRequest) as e:
+        raise user_error(e) from e
+    async for text, _stats, _notice in stream_reply(manager, req):
         yield text
 
 

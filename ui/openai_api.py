@@ -1,259 +1,262 @@
 """The app's own OpenAI-compatible endpoint (opt-in with ``--api``): ``/v1/models`` and
 ``/v1/chat/completions`` (streaming and not) for whatever engine is loaded.
 
-It is mounted on the Gradio server's FastAPI app, so it shares the port, and it takes the same
-credentials as the UI: with ``--auth user:password``, clients send ``Authorization: Bearer
-user:password`` (or just the password). The same limits apply (input characters, max tokens), and
-a request beyond the configured queue gets HTTP 429. A client that disconnects mid-stream aborts its
-generation in the engine.
+It is a FastAPI application of its own, mounted at ``/v1`` on the Gradio server (same port), so that
+its error handlers answer in OpenAI's error shape (``{"error": {"message", "type", "param",
+"code"}}``) without touching Gradio's routes, and its OpenAPI schema (``/v1/openapi.json``) describes
+exactly these routes, which is what the API fuzzer (schemathesis) reads. Bodies are parsed by the
+pydantic models of :mod:`ui.openai_protocol`; a malformed body gets a 400, never a 500.
+
+Requests take the one road (``EngineManager.submit``): the same limits, admission and abort as the
+Chat page. Credentials are the UI's: with ``--auth user:password``, clients send
+``Authorization: Bearer user:password`` (or just the password). A client that disconnects, mid-stream
+or while waiting for a non-streamed reply, aborts its request and frees its place at once.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
+import logging
 import time
 import uuid
-import weakref
 
-from fastapi import Request  # at module level: FastAPI resolves the string annotations here
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
 
-from engines.base import ChatMessage, ContextTooLong, EngineError, EngineUnavailable, GenParams
+from engines.base import Busy, ContextTooLong, EngineError, EngineUnavailable, InvalidRequest
 from engines.manager import EngineManager
 from settings import Settings
 
+from .openai_protocol import ChatCompletionRequest, to_chat_request
 
-def _err(status: int, message: str, typ: str = "invalid_request_error", code: str | None = None):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": typ, "code": code, "param": None}},
-                        status_code=status)
+log = logging.getLogger(__name__)
+FINISH = {"stop": "stop", "length": "length", "abort": "stop", "error": "error"}
 
 
-def _content_text(content) -> tuple[str, list]:
-    """OpenAI message content -> (text, images as data/URLs)."""
-    if isinstance(content, str):
-        return content, []
-    if not isinstance(content, list):
-        raise ValueError("message content must be a string or a list of parts")
-    text, images = [], []
-    for part in content:
-        if not isinstance(part, dict):
-            raise ValueError("content parts must be objects")
-        if part.get("type") == "text":
-            text.append(str(part.get("text", "")))
-        elif part.get("type") == "image_url":
-            url = part.get("image_url")
-            images.append(url.get("url") if isinstance(url, dict) else url)
+class APIError(Exception):
+    def __init__(self, status: int, message: str, typ: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.typ, self.code, self.param = status, message, typ, code, param
+
+
+def error_body(message: str, typ: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": typ, "param": param, "code": code}}
+
+
+def _error(status: int, message: str, typ: str = "invalid_request_error", code: str | None = None,
+           param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, typ, code, param), status_code=status)
+
+
+def from_engine_error(e: EngineError) -> APIError:
+    """The HTTP answer for an engine-side refusal."""
+    if isinstance(e, InvalidRequest):
+        return APIError(400, e.message, param=e.param, code=e.code)
+    if isinstance(e, ContextTooLong):
+        return APIError(400, e.message, code="context_length_exceeded", param="messages")
+    if isinstance(e, Busy):
+        return APIError(429, e.message, "rate_limit_error", "busy")
+    if isinstance(e, EngineUnavailable):
+        return APIError(503, e.message, "server_error", e.code)
+    return APIError(500, e.message, "server_error", e.code)
+
+
+def _loc(loc) -> str:
+    """pydantic's error location as a parameter path: ("body", "messages", 0, "content") ->
+    "messages[0].content"."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[...]", "function-after[...]") or "[" in str(part):
+            continue      # union branch names, not a place in the body
         else:
-            raise ValueError(f"unsupported content part type {part.get('type')!r}")
-    return "".join(text), images
+            out += ("." if out else "") + str(part)
+    return out
 
 
 def _decode_image(url: str):
     import base64
+    import binascii
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    from engines.images import prepare
+    from engines.images import ImageError, prepare
 
-    if not isinstance(url, str) or not url.startswith("data:image/"):
+    if not url.startswith("data:image/") or "," not in url:
         raise ValueError("images must be given as data: URLs (base64); remote URLs are not fetched")
     try:
-        raw = base64.b64decode(url.split(",", 1)[1])
+        raw = base64.b64decode(url.split(",", 1)[1], validate=True)
         return prepare(Image.open(io.BytesIO(raw))).image
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read the image: {e}") from e
+    except (binascii.Error, ValueError, OSError, UnidentifiedImageError, ImageError) as e:
+        raise ValueError(f"cannot read the image: {e}") from None
 
 
-def parse_request(body: dict, settings: Settings, vision: bool) -> tuple[list[ChatMessage], GenParams, bool]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError("'messages' must be a non-empty list")
-    out = []
-    for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ValueError("each message needs a role of system, user or assistant")
-        text, images = _content_text(m.get("content", ""))
-        if images and not vision:
-            raise ValueError("this model does not take images")
-        if len(text) > settings.max_input_chars:
-            raise ValueError(f"a message has {len(text)} characters; the limit is {settings.max_input_chars}")
-        out.append(ChatMessage(m["role"], text, tuple(_decode_image(u) for u in images)))
-    if out[-1].role != "user":
-        raise ValueError("the last message must come from the user")
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 512
-    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= settings.max_new_tokens_limit:
-        raise ValueError(f"max_tokens must be in [1, {settings.max_new_tokens_limit}]")
-    kw = {"max_new_tokens": max_tokens}
-    for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
-        if body.get(key) is not None:
-            kw[key] = body[key]
-    if body.get("n", 1) != 1:
-        raise ValueError("only n=1 is supported")
-    return out, GenParams(**kw), bool(body.get("stream"))
-
-
-def mount(app, manager: EngineManager, settings: Settings) -> None:
-    """Add the /v1 routes to the Gradio server's FastAPI ``app`` (ahead of Gradio's own routes)."""
-    from fastapi.responses import JSONResponse, StreamingResponse
-
+def build_api(manager: EngineManager, settings: Settings) -> FastAPI:
+    """The /v1 application (mount it with :func:`mount`)."""
+    api = FastAPI(title="TurboStudio OpenAI-compatible API", version="1", docs_url=None, redoc_url=None)
     pairs = settings.auth_pairs() or []
-    keys = {f"{u}:{p}" for u, p in pairs} | {p for _, p in pairs}
-    waiting = {"n": 0}
-    lock = threading.Lock()
+    users = {f"{u}:{p}": u for u, p in pairs}
+    users.update({p: u for u, p in pairs})
+    bearer = HTTPBearer(auto_error=False)
 
-    def authorized(request: Request) -> bool:
-        if not keys:
-            return True
-        header = request.headers.get("authorization", "")
-        return header.startswith("Bearer ") and header[7:].strip() in keys
+    @api.exception_handler(APIError)
+    async def _api_error(_req, e: APIError):
+        return _error(e.status, e.message, e.typ, e.code, e.param)
 
-    async def models(request: Request):
-        if not authorized(request):
-            return _err(401, "Invalid API key.", "authentication_error", "invalid_api_key")
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_req, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        where = _loc(first.get("loc", ()))
+        kind = first.get("type", "")
+        if kind == "json_invalid":
+            msg = "The body is not valid JSON."
+        elif not where and kind in ("model_attributes_type", "dict_type", "missing"):
+            msg = "The body must be a JSON object (a chat completion request)."
+        elif kind == "extra_forbidden":
+            msg = f"Unrecognized request argument supplied: {where}"
+        else:
+            msg = f"{where or 'body'}: {first.get('msg', 'invalid value')}"
+        if len(errs) > 1:
+            msg += f" (and {len(errs) - 1} more problem(s))"
+        return _error(400, msg, param=where or None, code=kind or None)
+
+    @api.exception_handler(HTTPException)
+    async def _http(_req, e: HTTPException):
+        typ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(e.status_code, str(e.detail), typ)
+
+    @api.exception_handler(Exception)
+    async def _crash(_req, e: Exception):   # a fault of ours: logged with its traceback, answered in shape
+        log.exception("unexpected error in /v1")
+        return _error(500, f"Internal error ({type(e).__name__}).", "server_error", "internal_error")
+
+    def caller(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
+        """The user the key belongs to (None in an app without --auth)."""
+        if not users:
+            return None
+        user = users.get(creds.credentials.strip()) if creds is not None else None
+        if user is None:
+            raise APIError(401, "Invalid API key.", "authentication_error", "invalid_api_key")
+        return user
+
+    @api.get("/models")
+    async def models(_user: str | None = Depends(caller)):
         info = manager.info()
         data = [] if info is None else [{"id": info.model, "object": "model", "created": 0,
                                          "owned_by": "turbostudio", "backend": info.backend,
                                          "max_model_len": info.context_length, "vision": info.vision}]
         return {"object": "list", "data": data}
 
-    async def completions(request: Request):
-        if not authorized(request):
-            return _err(401, "Invalid API key.", "authentication_error", "invalid_api_key")
-        try:
-            body = await request.json()
-        except ValueError:
-            return _err(400, "The body must be JSON.")
+    @api.post("/chat/completions", responses={400: {"description": "invalid request (OpenAI error shape)"},
+                                               401: {"description": "invalid API key"},
+                                               404: {"description": "unknown model"},
+                                               429: {"description": "busy"},
+                                               503: {"description": "no model loaded"}})
+    async def completions(body: ChatCompletionRequest, request: Request, user: str | None = Depends(caller)):
         info = manager.info()
         if info is None:
-            return _err(503, "No model is loaded.", "server_error", "no_model")
-        asked = body.get("model")
-        if asked not in (None, "", "default", info.model):
-            return _err(404, f"The model {asked!r} does not exist; this server serves {info.model!r}.",
-                        "invalid_request_error", "model_not_found")
-        try:
-            messages, params, stream = parse_request(body, settings, info.vision)
-        except ValueError as e:
-            return _err(400, str(e))
-        with lock:
-            if waiting["n"] >= settings.max_queue + (settings.concurrency or info.max_batch):
-                return _err(429, f"Busy: {waiting['n']} requests ahead of you. Try again shortly.",
-                            "rate_limit_error", "busy")
-            waiting["n"] += 1
-        released = []
-
-        def release():      # exactly once, whichever way the request ends
-            with lock:
-                if not released:
-                    released.append(True)
-                    waiting["n"] -= 1
-        sid = "api-" + uuid.uuid4().hex
+            raise APIError(503, "No model is loaded.", "server_error", "no_model")
+        if body.model not in (None, "", "default", info.model):
+            raise APIError(404, f"The model {body.model!r} does not exist; this server serves {info.model!r}.",
+                           "invalid_request_error", "model_not_found", "model")
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
-        created = int(time.time())
         try:
-            fit = await asyncio.to_thread(manager.fit, messages, params)
-            it = manager.stream(fit.messages, params, session_id=sid, prompt_tokens=fit.prompt_tokens)
-        except ContextTooLong as e:
-            release()
-            return _err(400, e.message, "invalid_request_error", "context_length_exceeded")
+            req = to_chat_request(body, max_new_tokens_limit=settings.max_new_tokens_limit, owner=user,
+                                  request_id=rid, decode_image=_decode_image, defaults=info.defaults)
+            sub = await manager.submit_async(req)
         except EngineError as e:
-            release()
-            return _err(503 if isinstance(e, EngineUnavailable) else 500, e.message, "server_error", e.code)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+            raise from_engine_error(e) from None
+        created = int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def pump():   # the engine's iterator is blocking: read it in a thread, hand deltas to the loop
+        async def prompt_tokens() -> int:
+            if sub.fit.prompt_tokens:
+                return sub.fit.prompt_tokens
             try:
-                for d in it:
-                    loop.call_soon_threadsafe(q.put_nowait, d)
-            except Exception as e:  # noqa: BLE001
-                loop.call_soon_threadsafe(q.put_nowait, e)
-            finally:
-                loop.call_soon_threadsafe(q.put_nowait, None)
+                return await asyncio.to_thread(manager.token_cost, list(sub.request.messages))
+            except Exception:  # noqa: BLE001 - a usage figure is not worth failing a reply for
+                return 0
 
-        def chunk(delta: dict, finish=None, usage=None) -> str:
+        def usage(prompt: int, tokens: int) -> dict:
+            return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
+
+        def chunk(delta: dict, finish=None) -> str:
             d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": info.model,
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            if usage:
-                d["usage"] = usage
             return f"data: {json.dumps(d)}\n\n"
 
-        async def deltas():
-            # the engine starts when the response is read, so a response never sent costs no generation
-            threading.Thread(target=pump, daemon=True, name=f"api-{sid[-6:]}").start()
-            try:
-                while True:
-                    d = await q.get()
-                    if d is None:
-                        return
-                    if isinstance(d, Exception):
-                        raise d
-                    yield d
-            finally:
-                release()
-
-        try:
-            prompt_tokens = fit.prompt_tokens or await asyncio.to_thread(manager.require().count_tokens,
-                                                                         fit.messages)
-        except Exception:
-            release()
-            it.close()
-            raise
-
-        def usage(tokens):
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
-                    "total_tokens": prompt_tokens + tokens}
-
-        finish_map = {"stop": "stop", "length": "length", "abort": "stop", "error": "error"}
-        if stream:
+        if body.stream:
             async def sse():
                 tokens = 0
                 try:
                     yield chunk({"role": "assistant", "content": ""})
-                    async for d in deltas():
+                    async for d in sub:     # the one relay; a vanished client cancels it (abort)
                         tokens = d.tokens
                         if d.finish_reason == "error":
-                            yield f"data: {json.dumps({'error': {'message': d.error, 'type': 'server_error'}})}\n\n"
+                            err = error_body(d.error or "generation failed", "server_error", "engine_error")
+                            yield f"data: {json.dumps(err)}\n\n"
                             break
                         if d.text:
                             yield chunk({"content": d.text})
                         if d.finish_reason:
-                            yield chunk({}, finish_map[d.finish_reason], usage(tokens))
+                            yield chunk({}, FINISH[d.finish_reason])
+                    if include_usage:
+                        u = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                             "model": info.model, "choices": [], "usage": usage(await prompt_tokens(), tokens)}
+                        yield f"data: {json.dumps(u)}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
-                    manager.abort(sid)   # no-op when finished; a disconnect lands here
+                    sub.close()     # no-op when it ended; an unread or cut stream is aborted here
 
-            body_iter = sse()
-            # a client gone before the body is first read leaves sse() unstarted, so no finally of
-            # its own runs: free the place (and the engine request) when the generator is collected
-            weakref.finalize(body_iter, release)
-            weakref.finalize(body_iter, manager.abort, sid)
-            return StreamingResponse(body_iter, media_type="text/event-stream")
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        # not streamed: the client may still leave while it waits; a watcher aborts the request then
+        async def watch_disconnect():
+            while True:
+                msg = await request.receive()
+                if msg["type"] == "http.disconnect":
+                    sub.abort()
+                    return
+
+        watcher = asyncio.create_task(watch_disconnect())
         text, last = [], None
         try:
-            async for d in deltas():
+            async for d in sub:
                 text.append(d.text)
                 last = d
-                if await request.is_disconnected():
-                    manager.abort(sid)
         finally:
-            manager.abort(sid)
+            watcher.cancel()
+            sub.close()
         if last is not None and last.finish_reason == "error":
-            return _err(500, last.error or "generation failed", "server_error")
+            raise APIError(500, last.error or "generation failed", "server_error", "engine_error")
         tokens = last.tokens if last else 0
-        return JSONResponse({
-            "id": rid, "object": "chat.completion", "created": created, "model": info.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                         "finish_reason": finish_map.get(last.finish_reason if last else "stop", "stop")}],
-            "usage": usage(tokens)})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": info.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                             "logprobs": None,
+                             "finish_reason": FINISH.get(last.finish_reason if last else "abort", "stop")}],
+                "usage": usage(await prompt_tokens(), tokens)}
 
-    app.add_api_route("/v1/models", models, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", completions, methods=["POST"])
-    # Gradio's app ends with catch-all routes: put ours first so they are matched.
+    return api
+
+
+def mount(app, manager: EngineManager, settings: Settings) -> FastAPI:
+    """Mount the /v1 application on the Gradio server's FastAPI ``app``, ahead of Gradio's
+    catch-all routes."""
+    api = build_api(manager, settings)
+    app.mount("/v1", api)
     routes = app.router.routes
-    ours = [r for r in routes if getattr(r, "path", "").startswith("/v1/")]
+    ours = [r for r in routes if getattr(r, "path", "") == "/v1"]
     for r in ours:
         routes.remove(r)
     routes[0:0] = ours
+    return api

@@ -20,9 +20,8 @@ from engines.base import ChatMessage, GenParams
 from engines.images import ImageError, prepare
 from engines.manager import EngineManager
 
-from .chat import drop_reply, stream_reply, to_messages
+from .chat import chat_request, drop_reply, stream_reply, to_messages
 from .common import Context, SamplingControls, fmt_stats, make_params, require_admin, session_id
-from .streaming import relay
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
 EXAMPLES = [("shapes.png", "What shapes do you see, and what colours are they?"),
@@ -38,7 +37,7 @@ class VisionSlot:
         s = ctx.settings
         self.settings = s
         self.chat_manager = ctx.manager
-        self.manager = EngineManager(s.cache_dir, s.engine_options())
+        self.manager = EngineManager(s.cache_dir, s.engine_options(), s.limits())
         self.status = "not loaded"
         self.error: str | None = None
         self.loading = False
@@ -95,12 +94,11 @@ class VisionSlot:
 
 def image_token_cost(manager: EngineManager, path: str) -> int | None:
     """Prompt tokens one image adds, measured through the model's own processor."""
-    eng = manager.engine
-    if eng is None:
+    if manager.info() is None:
         return None
     try:
-        with_img = eng.count_tokens([ChatMessage("user", "x", (path,))])
-        without = eng.count_tokens([ChatMessage("user", "x")])
+        with_img = manager.token_cost([ChatMessage("user", "x", (path,))])
+        without = manager.token_cost([ChatMessage("user", "x")])
         return with_img - without
     except Exception:  # noqa: BLE001
         return None
@@ -163,11 +161,14 @@ def build(ctx: Context, slot: VisionSlot):
                 gr.Examples(examples, [box], label="Examples (images made for this project, CC0)")
 
     def context_report(turns, costs):
-        eng = slot.manager.engine
-        if eng is None:
+        info = slot.manager.info()
+        if info is None:
             return ""
-        used = eng.count_tokens(to_messages(turns)) if turns else 0
-        ctx_len = eng.info.context_length
+        try:
+            used = slot.manager.token_cost(to_messages(turns)) if turns else 0
+        except Exception:  # noqa: BLE001 - the model was unloaded meanwhile
+            return ""
+        ctx_len = info.context_length
         left = ctx_len - used
         line = f"Context: {used} of {ctx_len} tokens used, {left} left."
         if costs:
@@ -177,8 +178,7 @@ def build(ctx: Context, slot: VisionSlot):
         return line
 
     async def respond(message, turns, snapshot, *pvals, request: gr.Request = None):
-        eng = slot.manager.engine
-        if eng is None:
+        if slot.manager.info() is None:
             raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
         message = message or {}
         text = (message.get("text") or "").strip()
@@ -223,15 +223,17 @@ def build(ctx: Context, slot: VisionSlot):
             yield out
 
     async def _run(turns, params, request, costs=None):
-        sid = "vision-" + session_id(request)
         shown = turns + [{"role": "assistant", "content": ""}]
         report = await asyncio.to_thread(context_report, turns, costs)
         yield None, turns, display(shown), None, report
         text, stats = "", None
         warned = False
+        req, left_out = chat_request(to_messages(turns), params, request, "vision", slot.manager.limits)
+        if left_out:
+            gr.Warning(f"The conversation is longer than one request may be: the {left_out} oldest "
+                       "turn(s) were left out of the prompt.")
         try:
-            async for text, stats, notice in relay(stream_reply(slot.manager, to_messages(turns), params, sid),
-                                                   lambda: slot.manager.abort(sid)):
+            async for text, stats, notice in stream_reply(slot.manager, req):
                 if notice and not warned:
                     gr.Warning(notice)
                     warned = True
@@ -274,7 +276,7 @@ def build(ctx: Context, slot: VisionSlot):
     e1 = box.submit(respond, [box, conv, webcam, *sampling.values], outputs, api_name="vision_send", **common)
     e2 = regen.click(regenerate, [conv, *sampling.values], outputs, api_name="vision_regenerate", **common)
     def on_stop(request: gr.Request = None):
-        slot.manager.abort("vision-" + session_id(request))
+        slot.manager.abort_session(session_id(request))
 
     stop.click(on_stop, None, None, cancels=[e1, e2], api_name="vision_stop", queue=False)
     clear.click(lambda: ([], [], ""), None, [conv, chatbot, context_md], api_name="vision_clear", queue=False)

@@ -1,0 +1,56 @@
+"""API fuzzing of /v1 with schemathesis (it reads the endpoint's own OpenAPI schema,
+``/v1/openapi.json``): valid and invalid bodies alike get no 5xx, every 4xx is in OpenAI's error
+shape, schema-invalid bodies are refused, and the app still answers afterwards."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+schemathesis = pytest.importorskip("schemathesis")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(cache_dir, smollm2):
+    from tests.conftest import AppProcess
+
+    # short replies: every valid body the fuzzer sends is a real generation on this CPU
+    app = AppProcess(["--cache-dir", cache_dir, "--api", "--max-new-tokens-limit", "4"])
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_app):
+    return schemathesis.openapi.from_url(fuzz_app.url + "v1/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+def openai_error_shape(ctx, response, case):
+    """Every 4xx answers {"error": {"message", "type", "param", "code"}} with a message."""
+    if 400 <= response.status_code < 500:
+        body = response.json()
+        err = body.get("error") if isinstance(body, dict) else None
+        assert isinstance(err, dict) and set(err) == {"message", "type", "param", "code"}, body
+        assert isinstance(err["message"], str) and err["message"]
+
+
+@schema.parametrize()
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzz_v1(case):
+    from schemathesis.checks import negative_data_rejection, not_a_server_error
+
+    case.call_and_validate(checks=[not_a_server_error, negative_data_rejection, openai_error_shape],
+                           timeout=60)
+
+
+def test_the_app_still_answers_after_the_fuzzing(fuzz_app):
+    import httpx
+
+    r = httpx.post(fuzz_app.url + "v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    assert fuzz_app.client().predict(api_name="/engine_info")["running"] == 0
