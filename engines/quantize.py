@@ -59,6 +59,7 @@ class Job:
     stage: str = ""
     error: str = ""
     log: str = ""
+    owner: str | None = None   # the user who started it (None in an app without users)
 
     @property
     def fraction(self) -> float:
@@ -182,7 +183,8 @@ class JobRunner:
             json.dump(asdict(job), f, indent=1)
         os.replace(tmp, self._path(job.id))
 
-    def jobs(self) -> list[Job]:
+    def jobs(self, owner: str | None = None, *, everyone: bool = True) -> list[Job]:
+        """Every job (``everyone``), or only those ``owner`` started, oldest first."""
         out = []
         for name in os.listdir(self.folder):
             if name.endswith(".json") and not name.endswith(".spec.json"):   # not a worker's spec
@@ -190,6 +192,8 @@ class JobRunner:
                     out.append(Job(**json.load(open(os.path.join(self.folder, name)))))
                 except (ValueError, TypeError, OSError):
                     continue
+        if not everyone:
+            out = [j for j in out if j.owner == owner]
         return sorted(out, key=lambda j: j.created)
 
     def get(self, job_id: str) -> Job | None:
@@ -203,14 +207,17 @@ class JobRunner:
                 self._save(job)
 
     # ---------------------------------------------------------------- API
-    def submit(self, kind: str, source: str, output: str, params: dict) -> Job:
+    def submit(self, kind: str, source: str, output: str, params: dict, owner: str | None = None) -> Job:
+        """Check and queue a job; ``owner`` (the user who asked) may later cancel it (see the
+        Quantize page: its owner or an administrator)."""
         if kind == "awq":
             params = {"samples": 128, "seqlen": 512, "group_size": 128, "bits": 4, **params}
             params["calib_file"] = params.get("calib_file") or DEFAULT_CALIB
         free = self.gpu_free() if kind == "awq" else None
         validate(kind, source, output, params, self.data_dir, free_gpu_bytes=free)
         job = Job(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], kind=kind,
-                  source=os.path.realpath(source), output=os.path.realpath(output), params=params)
+                  source=os.path.realpath(source), output=os.path.realpath(output), params=params,
+                  owner=owner)
         job.log = os.path.join(self.folder, f"{job.id}.log")
         self._save(job)
         self._wake.set()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from dataclasses import dataclass
 
 import gradio as gr
@@ -115,6 +117,43 @@ def require_admin(settings: Settings, request: gr.Request | None,
     """Operator controls are for admins when the app is public or has users (Settings.admins)."""
     if not is_admin(settings, request):
         raise gr.Error(f"Only an administrator may {what} on this server.", title="Not allowed")
+
+
+def may_manage(settings: Settings, request: gr.Request | None, owner: str | None) -> bool:
+    """Whether the caller may cancel or see what ``owner`` started (a load test, a comparison, a
+    quantization job): its owner, or an administrator."""
+    return is_admin(settings, request) or (owner is not None and owner == user_of(request))
+
+
+# An absolute (or ~/, ./, ../) path inside a text: not the tail of a URL ("http://host/x"), of a
+# hub id ("org/model"), of a unit ("tokens/s") or of a closing tag ("</sub>").
+_PATH = re.compile(r"(?<![\w.:/~<-])(?:~|\.{1,2})?/[^\s'\"`<>|,;()\[\]{}*]+")
+
+
+def sees_paths(settings: Settings, request: gr.Request | None) -> bool:
+    """Whether the caller may see paths on the server: everyone in a private app without users
+    (``Settings.show_paths``), else administrators only."""
+    return settings.show_paths or is_admin(settings, request)
+
+
+def hide_paths(value):
+    """``value`` (a string, or dicts, lists and tuples of them) with every path on the server cut
+    to its last component: ``/srv/models/my-w4a16`` -> ``my-w4a16``. Other values pass unchanged."""
+    if isinstance(value, str):
+        return _PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/")) or "…", value)
+    if isinstance(value, dict):
+        return {k: hide_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(hide_paths(v) for v in value)
+    return value
+
+
+def redact_paths(settings: Settings, request: gr.Request | None, value):
+    """What the caller may see of ``value``: as is for those who may see paths on the server
+    (``sees_paths``), else with the paths cut to their last component (``hide_paths``). Without a
+    request (a value built into the page, the same for every visitor) it is as the least
+    privileged visitor would see it."""
+    return value if sees_paths(settings, request) else hide_paths(value)
 
 
 def queued_events(demo) -> int:

@@ -6,14 +6,20 @@ import gradio as gr
 from engines import telemetry
 from engines.registry import ENGINE_NAMES
 
-from .common import Context, require_admin, user_error
+from .common import Context, is_admin, redact_paths, require_admin, user_error, user_of
 
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def describe(ctx: Context) -> str:
+def describe(ctx: Context, request: gr.Request | None = None) -> str:
+    """The status line; paths on the server only for those who may see them (``redact_paths``;
+    without a request, as every visitor may see it)."""
+    return redact_paths(ctx.settings, request, _describe(ctx))
+
+
+def _describe(ctx: Context) -> str:
     info = ctx.manager.info()
     if info is None:
         return "**No model loaded.** Load one below."
@@ -21,7 +27,7 @@ def describe(ctx: Context) -> str:
              f"context {info.context_length} tokens" + (", takes images" if info.vision else "")]
     if info.reason:
         lines.append(f"Why this backend: {info.reason}.")
-    dead = getattr(ctx.manager.engine, "dead", None)
+    dead = _figure(ctx.manager.health)
     if dead:
         lines.append(f"**The engine stopped ({dead}).** Press Load to load the model again.")
     if info.extra:
@@ -38,8 +44,10 @@ def build(ctx: Context):
     s = ctx.settings
     status = gr.Markdown(describe(ctx), elem_id="engine-status")
     with gr.Row():
+        # the page's own copy is every visitor's: the folder given with --model is filled in at
+        # page load for those who may see paths (see fill_model below)
         model = gr.Textbox(label="Model (folder or hub id; empty = built-in SmolLM2-135M-Instruct)",
-                           value=s.model or "", scale=3, elem_id="engine-model")
+                           value=redact_paths(s, None, s.model or ""), scale=3, elem_id="engine-model")
         engine = gr.Dropdown(list(ENGINE_NAMES), value=s.engine, label="Engine", scale=1)
     with gr.Accordion("Engine options", open=False):
         with gr.Row():
@@ -68,12 +76,18 @@ def build(ctx: Context):
                              tp=int(tp or 1))
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
-        return describe(ctx)
+        return describe(ctx, request)
 
     def do_unload(request: gr.Request = None):
         require_admin(s, request)
         ctx.manager.unload()
-        return describe(ctx)
+        return describe(ctx, request)
+
+    def fill_model(request: gr.Request = None):
+        return redact_paths(s, request, s.model or "")
+
+    if redact_paths(s, None, s.model or "") != (s.model or ""):
+        gr.on(None, fill_model, None, model, api_visibility="private", queue=False, show_progress="hidden")
 
     with gr.Accordion("Servers: lmdeploy api_server / proxy (operator)", open=False):
         gr.Markdown("Start `lmdeploy serve api_server` for a model with the options above, several of them "
@@ -91,7 +105,7 @@ def build(ctx: Context):
         servers_md = gr.Markdown("", elem_id="servers-status")
         server_log = gr.Textbox(label="Server log", lines=8, max_lines=16)
 
-    def servers_status():
+    def servers_status():     # for operators only (every caller passed require_admin)
         rows = ctx.servers.status() if ctx.servers else []
         return "\n".join(f"- **{r['name']}** {r['url']} — {r['state']}" for r in rows) or "No servers started."
 
@@ -131,7 +145,7 @@ def build(ctx: Context):
             ctx.manager.load(f"http://127.0.0.1:{int(port)}", "remote")
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
-        return describe(ctx)
+        return describe(ctx, request)
 
     def do_stop_server(port, request: gr.Request = None):
         require_admin(s, request)
@@ -155,19 +169,24 @@ def build(ctx: Context):
     return status
 
 
-def engine_info(ctx: Context) -> dict:
-    info = ctx.manager.info()
-    return {"loaded": info is not None, **(info.to_dict() if info else {}),
-            "running": ctx.manager.running, "dead": getattr(ctx.manager.engine, "dead", None),
-            "last_switch": ctx.manager.last_switch,
-            "sessions": _live_sessions(ctx.manager.engine),
-            "memory": telemetry.snapshot()}
+def engine_info(ctx: Context, request: gr.Request | None = None) -> dict:
+    """What runs: the engine and model, requests in flight (``running``: all of them; ``requests``:
+    the caller's own, everyone's for an administrator), the engine's health and memory. Paths on
+    the server (``model_path``, the folder a model was loaded from) only for those who may see
+    them (``redact_paths``): a non-admin of an app with users or a public one gets the names."""
+    m = ctx.manager
+    info = m.info()
+    mine = m.live(user_of(request), everyone=is_admin(ctx.settings, request))
+    out = {"loaded": info is not None, **(info.to_dict() if info else {}),
+           "running": m.running, "requests": [r.to_dict() for r in mine],
+           "dead": _figure(m.health), "engine_requests": _figure(m.engine_live_requests),
+           "last_switch": m.last_switch, "memory": telemetry.snapshot()}
+    return redact_paths(ctx.settings, request, out)
 
 
-def _live_sessions(eng) -> dict | None:
-    fn = getattr(eng, "live_sessions", None)
+def _figure(fn):
     try:
-        return fn() if fn else None
+        return fn()
     except Exception:  # noqa: BLE001 - a figure for the page, never a reason to fail it
         return None
 

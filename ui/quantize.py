@@ -11,14 +11,15 @@ import gradio as gr
 
 from engines.quantize import HUB_DATASETS, JobRunner, folder_size as _size, measure_model
 
-from .common import Context, require_admin, user_error
+from .common import Context, is_admin, may_manage, redact_paths, require_admin, user_error, user_of
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 
-def table(runner: JobRunner) -> list[list]:
+def table(runner: JobRunner, owner: str | None = None, *, everyone: bool = True) -> list[list]:
+    """The job list, newest first: every job (``everyone``) or only those ``owner`` started."""
     rows = []
-    for j in reversed(runner.jobs()):
+    for j in reversed(runner.jobs(owner, everyone=everyone)):
         eta = j.eta_seconds()
         state = j.state
         if state == "queued":
@@ -36,13 +37,24 @@ def table(runner: JobRunner) -> list[list]:
 def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
     s = ctx.settings
     models_dir = os.path.join(s.cache_dir, "models")
+
+    def visible(request: gr.Request | None) -> list[list]:
+        """The caller's own jobs (an administrator's: all), paths as the caller may see them."""
+        return redact_paths(s, request, table(runner, user_of(request), everyone=is_admin(s, request)))
+
+    def loaded_path() -> str:
+        info = ctx.manager.info()
+        return info.model_path if info else ""
+
+    # What is built into the page is every visitor's: paths on the server only where everyone may
+    # see them (``redact_paths`` without a request); those who may get them when they open the tab.
     gr.Markdown("AWQ W4A16 runs LMDeploy's `auto_awq` in a separate process (a crash cannot take the "
                 "app down), calibrated offline on shipped text unless you give your own. One GPU job "
                 "at a time; the list survives reloads and restarts. Results appear under "
-                f"`{models_dir}` and load with one click.")
+                f"`{redact_paths(s, None, models_dir)}` (the app's model folder) and load with one click.")
+    source_default = redact_paths(s, None, loaded_path())
     with gr.Row():
-        source = gr.Textbox(label="Source model folder", value=ctx.manager.info().model_path
-                            if ctx.manager.info() else "", scale=3)
+        source = gr.Textbox(label="Source model folder", value=source_default, scale=3)
         name = gr.Textbox(label="Output name", placeholder="e.g. my-model-w4a16", scale=2)
         kind = gr.Dropdown(["awq", "cast"], value="awq", label="Job", scale=1)
     with gr.Row():
@@ -54,7 +66,7 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
         dataset = gr.Dropdown([("shipped text / your file (offline)", "")] + [(d, d) for d in HUB_DATASETS],
                               value="", label="calibration data (hub datasets need the hub)")
     start = gr.Button("Start job", variant="primary")
-    jobs = gr.Dataframe(table(runner), headers=["id", "kind", "source", "output", "state", "size", "error"],
+    jobs = gr.Dataframe(visible(None), headers=["id", "kind", "source", "output", "state", "size", "error"],
                         interactive=False, wrap=True, elem_id="jobs-table")
     with gr.Row():
         job_id = gr.Textbox(label="Job id (for log, cancel, load)", scale=3)
@@ -81,20 +93,33 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
                    "bits": 4, "calib_file": calib, "dataset": dataset or ""} if kind == "awq" else {"dtype": dtype})
         try:
             s.load_policy().check(source)
-            job = runner.submit(kind, source.strip(), os.path.join(models_dir, name), params)
+            job = runner.submit(kind, source.strip(), os.path.join(models_dir, name), params,
+                                owner=user_of(request))
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
         gr.Info(f"Job {job.id} queued.")
-        return table(runner), job.id
+        return visible(request), job.id
 
-    def refresh(jid):
-        return table(runner), runner.read_log(jid) if jid else ""
+    def own_log(jid, request) -> str:
+        job = runner.get((jid or "").strip()) if jid else None
+        if job is None or not may_manage(s, request, job.owner):
+            return ""
+        return redact_paths(s, request, runner.read_log(job.id))
+
+    def refresh(jid, request: gr.Request = None):
+        return visible(request), own_log(jid, request)
 
     def do_cancel(jid, request: gr.Request = None):
-        require_admin(s, request)
-        runner.cancel(jid.strip())
+        """A job is cancelled by the user who started it or by an administrator."""
+        job = runner.get((jid or "").strip())
+        if job is None:
+            raise gr.Error(f"There is no job {jid!r}.", title="No such job")
+        if not may_manage(s, request, job.owner):
+            raise gr.Error(f"Job {job.id} was started by another user; only they or an administrator "
+                           "may cancel it.", title="Not allowed")
+        runner.cancel(job.id)
         time.sleep(0.2)
-        return table(runner)
+        return visible(request)
 
     def do_load(jid, request: gr.Request = None):
         require_admin(s, request)
@@ -144,9 +169,19 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
     load.click(do_load, job_id, log, api_name="quantize_load", concurrency_id="admin", concurrency_limit=1)
     timer.tick(refresh, job_id, [jobs, log], api_visibility="private", queue=False,
                show_progress="hidden")   # no progress animation each second
-    tab.select(lambda: gr.Timer(active=True), None, timer, api_visibility="private", queue=False)
-    def quantize_jobs() -> list:
-        return table(runner)
+    def on_open(src, request: gr.Request = None):
+        """The refresh timer runs while the tab is open; the serving model's folder is offered as
+        the source to those who may see paths (the page's own copy has it only where all may)."""
+        fill = loaded_path() if src == source_default and source_default != loaded_path() else None
+        if fill and redact_paths(s, request, fill) == fill:
+            return gr.Timer(active=True), fill
+        return gr.Timer(active=True), gr.skip()
+
+    tab.select(on_open, source, [timer, source], api_visibility="private", queue=False)
+
+    def quantize_jobs(request: gr.Request) -> list:
+        """The job list: the caller's own jobs, an administrator's all."""
+        return visible(request)
 
     gr.api(quantize_jobs, api_name="quantize_jobs", api_visibility="undocumented")
     return timer
