@@ -13,21 +13,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+_CUDA: bool | None = None
+
+
 def _cuda() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    global _CUDA
+    if _CUDA is None:
+        try:
+            import torch
+            _CUDA = torch.cuda.is_available()
+        except ImportError:
+            _CUDA = False
+    return _CUDA
 
 
-def pytest_collection_modifyitems(config, items):
-    if _cuda():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """GPU tests are skipped without CUDA. Asked when a GPU test is about to run, not at collection:
+    importing torch costs ~1.5 s on the 2-core machine, which collection and `-m "not slow"` skip.
+    (Before pytest's own skip check, which sees the marker; before any fixture is set up.)"""
+    if item.get_closest_marker("gpu") is not None and not _cuda():
+        item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture(scope="session")

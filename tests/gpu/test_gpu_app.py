@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 pytest.importorskip("gradio_client")
 
-from .clients import first_output, streaming_clients, wait_released  # noqa: E402
-from .conftest import AppProcess  # noqa: E402
-from .test_app import poll  # noqa: E402
+from tests.clients import first_output, streaming_clients, wait_released  # noqa: E402
+from tests.conftest import AppProcess  # noqa: E402
+from tests.ui.test_app import poll  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_out_of_memory_is_a_clear_message_and_the_app_keeps_serving(tmp_path_fac
 
     from bench.models import build_llama
 
-    from .conftest import AppProcess
+    from tests.conftest import AppProcess
 
     small = build_llama(str(tmp_path_factory.mktemp("m") / "awq-small-128k"), "awq-small", device="cuda",
                         dtype="bfloat16", max_pos=131072)
@@ -222,7 +222,7 @@ def test_quantize_page_job_card_and_one_click_load(tmp_path_factory):
     the one-click load on TurboMind (model_format awq), which then answers."""
     from bench.models import build_llama
 
-    from .conftest import AppProcess
+    from tests.conftest import AppProcess
 
     src = build_llama(str(tmp_path_factory.mktemp("q") / "awq-small-fp16"), "awq-small", device="cuda",
                       dtype="float16")

@@ -47,6 +47,7 @@ def test_metrics_csv_parses_and_counts_tokens():
     assert float(rows[0]["tokens_per_s"]) == pytest.approx(10 / 1.0)
 
 
+@pytest.mark.slow
 def test_monitor_panel_and_csv_through_the_app(app_server):
     c = app_server.client()
     c.predict([{"role": "user", "content": "Say hi."}], {"temperature": 0, "max_new_tokens": 6}, api_name="/chat")
@@ -59,6 +60,7 @@ def test_monitor_panel_and_csv_through_the_app(app_server):
     assert {"ttft", "tokens_per_s", "backend"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_load_test_through_the_app(app_server):
     import json
 
@@ -75,6 +77,7 @@ def test_load_test_through_the_app(app_server):
     assert len(list(csv.DictReader(open(cpath)))) == len(rows)
 
 
+@pytest.mark.slow
 def test_engine_comparison_through_the_app(app_server):
     import json
 
@@ -89,6 +92,7 @@ def test_engine_comparison_through_the_app(app_server):
     assert len(list(csv.DictReader(open(cpath)))) == 2
 
 
+@pytest.mark.slow
 def test_kv_sweep_without_a_gpu_says_why_per_setting(app_server):
     c = app_server.client()
     table, plot = c.predict(0, 8, api_name="/kv_sweep")
@@ -116,6 +120,7 @@ def test_memory_breakdown_splits_weights_cache_and_others():
     assert "weights ~6.5 GiB" in memory_breakdown(g, [{"pid": 10, "used": 50 * G}], {10}, tp2, 2)
 
 
+@pytest.mark.slow
 def test_running_requests_are_sampled_for_the_plot(app_server):
     import time
 

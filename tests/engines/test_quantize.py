@@ -16,6 +16,7 @@ def data_dir(tmp_path):
     return str(tmp_path / "data")
 
 
+@pytest.mark.slow
 def test_cast_job_runs_with_progress_and_the_result_loads(smollm2, data_dir):
     runner = JobRunner(data_dir)
     try:
@@ -48,6 +49,7 @@ def test_cast_job_runs_with_progress_and_the_result_loads(smollm2, data_dir):
         runner.close()
 
 
+@pytest.mark.slow
 def test_cancel_kills_the_worker_and_leaves_nothing(smollm2, data_dir):
     runner = JobRunner(data_dir)
     try:
@@ -82,6 +84,7 @@ def test_a_failing_job_reports_why_and_cleans_up(tmp_path, data_dir):
         runner.close()
 
 
+@pytest.mark.slow
 def test_jobs_survive_a_restart(smollm2, data_dir):
     runner = JobRunner(data_dir)
     job = runner.submit("cast", smollm2.path, os.path.join(data_dir, "models", "a"), {})
@@ -156,6 +159,7 @@ def test_memory_estimate_grows_with_the_model_and_the_calibration():
     assert 2 * 2**30 < awq_memory_estimate(big, 128, 2048) < 40 * 2**30
 
 
+@pytest.mark.slow
 def test_quantize_page_through_the_app(app_server, smollm2, cache_dir):
     """The page's API: a refused AWQ request (no GPU here) says why; a cast job runs and loads."""
     import uuid

@@ -1,13 +1,13 @@
 """GPU-only checks (marker ``gpu``): TurboMind agrees with Transformers, switching frees memory."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from engines.base import ChatMessage, GenParams
 
-pytestmark = pytest.mark.gpu
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 PROMPTS = [[ChatMessage("user", "Tell me about the history of the printing press.")],
            [ChatMessage("user", "List ten animals that live in the ocean.")]]
 
@@ -217,7 +217,7 @@ def test_a_load_that_cannot_fit_is_refused_before_turbomind_and_the_process_goes
     from bench.models import build_llama
 
     big = build_llama("/tmp/turbostudio-bench-1.8b", "1.8b", device="cuda", dtype="bfloat16")
-    p = subprocess.run([sys.executable, "-c", _OOM_CHILD, big, os.path.dirname(os.path.dirname(__file__))],
+    p = subprocess.run([sys.executable, "-c", _OOM_CHILD, big, ROOT],
                        capture_output=True, text=True, timeout=600)
     print(p.stdout, p.stderr[-3000:])
     assert p.returncode == 0, f"the process died (code {p.returncode})"

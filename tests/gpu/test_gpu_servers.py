@@ -9,12 +9,12 @@ import urllib.request
 
 import pytest
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 from engines import models, registry, servers  # noqa: E402
 from engines.base import ChatMessage, EngineError, GenParams  # noqa: E402
 
-from .conftest import free_port  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 ASK = [ChatMessage("user", "Tell me a story about a lighthouse keeper.")]
 

@@ -7,10 +7,11 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow          # a launched app serves every test here
 pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError
 
-from .clients import first_output  # noqa: E402
+from tests.clients import first_output  # noqa: E402
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24}
 ASK = [{"role": "user", "content": "What is the capital of France?"}]

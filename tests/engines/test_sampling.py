@@ -9,12 +9,19 @@ from types import SimpleNamespace
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from engines.base import GenParams
+from engines.transformers import TransformersEngine
 
-from engines.base import GenParams  # noqa: E402
-from engines.transformers import TransformersEngine  # noqa: E402
+torch = ENGINE = LOGITS = None         # set by _torch, when the tests run
 
-ENGINE = SimpleNamespace(_torch=torch)
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch():
+    """torch is imported when these tests run, not when pytest collects them (~1.5 s)."""
+    global torch, ENGINE, LOGITS
+    torch = pytest.importorskip("torch")
+    ENGINE = SimpleNamespace(_torch=torch)
+    LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 
 
 def row(seed=0, seen=None, **params):
@@ -24,9 +31,6 @@ def row(seed=0, seen=None, **params):
 
 def pick(rows, logits):
     return TransformersEngine._next_tokens(ENGINE, rows, logits)
-
-
-LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 
 
 def draws(n=4000, **params):

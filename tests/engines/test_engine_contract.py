@@ -14,6 +14,7 @@ import pytest
 
 from engines.base import ChatMessage, ContextTooLong, GenParams
 
+pytestmark = pytest.mark.slow          # every test loads a model and generates
 gpu = pytest.mark.gpu
 BACKENDS = [
     pytest.param(("transformers", "smollm2", "cpu"), id="transformers-smollm2"),

@@ -7,11 +7,15 @@ import time
 
 import pytest
 
-gr = pytest.importorskip("gradio")
+
+@pytest.fixture(scope="module", autouse=True)
+def gr():
+    """Gradio, imported when these tests run (~4 s on the 2-core machine), not when pytest collects them."""
+    return pytest.importorskip("gradio")
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(gr, tmp_path_factory):
     import settings as sm
     from engines.manager import EngineManager
     from engines.quantize import JobRunner
@@ -49,7 +53,7 @@ def test_sessions_are_cheap_and_read_back_the_same_configs(demo):
     assert len(list(lazy[1].components)) == len(demo.blocks) > 100
 
 
-def test_a_value_set_before_any_read_lands_in_the_config(demo):
+def test_a_value_set_before_any_read_lands_in_the_config(demo, gr):
     from gradio.state_holder import SessionState
 
     from ui.gradio_patches import lazy_session_config
@@ -63,7 +67,7 @@ def test_a_value_set_before_any_read_lands_in_the_config(demo):
     assert key in a.config_values and a.config_values.get(key) is a.config_values[key]
 
 
-def test_the_queue_wakes_on_events_and_sleeps_when_idle():
+def test_the_queue_wakes_on_events_and_sleeps_when_idle(gr):
     """event_driven_queue: a request starts at once (it wakes the loop; the fallback wait is 50 ms),
     a request waiting for a place starts when the place frees, and an idle queue loop runs ~20
     times a second instead of ~1000 (Gradio's 1 ms poll)."""

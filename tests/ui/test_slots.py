@@ -6,10 +6,11 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow          # a launched app serves every test here
 pytest.importorskip("gradio_client")
 
-from .clients import first_output, streaming_clients  # noqa: E402
-from .conftest import AppProcess  # noqa: E402
+from tests.clients import first_output, streaming_clients  # noqa: E402
+from tests.conftest import AppProcess  # noqa: E402
 
 LONG = [{"role": "user", "content": "Write a very long story about the sea."}]
 FOREVER = {"temperature": 0.8, "max_new_tokens": 3000}

@@ -5,16 +5,22 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow          # a launched app serves every test here
 pytest.importorskip("gradio_client")
-openai = pytest.importorskip("openai")
 
 from engines import models, registry  # noqa: E402
 from engines.base import ChatMessage, ContextTooLong, EngineError, EngineUnavailable, GenParams, ModelLoadError  # noqa: E402
 
-from .conftest import AppProcess, free_port  # noqa: E402
+from tests.conftest import AppProcess, free_port  # noqa: E402
 
 KEY = "ann:pw"
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def openai():
+    """The openai package, imported when these tests run (~1 s), not when pytest collects them."""
+    return pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +31,7 @@ def api_server(cache_dir, smollm2):
 
 
 @pytest.fixture(scope="module")
-def client(api_server):
+def client(api_server, openai):
     return openai.OpenAI(base_url=api_server.url + "v1", api_key=KEY)
 
 
@@ -58,14 +64,14 @@ def test_max_tokens_and_length_finish(client):
     ({"max_tokens": 10**7}, "BadRequestError", "max_tokens must be in"),
     ({"messages": [{"role": "user", "content": "word " * 20000}]}, "BadRequestError", "characters"),
 ])
-def test_errors_come_back_in_openai_form(client, kwargs, error, fragment):
+def test_errors_come_back_in_openai_form(client, openai, kwargs, error, fragment):
     args = {"model": "SmolLM2-135M-Instruct", "messages": ASK, **kwargs}
     with pytest.raises(getattr(openai, error)) as e:
         client.chat.completions.create(**args)
     assert fragment in str(e.value)
 
 
-def test_wrong_key_is_401(api_server):
+def test_wrong_key_is_401(api_server, openai):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=api_server.url + "v1", api_key="wrong").models.list()
 
@@ -146,7 +152,7 @@ def test_server_launcher_starts_waits_and_stops_a_real_server(cache_dir, tmp_pat
 
     from engines.servers import ServerManager, api_server_command
 
-    from .conftest import ROOT
+    from tests.conftest import ROOT
 
     mgr = ServerManager(str(tmp_path / "logs"))
     port = free_port()

@@ -3,14 +3,15 @@ reports consistent figures. Speed targets are read from their printed ratios on 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow          # each test runs a benchmark against a launched app
 pytest.importorskip("gradio_client")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, tmp_path, timeout=600):

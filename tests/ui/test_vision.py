@@ -15,15 +15,16 @@ from gradio_client.exceptions import AppError
 from engines.base import ChatMessage, GenParams
 from engines.images import ImageError, prepare
 
-from .conftest import AppProcess
+from tests.conftest import ROOT, AppProcess
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
+EXAMPLES = os.path.join(ROOT, "assets", "examples")
 SHAPES = os.path.join(EXAMPLES, "shapes.png")
 CHART = os.path.join(EXAMPLES, "chart.png")
 SAMPLING = [32, 0, 0.9, 40, 1.0, None]    # max_new_tokens, temperature (greedy), top_p, top_k, rep, seed
 
 
 # ---------------------------------------------------------------- engine level
+@pytest.mark.slow
 def test_tiny_llava_streams_and_batches_like_it_answers_alone(tiny_llava, tmp_path):
     import threading
 
@@ -60,6 +61,7 @@ def test_tiny_llava_streams_and_batches_like_it_answers_alone(tiny_llava, tmp_pa
 
 
 # ---------------------------------------------------------------- through the app
+@pytest.mark.slow
 def test_whole_path_upload_answer_follow_up_second_image(vision_app):
     c = vision_app.client()
     job = c.submit({"text": "What shapes are here?", "files": [handle_file(SHAPES)]}, None, *SAMPLING,
@@ -84,6 +86,7 @@ def test_whole_path_upload_answer_follow_up_second_image(vision_app):
     assert "chart.png" in context
 
 
+@pytest.mark.slow
 def test_first_message_needs_an_image(vision_app):
     with pytest.raises(AppError, match="Attach an image"):
         vision_app.client().predict({"text": "hello", "files": []}, None, *SAMPLING, api_name="/vision_send")
@@ -176,6 +179,7 @@ def test_prepare_each_kind_of_upload(bad_images, kind, outcome):
         assert r > 200 and g < 60 and b < 60, "CMYK (0,255,255,0) is red"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["corrupt", "not_image", "empty", "animated", "png16", "cmyk", "rgba",
                                   "palette", "exif", "tiny", "huge"])
 def test_every_upload_through_the_ui_api_works_or_is_refused_clearly(vision_app, bad_images, kind):
@@ -191,6 +195,7 @@ def test_every_upload_through_the_ui_api_works_or_is_refused_clearly(vision_app,
     assert vision_app.alive()
 
 
+@pytest.mark.slow
 def test_too_many_images_are_refused(vision_app):
     c = vision_app.client()
     with pytest.raises(AppError, match="limit is 4"):
@@ -204,6 +209,7 @@ def test_too_many_images_are_refused(vision_app):
                                 {"temperature": 0, "max_new_tokens": 16}, api_name="/chat")
 
 
+@pytest.mark.slow
 def test_offline_default_says_how_to_point_at_a_folder(cache_dir, smollm2):
     app = AppProcess(["--cache-dir", cache_dir], env={"HF_HUB_OFFLINE": "1"})
     try:
@@ -216,6 +222,7 @@ def test_offline_default_says_how_to_point_at_a_folder(cache_dir, smollm2):
         app.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llava-next", "interleave"])
 def test_other_llava_families_stream_their_greedy_answer(kind, tmp_path_factory):
     """LLaVA-NeXT (any-resolution tiles) and LLaVA-Interleave (SigLIP + Qwen2), tiny and random,
@@ -245,6 +252,7 @@ def test_other_llava_families_stream_their_greedy_answer(kind, tmp_path_factory)
         eng.close()
 
 
+@pytest.mark.slow
 def test_uploads_over_the_size_limit_are_refused(cache_dir, smollm2, tiny_llava, tmp_path):
     from PIL import Image
 

@@ -12,8 +12,8 @@ pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from .clients import wait_released  # noqa: E402
-from .conftest import ROOT, AppProcess  # noqa: E402
+from tests.clients import wait_released  # noqa: E402
+from tests.conftest import ROOT, AppProcess  # noqa: E402
 
 LOAD_ARGS = ("auto", "auto", "auto", "hf", 0, 0.8, None, 1)
 
@@ -24,6 +24,7 @@ def test_share_requires_auth_or_an_explicit_opt_out():
     assert r.returncode == 2 and "--auth" in r.stderr and "public" in r.stderr
 
 
+@pytest.mark.slow
 def test_login_is_required(users_app):
     with pytest.raises(Exception):
         Client(users_app.url, verbose=False).predict(api_name="/engine_info")
@@ -31,6 +32,7 @@ def test_login_is_required(users_app):
         Client(users_app.url, auth=("bob", "wrong"), verbose=False)
 
 
+@pytest.mark.slow
 def test_users_chat_but_only_the_admin_loads_models(users_app):
     bob = Client(users_app.url, auth=("bob", "pw2"), verbose=False)
     assert "Paris" in bob.predict([{"role": "user", "content": "What is the capital of France?"}],
@@ -41,6 +43,7 @@ def test_users_chat_but_only_the_admin_loads_models(users_app):
         bob.predict(api_name="/unload_model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/etc", "/tmp", "~/.cache/turbostudio/models/../../..", "org/model"])
 def test_admin_cannot_load_outside_the_roots(users_app, path):
     ann = Client(users_app.url, auth=("ann", "pw1"), verbose=False)
@@ -49,12 +52,14 @@ def test_admin_cannot_load_outside_the_roots(users_app, path):
     assert ann.predict(api_name="/engine_info")["model"] == "SmolLM2-135M-Instruct"
 
 
+@pytest.mark.slow
 def test_admin_reloads_the_builtin_model(users_app):
     ann = Client(users_app.url, auth=("ann", "pw1"), verbose=False)
     status = ann.predict("", *LOAD_ARGS, api_name="/load_model")
     assert "SmolLM2-135M-Instruct" in status
 
 
+@pytest.mark.slow
 def test_cancel_storm_leaves_the_engine_serving(app_server):
     """40 streams cancelled mid-way: no stuck sessions, and the next user is served at full speed."""
     c = app_server.client()
@@ -80,10 +85,11 @@ def test_cancel_storm_leaves_the_engine_serving(app_server):
     assert app_server.alive()
 
 
+@pytest.mark.slow
 def test_a_full_queue_says_busy_and_the_app_keeps_serving(cache_dir, smollm2):
     import time
 
-    from .conftest import AppProcess
+    from tests.conftest import AppProcess
 
     app = AppProcess(["--cache-dir", cache_dir, "--concurrency", "1", "--max-queue", "1"])
     try:

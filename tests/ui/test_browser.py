@@ -11,10 +11,11 @@ import shutil
 
 import pytest
 
-pytestmark = pytest.mark.browser
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.environ.get("TURBOSTUDIO_ARTIFACTS") or os.path.join(ROOT, "artifacts", "screenshots")
 SHAPES = os.path.join(ROOT, "assets", "examples", "shapes.png")
 
