@@ -1,4 +1,5 @@
-"""ui.streaming.relay: a blocking stream handed to the event loop by one pump thread."""
+"""engines.relay.relay: a blocking stream handed to the event loop by one pump thread (the one relay
+every async entry point uses); deltas that arrive together are merged, never dropped."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,8 @@ import time
 
 import pytest
 
-from ui.streaming import relay
+from engines.base import Delta
+from engines.relay import newest, relay
 
 
 def _cumulative(n, delay=0.0, fail=False):
@@ -23,7 +25,7 @@ def _cumulative(n, delay=0.0, fail=False):
 
 def test_every_item_reaches_a_consumer_that_keeps_up_and_the_last_always():
     async def run():
-        return [x async for x in relay(_cumulative(50, delay=0.001))]
+        return [x async for x in relay(_cumulative(50, delay=0.001), merge=newest)]
 
     out = asyncio.run(run())
     assert out[-1] == "".join(f"{i} " for i in range(50))
@@ -33,7 +35,7 @@ def test_every_item_reaches_a_consumer_that_keeps_up_and_the_last_always():
 def test_a_slow_consumer_gets_fewer_larger_updates_and_the_whole_text():
     async def run():
         got = []
-        async for x in relay(_cumulative(400, delay=0.0005)):
+        async for x in relay(_cumulative(400, delay=0.0005), merge=newest):
             got.append(x)
             await asyncio.sleep(0.02)      # a busy event loop
         return got
@@ -47,7 +49,7 @@ def test_errors_are_raised_in_the_consumer_after_what_came_before():
     async def run():
         got = []
         with pytest.raises(ValueError, match="engine failed"):
-            async for x in relay(_cumulative(3, fail=True)):
+            async for x in relay(_cumulative(3, fail=True), merge=newest):
                 got.append(x)
         return got
 
@@ -66,10 +68,31 @@ def test_a_consumer_that_leaves_cancels_and_the_generator_is_closed_in_its_threa
             closed.set()
 
     async def run():
-        agen = relay(endless(), on_cancel=lambda: cancelled.append(True))
+        agen = relay(endless(), on_cancel=lambda: cancelled.append(True), merge=newest)
         await agen.__anext__()
         await agen.aclose()           # what Gradio does on Stop or a closed tab (task cancelled)
 
     asyncio.run(run())
     assert cancelled == [True]
     assert closed.wait(5), "the pump stopped and closed the engine stream"
+
+
+def test_deltas_that_arrive_together_are_merged_and_no_text_is_lost():
+    def deltas():
+        for i in range(300):
+            time.sleep(0.0002)
+            yield Delta(f"{i} ", i + 1)
+        yield Delta("end", 301, "stop")
+
+    async def run():
+        got = []
+        async for d in relay(deltas()):
+            got.append(d)
+            await asyncio.sleep(0.01)      # a busy event loop
+        return got
+
+    out = asyncio.run(run())
+    assert len(out) < 150, "deltas were merged under load"
+    assert "".join(d.text for d in out) == "".join(f"{i} " for i in range(300)) + "end"
+    assert out[-1].tokens == 301 and out[-1].finish_reason == "stop"
+    assert all(d.finish_reason is None for d in out[:-1])
