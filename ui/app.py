@@ -41,8 +41,8 @@ def build_app(ctx: Context) -> gr.Blocks:
             async for text in chat.api_chat(manager, settings, messages, params or {}, request):
                 yield text
 
-        def engine_info() -> dict:
-            return engines.engine_info(ctx)
+        def engine_info(request: gr.Request = None) -> dict:
+            return engines.engine_info(ctx, request)
 
         gr.api(api_chat, api_name="chat", concurrency_id="generate", concurrency_limit="default",
                api_description="Stream a reply: messages [{role, content}], params {max_new_tokens, "
@@ -50,8 +50,8 @@ def build_app(ctx: Context) -> gr.Blocks:
                                "the reply so far.")
         gr.api(engine_info, api_name="engine_info", api_description="What engine and model are loaded.")
 
-        def monitor_panel() -> str:
-            return monitor.panel(ctx)
+        def monitor_panel(request: gr.Request = None) -> str:
+            return monitor.panel(ctx, request)
 
         gr.api(monitor_panel, api_name="monitor_panel", api_description="The Monitor page's live panel.")
 

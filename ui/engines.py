@@ -111,7 +111,7 @@ def build(ctx: Context):
 
     def do_start_server(model, port, backend, proxy, tp, cache, quant_policy, model_format, session_len,
                         request: gr.Request = None):
-        require_admin(s, request)
+        require_admin(s, request, "start servers")
         from engines.servers import api_server_command
 
         if not model.strip():
@@ -129,7 +129,7 @@ def build(ctx: Context):
         return servers_status(), srv.log_tail()
 
     def do_start_proxy(port, request: gr.Request = None):
-        require_admin(s, request)
+        require_admin(s, request, "start servers")
         from engines.servers import proxy_command
 
         try:
@@ -140,7 +140,7 @@ def build(ctx: Context):
         return servers_status(), srv.log_tail()
 
     def do_connect(port, request: gr.Request = None):
-        require_admin(s, request)
+        require_admin(s, request, "connect to servers")
         try:
             ctx.manager.load(f"http://127.0.0.1:{int(port)}", "remote")
         except Exception as e:  # noqa: BLE001
@@ -148,7 +148,7 @@ def build(ctx: Context):
         return describe(ctx, request)
 
     def do_stop_server(port, request: gr.Request = None):
-        require_admin(s, request)
+        require_admin(s, request, "stop servers")
         for name in (f"api_server-{int(port)}", f"proxy-{int(port)}"):
             ctx.servers.stop(name)
         return servers_status()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import gradio as gr
 
 from engines import telemetry
 
-from .common import Context
+from .common import Context, is_admin, may_manage, redact_paths, session_id, user_of
 
 WINDOW_S = 600   # plots show the last ten minutes
 
@@ -19,7 +22,26 @@ def _gib(n) -> str:
     return "?" if n is None else f"{n / 2**30:.1f} GiB"
 
 
-def panel(ctx: Context) -> str:
+def own_replies(ctx: Context, request: gr.Request | None) -> list[telemetry.ReplyMetrics]:
+    """The reply metrics the caller may see: their own (an administrator's: everyone's). An
+    anonymous visitor of a public app (no --auth) sees their own browser session's."""
+    s = ctx.settings
+    if is_admin(s, request):
+        return ctx.manager.metrics.items()
+    user = user_of(request)
+    items = ctx.manager.metrics.items(user, everyone=False)
+    if user is None:
+        sid = session_id(request)
+        items = [m for m in items if m.session == sid]
+    return items
+
+
+def panel(ctx: Context, request: gr.Request | None = None) -> str:
+    """The live panel; paths on the server only for those who may see them (``redact_paths``)."""
+    return redact_paths(ctx.settings, request, _panel(ctx))
+
+
+def _panel(ctx: Context) -> str:
     gpus, why = telemetry.gpu_status()
     lines = []
     info = ctx.manager.info()
@@ -41,6 +63,7 @@ def panel(ctx: Context) -> str:
         lines.append(f"*{why}: showing CPU and RAM.*")
         lines.append(f"**CPU** {c['cores']} cores, {c['cpu_percent'] if c['cpu_percent'] is not None else '?'}% busy · "
                      f"**RAM** {_gib(c['ram_used'])} of {_gib(c['ram_total'])} · this process {_gib(c['rss'])}")
+    # the server's load, all users together (counts only; the per-reply figures are per user)
     items = [m for m in ctx.manager.metrics.items() if m.time > time.time() - 60]
     rate = sum(m.tokens for m in items) / 60 if items else 0
     lines.append(f"**Now:** {ctx.manager.running} streams running · last minute {len(items)} replies, "
@@ -82,13 +105,14 @@ def load_frame(ctx: Context):
     return pd.DataFrame(rows or [{"seconds ago": 0.0, "requests": 0, "series": "running"}])
 
 
-def recent_frame(ctx: Context):
+def recent_frame(items: list[telemetry.ReplyMetrics]):
+    """Speed and first-token latency of ``items`` (the caller's replies, ``own_replies``)."""
     import pandas as pd
 
     now = time.time()
     rows = [{"seconds ago": round(m.time - now, 1), "tokens/s": round(m.tokens_per_s, 2),
              "first token (s)": round(m.ttft, 3) if m.ttft is not None else None}
-            for m in ctx.manager.metrics.items() if m.time > now - WINDOW_S]
+            for m in items if m.time > now - WINDOW_S]
     return pd.DataFrame(rows or [{"seconds ago": 0.0, "tokens/s": 0.0, "first token (s)": 0.0}])
 
 
@@ -109,20 +133,67 @@ def _write(rows: list[dict], summary: dict | None, stem: str) -> tuple[str, str]
     return jpath, cpath
 
 
+@dataclass
+class Run:
+    """A benchmark running now: what it is, who started it, and its own cancel switch."""
+
+    kind: str                      # "load test", "engine comparison", "KV sweep"
+    owner: str | None              # the user who started it (None in an app without users)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.time)
+
+
+class Runs:
+    """The benchmarks of the Monitor page that run now. Each belongs to the user who started it:
+    only they or an administrator may cancel it (``cancel``); a cancel from anyone else is refused
+    and the run goes on."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._runs: list[Run] = []
+
+    @contextmanager
+    def start(self, kind: str, owner: str | None):
+        run = Run(kind, owner)
+        with self._lock:
+            self._runs.append(run)
+        try:
+            yield run
+        finally:
+            with self._lock:
+                self._runs.remove(run)
+
+    def now(self) -> list[Run]:
+        with self._lock:
+            return list(self._runs)
+
+    def cancel(self, settings, request: gr.Request | None) -> list[Run]:
+        """Cancel the runs the caller may cancel; gr.Error when every run now is someone else's."""
+        runs = self.now()
+        mine = [r for r in runs if may_manage(settings, request, r.owner)]
+        if runs and not mine:
+            kinds = " and ".join(sorted({r.kind for r in runs}))
+            raise gr.Error(f"The {kinds} running now was started by another user; only they or an "
+                           "administrator may cancel it.", title="Not allowed")
+        for r in mine:
+            r.cancel.set()
+        return mine
+
+
 def _fmt_ms(v) -> str:
     return "–" if v is None else f"{v * 1000:.0f} ms"
 
 
 def build_benchmarks(ctx: Context):
-    """The load test and the engine comparison (the tutorial's speed script, made real)."""
-    import threading
-
-    from engines import loadtest, models, registry
+    """The load test and the engine comparison (the tutorial's speed script, made real). Starting
+    one is an operator control (``require_admin``); each run belongs to the user who started it
+    (its requests carry that owner) and only they or an administrator may cancel it (``Runs``)."""
+    from engines import loadtest
     from engines.base import GenParams
 
     from .common import require_admin, user_error
 
-    cancel = threading.Event()
+    runs = Runs()
     with gr.Accordion("Load test: N simulated users against the loaded engine", open=False):
         gr.Markdown("Runs for the time you set (then lets running replies finish); chat users share the "
                     "engine meanwhile and are batched with the simulated ones.")
@@ -167,15 +238,16 @@ def build_benchmarks(ctx: Context):
         sweep_plot = gr.BarPlot(x="setting", y="gpu_mem_gib", title="GPU memory (GiB)", height=240)
 
     def do_load_test(n, secs, max_tokens, request: gr.Request = None, progress=gr.Progress()):
-        require_admin(ctx.settings, request)
-        cancel.clear()
+        require_admin(ctx.settings, request, "run load tests")
         try:
             ctx.manager.require()
             params = GenParams(temperature=0.7, max_new_tokens=int(max_tokens), seed=0)
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
-        res = loadtest.load_test(ctx.manager.stream, users=int(n), seconds=float(secs), params=params,
-                                 cancel=cancel, progress=lambda f, m: progress(f, desc=m))
+        owner = user_of(request)
+        with runs.start("load test", owner) as run:
+            res = loadtest.load_test(ctx.manager.submit, users=int(n), seconds=float(secs), params=params,
+                                     owner=owner, cancel=run.cancel, progress=lambda f, m: progress(f, desc=m))
         rows = res.pop("rows")
         text = (f"**{res['requests']} replies** from {res['users']} users in {res['seconds']:.1f} s"
                 f"{' (cancelled)' if res['cancelled'] else ''}: **{res['tokens_per_s']:.1f} tokens/s** "
@@ -188,27 +260,29 @@ def build_benchmarks(ctx: Context):
     def do_compare(picked, model, max_tokens, reps, n, request: gr.Request = None, progress=gr.Progress()):
         import pandas as pd
 
-        require_admin(ctx.settings, request)
-        cancel.clear()
+        require_admin(ctx.settings, request, "run engine comparisons")
         if not picked:
             raise gr.Error("Choose at least one engine.", title="Nothing to compare")
         info = ctx.manager.info()
         spec = model.strip() or (info.model_path if info else None)
         try:
             ctx.settings.load_policy().check(model.strip() or None)
-            resolved = models.resolve(spec, ctx.settings.cache_dir)
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
         opts = ctx.settings.engine_options()
 
         def make(choice):
+            """Each engine loads through the manager (a scratch one beside the serving model)."""
             o = {"device": opts["device"], "dtype": opts["dtype"]} if choice == "transformers" else \
                 {"cache_max_entry_count": min(0.3, opts["cache_max_entry_count"]), "session_len": 4096}
-            return registry.create(resolved, choice, **o)
+            return ctx.manager.scratch(spec, choice, **o)
 
-        rows = loadtest.compare_engines(make, list(picked), params=GenParams(temperature=0, max_new_tokens=int(max_tokens)),
-                                        repeats=int(reps), batch=int(n), cancel=cancel,
-                                        progress=lambda f, m: progress(f, desc=m))
+        owner = user_of(request)
+        with runs.start("engine comparison", owner) as run:
+            rows = loadtest.compare_engines(make, list(picked),
+                                            params=GenParams(temperature=0, max_new_tokens=int(max_tokens)),
+                                            repeats=int(reps), batch=int(n), owner=owner, cancel=run.cancel,
+                                            progress=lambda f, m: progress(f, desc=m))
         df = pd.DataFrame(rows)
         j, c = _write(rows, None, "engine-comparison")
         plot = df[["engine", "tokens_per_s"]] if "tokens_per_s" in df else pd.DataFrame({"engine": [], "tokens_per_s": []})
@@ -217,45 +291,55 @@ def build_benchmarks(ctx: Context):
     def do_sweep(qp, max_tokens, request: gr.Request = None, progress=gr.Progress()):
         import pandas as pd
 
-        require_admin(ctx.settings, request)
-        cancel.clear()
+        require_admin(ctx.settings, request, "run the KV-cache sweep")
         info = ctx.manager.info()
-        try:
-            resolved = models.resolve(info.model_path if info else None, ctx.settings.cache_dir)
-        except Exception as e:  # noqa: BLE001
-            raise user_error(e) from e
+        spec = info.model_path if info else None
         p = GenParams(temperature=0, max_new_tokens=int(max_tokens))
         rows = []
-        for share in (0.8, 0.5, 0.01):
-            label = f"cache {share}"
+        owner = user_of(request)
+        with runs.start("KV sweep", owner) as run:
+            for share in (0.8, 0.5, 0.01):
+                if run.cancel.is_set():
+                    break
+                label = f"cache {share}"
 
-            def make(_c, share=share):
-                return registry.create(resolved, "turbomind", cache_max_entry_count=share, session_len=4096,
-                                       quant_policy=int(qp), model_format=ctx.settings.model_format)
-            for r in loadtest.compare_engines(make, [label], params=p, repeats=1, batch=[1, 16], cancel=cancel,
-                                              progress=lambda f, m, label=label: progress(f, desc=f"{label}: {m}")):
-                rows.append({"setting": label, **r})
+                def make(_c, share=share):
+                    """TurboMind with this cache share, loaded through the manager."""
+                    return ctx.manager.scratch(spec, "turbomind", cache_max_entry_count=share,
+                                               session_len=4096, quant_policy=int(qp),
+                                               model_format=ctx.settings.model_format)
+                for r in loadtest.compare_engines(make, [label], params=p, repeats=1, batch=[1, 16], owner=owner,
+                                                  cancel=run.cancel,
+                                                  progress=lambda f, m, label=label: progress(f, desc=f"{label}: {m}")):
+                    rows.append({"setting": label, **r})
         df = pd.DataFrame(rows)
         plot = df[df["batch"] == 1][["setting", "gpu_mem_gib"]] if "gpu_mem_gib" in df else \
             pd.DataFrame({"setting": [], "gpu_mem_gib": []})
         return df, plot
 
+    def do_cancel(request: gr.Request = None):
+        """Cancel the benchmarks the caller may cancel: their own, or any for an administrator;
+        refused (gr.Error) when what runs is someone else's, and it goes on."""
+        runs.cancel(ctx.settings, request)
+
     run_sweep.click(do_sweep, [sweep_qp, sweep_tokens], [sweep_table, sweep_plot], api_name="kv_sweep",
                     concurrency_id="bench", concurrency_limit=1)
     run_lt.click(do_load_test, [users, seconds, lt_tokens], [lt_out, lt_json, lt_csv], api_name="load_test",
                  concurrency_id="bench", concurrency_limit=1)
-    stop_lt.click(lambda: cancel.set(), None, None, api_name="cancel_benchmark", queue=False)
+    stop_lt.click(do_cancel, None, None, api_name="cancel_benchmark", queue=False)
     run_cmp.click(do_compare, [choices, cmp_model, cmp_tokens, repeats, batch], [cmp_table, cmp_plot, cmp_json, cmp_csv],
                   api_name="compare_engines", concurrency_id="bench", concurrency_limit=1)
-    stop_cmp.click(lambda: cancel.set(), None, None, api_visibility="private", queue=False)
+    stop_cmp.click(do_cancel, None, None, api_visibility="private", queue=False)
 
 
 def build(ctx: Context, tab: gr.Tab):
+    # the page's own copies are every visitor's (request None): the timer fills in each one's view
     status = gr.Markdown(panel(ctx), elem_id="monitor-panel")
     with gr.Row():
-        speed = gr.LinePlot(recent_frame(ctx), x="seconds ago", y="tokens/s", title="Tokens/s per reply",
+        first = recent_frame(own_replies(ctx, None))
+        speed = gr.LinePlot(first, x="seconds ago", y="tokens/s", title="Tokens/s per reply (yours)",
                             height=220)
-        ttft = gr.LinePlot(recent_frame(ctx), x="seconds ago", y="first token (s)", title="First token",
+        ttft = gr.LinePlot(first, x="seconds ago", y="first token (s)", title="First token (yours)",
                            height=220)
     load = gr.LinePlot(load_frame(ctx), x="seconds ago", y="requests", color="series",
                        title="Running and queued requests", height=220)
@@ -264,16 +348,17 @@ def build(ctx: Context, tab: gr.Tab):
 
     sent = gr.State({})
 
-    def tick(last: dict):
+    def tick(last: dict, request: gr.Request = None):
         """The panel text every second; a plot only when its data changed (the reply plots at a
         reply's end, the load plot every 5 s at most): re-drawing unchanged charts each second is
-        what a browser pays for most (bench/bench_panel.py)."""
+        what a browser pays for most (bench/bench_panel.py). The reply plots are the caller's own
+        replies (an administrator's: everyone's)."""
         last = dict(last or {})
-        items = ctx.manager.metrics.items()
+        items = own_replies(ctx, request)
         mark = (len(items), items[-1].time if items else 0, int(time.time() // 30))
-        outs = [panel(ctx)]
+        outs = [panel(ctx, request)]
         if mark != last.get("replies"):
-            df = recent_frame(ctx)
+            df = recent_frame(items)
             outs += [df, df]
             last["replies"] = mark
         else:
@@ -298,10 +383,11 @@ def build(ctx: Context, tab: gr.Tab):
     # refresh only while someone looks at this tab
     tab.select(lambda: gr.Timer(active=True), None, timer, api_visibility="private", queue=False)
 
-    def export():
+    def export(request: gr.Request = None):
+        """The caller's reply metrics as CSV (an administrator's: everyone's)."""
         fd, path = tempfile.mkstemp(prefix="turbostudio-metrics-", suffix=".csv")
         with os.fdopen(fd, "w") as f:
-            f.write(telemetry.metrics_csv(ctx.manager.metrics.items()))
+            f.write(telemetry.metrics_csv(own_replies(ctx, request)))
         return path
 
     download.click(export, None, download, api_name="metrics_csv", api_visibility="undocumented")

@@ -86,7 +86,7 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
     timer = gr.Timer(1.0, active=False)
 
     def do_start(source, name, kind, samples, seqlen, group, dtype, calib, dataset="", request: gr.Request = None):
-        require_admin(s, request)
+        require_admin(s, request, "start quantization jobs")
         if not name or not NAME.match(name):
             raise gr.Error("The output name may use letters, digits, '.', '_' and '-' only.", title="Bad name")
         params = ({"samples": int(samples or 0), "seqlen": int(seqlen or 0), "group_size": int(group or 0),
@@ -122,7 +122,7 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
         return visible(request)
 
     def do_load(jid, request: gr.Request = None):
-        require_admin(s, request)
+        require_admin(s, request, "load models")
         job = runner.get(jid.strip())
         if job is None or job.state != "done":
             raise gr.Error("Choose a finished job.", title="Not ready")
@@ -134,7 +134,7 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
         return f"Loaded {info.model} on {info.backend}."
 
     def do_compare(jid, prompt, kv, request: gr.Request = None, progress=gr.Progress()):
-        require_admin(s, request)
+        require_admin(s, request, "run quantization comparisons")
         import pandas as pd
 
         from engines import telemetry
@@ -154,7 +154,8 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
                 rows.append(measure_model(path, label=label, cache_dir=s.cache_dir, model_format=fmt,
                                           quant_policy=qp, cache_max_entry_count=0.01, prompt=prompt,
                                           batches=(1, 16) if qp == 0 else (16,), new_tokens=64,
-                                          kv_capacity=True, device=s.device))
+                                          kv_capacity=True, device=s.device, manager=ctx.manager,
+                                          owner=user_of(request)))
             except Exception as e:  # noqa: BLE001
                 raise user_error(e) from e
         answers = {r["model"]: r.pop("answer", "") for r in rows}
