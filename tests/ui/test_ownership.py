@@ -230,3 +230,27 @@ def test_a_hosted_space_without_auth_refuses_every_operator_endpoint(hosted_app)
                                 {"temperature": 0, "max_new_tokens": 12}, api_name="/chat"), \
         "the model still answers"
     assert hosted_app.alive()
+
+
+def test_the_page_every_visitor_gets_has_no_paths_once_the_app_has_users(tmp_path):
+    """Gradio's config (the components' first values) is the same for every visitor: under --auth
+    with an --admin it names no folder on the server (admins get theirs filled in at page load)."""
+    import json
+
+    from engines.manager import EngineManager
+    from engines.quantize import JobRunner
+    from settings import Settings
+    from ui.app import build_app
+    from ui.common import Context
+
+    secret = str(tmp_path / "secret-folder")
+    for settings, shown in ((Settings(auth="ann:pw1", admin="ann"), False), (Settings(), True)):
+        settings.cache_dir, settings.model, settings.no_load = secret, secret + "/my-model", True
+        ctx = Context(settings=settings, manager=EngineManager(secret))
+        ctx.jobs = JobRunner(secret)
+        try:
+            config = json.dumps(build_app(ctx).get_config_file(), default=str)
+        finally:
+            ctx.jobs.close()
+        assert (secret in config) is shown
+        assert "my-model" in config, "the model's name stays"
