@@ -125,6 +125,16 @@ def may_manage(settings: Settings, request: gr.Request | None, owner: str | None
     return is_admin(settings, request) or (owner is not None and owner == user_of(request))
 
 
+def sees_own(settings: Settings, request: gr.Request | None, owner: str | None, session: str) -> bool:
+    """Whether a reply or a request that ``owner`` sent from ``session`` is the caller's to see:
+    an administrator sees all, a logged-in user their own, and an anonymous visitor (a public app
+    without --auth, where everyone is None) their own browser session's."""
+    if is_admin(settings, request):
+        return True
+    user = user_of(request)
+    return owner == user if user is not None else owner is None and session == session_id(request)
+
+
 # An absolute (or ~/, ./, ../) path inside a text: not the tail of a URL ("http://host/x"), of a
 # hub id ("org/model"), of a unit ("tokens/s") or of a closing tag ("</sub>").
 _PATH = re.compile(r"(?<![\w.:/~<-])(?:~|\.{1,2})?/[^\s'\"`<>|,;()\[\]{}*]+")

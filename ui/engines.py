@@ -6,7 +6,7 @@ import gradio as gr
 from engines import telemetry
 from engines.registry import ENGINE_NAMES
 
-from .common import Context, is_admin, redact_paths, require_admin, user_error, user_of
+from .common import Context, redact_paths, require_admin, sees_own, user_error
 
 
 def _gib(n: int) -> str:
@@ -176,7 +176,7 @@ def engine_info(ctx: Context, request: gr.Request | None = None) -> dict:
     them (``redact_paths``): a non-admin of an app with users or a public one gets the names."""
     m = ctx.manager
     info = m.info()
-    mine = m.live(user_of(request), everyone=is_admin(ctx.settings, request))
+    mine = [r for r in m.live() if sees_own(ctx.settings, request, r.owner, r.session)]
     out = {"loaded": info is not None, **(info.to_dict() if info else {}),
            "running": m.running, "requests": [r.to_dict() for r in mine],
            "dead": _figure(m.health), "engine_requests": _figure(m.engine_live_requests),

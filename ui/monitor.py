@@ -13,7 +13,7 @@ import gradio as gr
 
 from engines import telemetry
 
-from .common import Context, is_admin, may_manage, redact_paths, session_id, user_of
+from .common import Context, is_admin, may_manage, redact_paths, sees_own, user_of
 
 WINDOW_S = 600   # plots show the last ten minutes
 
@@ -26,14 +26,9 @@ def own_replies(ctx: Context, request: gr.Request | None) -> list[telemetry.Repl
     """The reply metrics the caller may see: their own (an administrator's: everyone's). An
     anonymous visitor of a public app (no --auth) sees their own browser session's."""
     s = ctx.settings
-    if is_admin(s, request):
-        return ctx.manager.metrics.items()
-    user = user_of(request)
-    items = ctx.manager.metrics.items(user, everyone=False)
-    if user is None:
-        sid = session_id(request)
-        items = [m for m in items if m.session == sid]
-    return items
+    everyone = is_admin(s, request)
+    return [m for m in ctx.manager.metrics.items(user_of(request), everyone=everyone)
+            if everyone or sees_own(s, request, m.owner, m.session)]
 
 
 def panel(ctx: Context, request: gr.Request | None = None) -> str:
