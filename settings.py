@@ -145,8 +145,18 @@ class Settings:
         return None
 
     def is_admin(self, user: str | None) -> bool:
+        """Whether ``user`` may use the operator controls (load models, start jobs and servers)."""
         admins = self.admins()
         return admins is None or user in admins
+
+    def oversees(self, user: str | None) -> bool:
+        """Whether ``user`` sees and may cancel what *other* users started (metrics, load tests,
+        jobs). In an app with users that takes an --admin; a private app without users has one
+        person at the keyboard. (A private app with --auth but no --admin lets every user operate
+        it, as before, but each still sees only their own runs and replies.)"""
+        if not self.auth and not self.public:
+            return True
+        return bool(self.admin) and user in (self.admins() or set())
 
     def auth_pairs(self) -> list[tuple[str, str]] | None:
         """``--auth`` as (user, password) pairs: "user:pw" or a file with one such line each."""

@@ -121,17 +121,18 @@ def require_admin(settings: Settings, request: gr.Request | None,
 
 def may_manage(settings: Settings, request: gr.Request | None, owner: str | None) -> bool:
     """Whether the caller may cancel or see what ``owner`` started (a load test, a comparison, a
-    quantization job): its owner, or an administrator."""
-    return is_admin(settings, request) or (owner is not None and owner == user_of(request))
+    quantization job): its owner, or an administrator (``Settings.oversees``)."""
+    user = user_of(request)
+    return settings.oversees(user) or (owner is not None and owner == user)
 
 
 def sees_own(settings: Settings, request: gr.Request | None, owner: str | None, session: str) -> bool:
     """Whether a reply or a request that ``owner`` sent from ``session`` is the caller's to see:
     an administrator sees all, a logged-in user their own, and an anonymous visitor (a public app
     without --auth, where everyone is None) their own browser session's."""
-    if is_admin(settings, request):
-        return True
     user = user_of(request)
+    if settings.oversees(user):
+        return True
     return owner == user if user is not None else owner is None and session == session_id(request)
 
 

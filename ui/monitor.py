@@ -13,7 +13,7 @@ import gradio as gr
 
 from engines import telemetry
 
-from .common import Context, is_admin, may_manage, redact_paths, sees_own, user_of
+from .common import Context, may_manage, redact_paths, sees_own, user_of
 
 WINDOW_S = 600   # plots show the last ten minutes
 
@@ -26,7 +26,7 @@ def own_replies(ctx: Context, request: gr.Request | None) -> list[telemetry.Repl
     """The reply metrics the caller may see: their own (an administrator's: everyone's). An
     anonymous visitor of a public app (no --auth) sees their own browser session's."""
     s = ctx.settings
-    everyone = is_admin(s, request)
+    everyone = s.oversees(user_of(request))
     return [m for m in ctx.manager.metrics.items(user_of(request), everyone=everyone)
             if everyone or sees_own(s, request, m.owner, m.session)]
 

@@ -11,7 +11,7 @@ import gradio as gr
 
 from engines.quantize import HUB_DATASETS, JobRunner, folder_size as _size, measure_model
 
-from .common import Context, is_admin, may_manage, redact_paths, require_admin, user_error, user_of
+from .common import Context, may_manage, redact_paths, require_admin, user_error, user_of
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
@@ -40,7 +40,7 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab):
 
     def visible(request: gr.Request | None) -> list[list]:
         """The caller's own jobs (an administrator's: all), paths as the caller may see them."""
-        return redact_paths(s, request, table(runner, user_of(request), everyone=is_admin(s, request)))
+        return redact_paths(s, request, table(runner, user_of(request), everyone=s.oversees(user_of(request))))
 
     def loaded_path() -> str:
         info = ctx.manager.info()
