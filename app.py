@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     ctx.vision.start()
     from engines.quantize import JobRunner
 
-    ctx.jobs = JobRunner(s.cache_dir)
+    ctx.jobs = JobRunner(s.cache_dir, hub_offline=s.hub_offline, hub_endpoint=s.hub_endpoint)
     atexit.register(ctx.jobs.close)
     from engines.servers import ServerManager
 

@@ -1,35 +1,52 @@
 """LMDeploy backends: TurboMind and LMDeploy's PyTorch engine, one adapter with two engine configs.
 
 Both run behind ``lmdeploy.pipeline``: it owns an asyncio loop thread and batches every request it
-is given continuously, so ``stream`` simply submits one request per call and relays the deltas; many
-callers at once are batched by the engine itself (no lock here). Each call gets its own LMDeploy
-``Session``; ``abort(session_id)`` cancels that session's request inside the engine, and a consumer
-that stops iterating early (a closed Gradio stream) aborts it too.
+is given continuously, so ``stream`` simply submits one request per call (a coroutine on that loop)
+and relays the deltas; many callers at once are batched by the engine itself (no lock here). Each
+request gets its own LMDeploy ``Session``; ``abort(request_id)`` stops it in any state (see
+:class:`LMDeployEngine`), and a consumer that stops iterating early (a closed Gradio stream) aborts
+it too.
 
-LMDeploy is imported only when this backend is built, so the app runs without it.
+Verified with LMDeploy 0.18 (``AsyncEngine.preprocess``/``generate``, ``Session.async_abort``);
+``lmdeploy_available`` refuses older versions. LMDeploy is imported only when this backend is
+built, so the app runs without it.
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
-import os
+import queue
 import threading
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from .base import (ChatMessage, ContextTooLong, Delta, EngineError, EngineInfo, EngineUnavailable, GenParams,
-                   ModelLoadError, token_upper_bound)
-from .models import read_config
+from .base import (Capabilities, ChatMessage, ChatRequest, ContextTooLong, Delta, EngineError, EngineInfo,
+                   EngineUnavailable, GenParams, ModelLoadError, SchedulerView, token_upper_bound)
+from .configs import LMDeployConfig
+from .models import read_generation_defaults
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("turbomind", "pytorch")
 
 
+MIN_VERSION = (0, 18)      # the adapter runs requests through AsyncEngine.preprocess/generate (0.18)
+
+
 def lmdeploy_available() -> tuple[bool, str]:
     try:
-        import lmdeploy  # noqa: F401
+        import lmdeploy
     except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
         return False, f"LMDeploy is not installed ({type(e).__name__}); `pip install -r requirements-gpu.txt`"
+    version = str(getattr(lmdeploy, "__version__", "0"))
+    try:
+        parts = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        parts = (0, 0)
+    if parts < MIN_VERSION:
+        return False, (f"LMDeploy {version} is older than {'.'.join(map(str, MIN_VERSION))}, the version this "
+                       "app's adapter was verified with; `pip install -r requirements-gpu.txt`")
     return True, ""
 
 
@@ -155,71 +172,121 @@ def suggested_cache_ratio(need: float) -> float:
     return round(min(0.95, need * 1.1), 3)
 
 
+@dataclass(eq=False)
+class _Call:
+    """One request from ``stream`` until LMDeploy has let go of it. ``out`` carries LMDeploy's
+    outputs to the relay (and the markers below); ``aborted`` is set by ``abort`` in any state."""
+
+    request_id: str
+    out: queue.Queue = field(default_factory=queue.Queue)
+    aborted: threading.Event = field(default_factory=threading.Event)
+    future: object = None        # concurrent.futures.Future of the coroutine on LMDeploy's loop
+    task: object = None          # its asyncio.Task (set on the loop when it starts)
+    session: object = None       # LMDeploy's Session, once it exists
+
+
+_ABORT = object()     # abort() was called: the relay ends the stream now
+_END = object()       # the coroutine has ended: LMDeploy holds nothing of this request any more
+
+
+class _Failure:
+    def __init__(self, message: str):
+        self.message = message
+
+
 class LMDeployEngine:
-    def __init__(self, resolved, *, backend: str = "turbomind", model_format: str = "hf",
-                 quant_policy: int = 0, cache_max_entry_count: float = 0.8,
-                 session_len: int | None = None, tp: int = 1, dtype: str = "auto",
-                 trust_remote_code: bool = False, max_batch: int | None = None, **_ignored):
+    """TurboMind or LMDeploy's PyTorch engine behind ``lmdeploy.pipeline``.
+
+    Each request runs as one coroutine on LMDeploy's own event loop (``AsyncEngine.preprocess`` then
+    ``AsyncEngine.generate``, what ``Pipeline.stream_infer`` runs for each prompt), which hands its
+    outputs to the caller's thread through a queue. Owning the coroutine is what lets
+    ``abort(request_id)`` work in every state:
+
+    * before LMDeploy has the request (``stream`` has not submitted it yet, or the coroutine has not
+      started): the id is marked aborted, and the coroutine checks the mark when it starts;
+    * waiting for one of LMDeploy's request handles (every place of ``max_batch_size`` taken) or
+      being preprocessed: the coroutine is cancelled (it holds no engine instance yet);
+    * prefilling or decoding: LMDeploy's own ``Session.async_abort`` (an engine cancel); checked
+      again after each output, for an abort that came just before the engine had the sequence.
+
+    In every case the stream ends at once with finish reason "abort" (the relay is woken through the
+    queue, not by LMDeploy)."""
+
+    def __init__(self, resolved, config: LMDeployConfig):
+        backend = config.backend
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}")
+        self._check_gpu(config)
+        cfg = resolved.config
+        self.vision = resolved.vision
+        if resolved.local and cfg:
+            self._check_weights_fit(resolved.path, cfg, config.tp)
+        if backend == "turbomind" and resolved.local:
+            ok, why = resolved.turbomind_support(config.trust_remote_code)
+            if not ok:
+                raise ModelLoadError(f"{why}: {resolved.spec!r}. Try the 'pytorch' or 'transformers' engine.")
+            self._check_kv_room(resolved.path, cfg, config.cache_max_entry_count, config.session_len,
+                                config.quant_policy, config.tp)
+        self.pipe = self._pipeline(resolved, config)
+        if self.vision:
+            _patch_vision_preprocessor(self.pipe)
+        bc = self.pipe.backend_config
+        # diagnostic switch (Settings.lmdeploy_wait_end): a stream ends when LMDeploy has let go of
+        # the request rather than at the response that carries the finish reason (A/B runs)
+        self._wait_end = bool(config.wait_end)
+        self._lock = threading.Lock()
+        self._calls: dict[str, _Call] = {}
+        self._closed = False
+        self._fatal: str | None = None
+        self._path = resolved.path
+        self.info = EngineInfo(
+            backend=backend, model=resolved.spec, model_path=resolved.path, device="cuda",
+            dtype=str(getattr(bc, "dtype", config.dtype)), context_length=int(bc.session_len or 2048),
+            vision=self.vision, max_batch=int(bc.max_batch_size or 64),
+            # LMDeploy's GenerationConfig (0.18) has no presence/frequency penalty: not claimed
+            capabilities=Capabilities(penalties=False, vision=self.vision, seed=True),
+            defaults=read_generation_defaults(resolved.path) if resolved.local else None,
+            extra={"tp": config.tp, "quant_policy": config.quant_policy, "model_format": config.model_format,
+                   "cache_max_entry_count": config.cache_max_entry_count,
+                   "cache_block_seq_len": int(getattr(bc, "cache_block_seq_len", 0) or 64)})
+
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def _check_gpu(config: LMDeployConfig) -> None:
         ok, why = lmdeploy_available()
         if not ok:
             raise EngineUnavailable(why)
         import torch
 
         if not torch.cuda.is_available():
-            raise EngineUnavailable(f"LMDeploy's {backend} engine needs a CUDA GPU; none is visible.")
+            raise EngineUnavailable(f"LMDeploy's {config.backend} engine needs a CUDA GPU; none is visible.")
         n_gpu = torch.cuda.device_count()
-        if tp > n_gpu:
-            raise EngineUnavailable(f"--tp {tp} asks for {tp} GPUs but {n_gpu} is visible.")
-        from lmdeploy import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
+        if config.tp > n_gpu:
+            raise EngineUnavailable(f"--tp {config.tp} asks for {config.tp} GPUs but {n_gpu} is visible.")
 
-        self._GenerationConfig = GenerationConfig
-        cfg = read_config(resolved.path) if resolved.local else {}
-        self.vision = "vision_config" in cfg
-        common = dict(tp=tp, cache_max_entry_count=cache_max_entry_count, session_len=session_len,
-                      quant_policy=quant_policy, dtype=dtype)
-        if max_batch:
-            common["max_batch_size"] = max_batch
-        if resolved.local and cfg:
-            self._check_weights_fit(resolved.path, cfg, tp)
-        if backend == "turbomind":
-            if resolved.local:
-                ok, why = turbomind_supports(resolved.path, trust_remote_code)
-                if not ok:
-                    raise ModelLoadError(f"{why}: {resolved.spec!r}. Try the 'pytorch' or "
-                                         "'transformers' engine.")
-                self._check_kv_room(resolved.path, cfg, cache_max_entry_count, session_len, quant_policy, tp)
-            engine_cfg = TurbomindEngineConfig(model_format=None if model_format == "hf" else model_format,
-                                               **common)
+    @staticmethod
+    def _pipeline(resolved, config: LMDeployConfig):
+        """LMDeploy's pipeline for ``config`` (the only place LMDeploy's engine is built)."""
+        import torch
+        from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig, pipeline
+
+        common = dict(tp=config.tp, cache_max_entry_count=config.cache_max_entry_count,
+                      session_len=config.session_len, quant_policy=config.quant_policy, dtype=config.dtype)
+        if config.max_batch:
+            common["max_batch_size"] = config.max_batch
+        if config.backend == "turbomind":
+            fmt = None if config.model_format == "hf" else config.model_format
+            engine_cfg = TurbomindEngineConfig(model_format=fmt, **common)
         else:
             engine_cfg = PytorchEngineConfig(**common)
         try:
-            self.pipe = pipeline(resolved.path, backend_config=engine_cfg, log_level="ERROR",
-                                 trust_remote_code=trust_remote_code)
+            return pipeline(resolved.path, backend_config=engine_cfg, log_level="ERROR",
+                            trust_remote_code=config.trust_remote_code)
         except Exception as e:  # noqa: BLE001 - LMDeploy raises many types; the UI needs one
             gc.collect()
             torch.cuda.empty_cache()
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"LMDeploy ({backend}) cannot load {resolved.spec!r}: {msg}") from e
-        if self.vision:
-            _patch_vision_preprocessor(self.pipe)
-        bc = self.pipe.backend_config
-        self._sessions: dict[str, list] = {}
-        # diagnostic switch: end streams at LMDeploy's end marker and close sessions blocking, as
-        # before 2026-11-26 (for side-by-side runs on a GPU; see _relay)
-        self._wait_end = os.environ.get("TURBOSTUDIO_LMDEPLOY_WAIT_END") == "1"
-        self._lock = threading.Lock()
-        self._closed = False
-        self._fatal: str | None = None
-        self._tokenizer = None
-        self._path = resolved.path
-        self.info = EngineInfo(
-            backend=backend, model=resolved.spec, model_path=resolved.path, device="cuda",
-            dtype=str(getattr(bc, "dtype", dtype)), context_length=int(bc.session_len or 2048),
-            vision=self.vision, max_batch=int(bc.max_batch_size or 64),
-            extra={"tp": tp, "quant_policy": quant_policy, "model_format": model_format,
-                   "cache_max_entry_count": cache_max_entry_count})
+            raise ModelLoadError(f"LMDeploy ({config.backend}) cannot load {resolved.spec!r}: {msg}") from e
 
     @staticmethod
     def _check_weights_fit(path, cfg, tp) -> None:
@@ -260,6 +327,7 @@ class LMDeployEngine:
                 f"cache_max_entry_count to at least {suggested_cache_ratio(need):.2f}, or lower the session "
                 f"length to {max(256, tokens // 2)}.")
 
+    # ------------------------------------------------------------------ prompt
     def _messages(self, messages: Sequence[ChatMessage]) -> list[dict]:
         out = []
         for m in messages:
@@ -270,7 +338,10 @@ class LMDeployEngine:
                 out.append({"role": m.role, "content": m.content})
         return out
 
-    def _gen_config(self, p: GenParams):
+    @staticmethod
+    def _gen_config(p: GenParams):
+        from lmdeploy import GenerationConfig
+
         kw = dict(max_new_tokens=p.max_new_tokens, repetition_penalty=p.repetition_penalty)
         if p.greedy:
             kw.update(do_sample=False, top_k=1)
@@ -278,7 +349,7 @@ class LMDeployEngine:
             kw.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
         if p.seed is not None:
             kw["random_seed"] = p.seed
-        return self._GenerationConfig(**kw)
+        return GenerationConfig(**kw)
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         eng = self.pipe.async_engine
@@ -294,96 +365,162 @@ class LMDeployEngine:
             n += n_images * int(getattr(vl, "n_token_per_image", 0) or 0)
         return n
 
-    def stream(self, messages: Sequence[ChatMessage], params: GenParams, *,
-               session_id: str) -> Iterator[Delta]:
-        if self._closed:
-            raise EngineError("This model was unloaded.", code="engine_unavailable")
-        if self.dead:
-            raise EngineError(f"The engine stopped ({self.dead}). Reload the model on the Engines page.",
-                              code="engine_dead")
-        bound = token_upper_bound(messages)
-        n_prompt = bound if bound is not None and bound < self.info.context_length else self.count_tokens(messages)
-        if n_prompt >= self.info.context_length:
-            raise ContextTooLong(f"The prompt takes {n_prompt} tokens; the session length is "
-                                 f"{self.info.context_length} (raise --session-len if the model allows).")
-        session = self.pipe.session()
-        with self._lock:
-            self._sessions.setdefault(session_id, []).append(session)
-        it = self.pipe.stream_infer(self._messages(messages), sessions=session,
-                                    gen_config=self._gen_config(params))
-        return self._relay(it, session, session_id)
+    def message_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Each message's own text tokens, through LMDeploy's tokenizer (no BOS, no template)."""
+        tok = self.pipe.async_engine.tokenizer
+        return [len(tok.encode(m.content, add_bos=False)) if m.content else 0 for m in messages]
 
-    def _relay(self, it, session, session_id) -> Iterator[Delta]:
-        """LMDeploy's responses as Deltas. The stream ends at the response that carries a finish
-        reason: LMDeploy's own end marker comes a turn of its event loop later, and the session is
-        closed without waiting for that loop (the last text reaches the user ~10 ms sooner)."""
+    # ------------------------------------------------------------------ requests
+    def stream(self, request: ChatRequest) -> Iterator[Delta]:
+        if self._closed:
+            raise EngineUnavailable("This model was unloaded.")
+        dead = self.health()
+        if dead:
+            raise EngineError(f"The engine stopped ({dead}). Reload the model on the Engines page.",
+                              code="engine_dead")
+        call = _Call(request.request_id)
+        with self._lock:
+            if call.request_id in self._calls:
+                raise EngineError(f"A request with id {call.request_id!r} is still running.",
+                                  code="invalid_request")
+            self._calls[call.request_id] = call     # from here on abort() finds it
+        try:
+            messages = request.messages
+            bound = token_upper_bound(messages)
+            ctx = self.info.context_length
+            n_prompt = bound if bound is not None and bound < ctx else self.count_tokens(messages)
+            if n_prompt >= ctx:
+                raise ContextTooLong(f"The prompt takes {n_prompt} tokens; the session length is "
+                                     f"{ctx} (raise --session-len if the model allows).")
+            prompt, gen_config = self._messages(messages), self._gen_config(request.params)
+            if not call.aborted.is_set():
+                call.future = asyncio.run_coroutine_threadsafe(self._generate(call, prompt, gen_config),
+                                                               self._loop())
+        except BaseException:
+            self._forget(call)
+            raise
+        if call.future is None:             # aborted before LMDeploy had it: nothing to undo there
+            self._forget(call)
+        return self._relay(call)
+
+    def _loop(self):
+        return self.pipe.internal_thread.loop
+
+    async def _generate(self, call: _Call, prompt: list[dict], gen_config) -> None:
+        """(LMDeploy's event loop.) One request, as ``Pipeline.stream_infer`` runs it, into ``call.out``."""
+        call.task = asyncio.current_task()
+        eng = self.pipe.async_engine
+        session = None
+        try:
+            if call.aborted.is_set():        # aborted before it started: LMDeploy never sees it
+                return
+            session = call.session = self.pipe.session()
+            request = await eng.preprocess(messages=prompt, session_id=session, gen_config=gen_config)
+            if call.aborted.is_set():
+                return
+            stopping = False
+            async for out in eng.generate(request, stream_response=True):
+                if call.aborted.is_set():
+                    if not stopping:         # an abort that came before the engine had the sequence
+                        stopping = True
+                        await session.async_abort()
+                    continue
+                call.out.put(out)
+        except asyncio.CancelledError:       # abort() while it waited for a place or was preprocessed
+            pass
+        except Exception as e:  # noqa: BLE001 - LMDeploy's RequestError and the rest: that request fails
+            message = getattr(e, "message", None) or str(e) or type(e).__name__
+            call.out.put(_Failure(str(message)))
+        finally:
+            if session is not None:
+                try:
+                    await session.async_close()   # idempotent: generate() removes it at its end
+                except Exception:  # noqa: BLE001
+                    log.debug("closing an LMDeploy session failed", exc_info=True)
+            call.out.put(_END)
+            self._forget(call)
+
+    async def _stop(self, call: _Call) -> None:
+        """(LMDeploy's event loop.) Stop ``call`` where it is: an engine cancel once it holds an
+        engine instance, else cancel its coroutine (waiting for a place, or being preprocessed)."""
+        session, task = call.session, call.task
+        if session is not None and getattr(session, "_handle", None) is not None:
+            await session.async_abort()
+        elif task is not None and not task.done():
+            task.cancel()
+
+    def _relay(self, call: _Call) -> Iterator[Delta]:
+        """LMDeploy's outputs as Deltas. The stream ends at the output that carries a finish reason
+        (LMDeploy lets go of the request on its own loop a moment later), or at once on abort."""
         finished = False
         tokens = 0
         try:
-            for out in it:
-                tokens = out.generate_token_len
-                if out.finish_reason == "error":
+            while True:
+                item = call.out.get()
+                if item is _ABORT:
                     finished = True
-                    self._note_error(out.error_message or "")
-                    yield Delta(out.text or "", tokens, "error",
-                                out.error_message or "LMDeploy reported an error")
+                    yield Delta("", tokens, "abort")
                     return
-                if out.finish_reason:
+                if item is _END:
+                    if not finished:
+                        finished = True
+                        yield Delta("", tokens, "stop")
+                    return
+                if isinstance(item, _Failure):
                     finished = True
-                    yield Delta(out.text or "", tokens, out.finish_reason)
+                    self._note_error(item.message)
+                    yield Delta("", tokens, "error", item.message)
+                    return
+                tokens = item.generate_token_len
+                reason = item.finish_reason
+                if reason == "error":
+                    finished = True
+                    msg = getattr(item, "error_message", None) or item.response or "LMDeploy reported an error"
+                    self._note_error(msg)
+                    yield Delta("", tokens, "error", msg)
+                    return
+                if finished:                 # wait_end: what follows the finish carries nothing new
+                    continue
+                yield Delta(item.response or "", tokens, reason)
+                if reason:
+                    finished = True
                     if not self._wait_end:
                         return
-                    continue
-                yield Delta(out.text or "", tokens, out.finish_reason)
-            if not finished:
-                yield Delta("", tokens, "stop")
-        except Exception as e:
-            self._note_error(str(e))
-            raise
         finally:
-            if not finished:
+            if not finished:                 # the consumer left early: stop the request
+                self.abort(call.request_id)
+            if call.aborted.is_set() and call.future is not None:
+                # the place is given back when LMDeploy has let go of the request (a cancel takes
+                # a step): bounded, so a busy or stuck engine cannot hold the caller past 0.5 s
                 try:
-                    session.abort()
-                except Exception:  # noqa: BLE001
-                    log.debug("abort after early close failed", exc_info=True)
-            with self._lock:
-                lst = self._sessions.get(session_id, [])
-                if session in lst:
-                    lst.remove(session)
-                if not lst:
-                    self._sessions.pop(session_id, None)
-            self._close_session(session, wait=not finished or self._wait_end)
+                    call.future.result(timeout=0.5)
+                except Exception:  # noqa: BLE001 - timeout or the coroutine's own end
+                    log.debug("LMDeploy took over 0.5 s to let go of %s", call.request_id)
 
-    @staticmethod
-    def _close_session(session, wait: bool) -> None:
-        """End LMDeploy's bookkeeping for ``session``. After an abort we wait for it (the slot must
-        be free when the caller goes on). A finished request's close is only scheduled on LMDeploy's
-        event loop, to run once the request has let go of its engine instance (``Session._active``,
-        LMDeploy 0.18): closed earlier, LMDeploy would first cancel through that instance."""
-        try:
-            mgr = session._session_mgr() if getattr(session, "_session_mgr", None) else None
-            loop = getattr(mgr, "loop", None)
-            if wait or loop is None or not all(hasattr(session, a) for a in ("async_close", "_active", "_handle")):
-                session.close()
-                return
-            import asyncio
+    def abort(self, request_id: str) -> None:
+        """End ``request_id``'s stream now with finish reason "abort", in any state (see the class)."""
+        with self._lock:
+            call = self._calls.get(request_id)
+        if call is None or call.aborted.is_set():
+            return
+        call.aborted.set()
+        call.out.put(_ABORT)
+        if call.future is not None and not self._closed:
+            try:
+                asyncio.run_coroutine_threadsafe(self._stop(call), self._loop())
+            except Exception:  # noqa: BLE001 - the loop has stopped: nothing runs there any more
+                log.debug("abort of %s could not reach LMDeploy's loop", request_id, exc_info=True)
 
-            async def close_after_end():
-                active = session._active
-                if session._handle is not None and active is not None:
-                    await active.wait()
-                await session.async_close()
-
-            asyncio.run_coroutine_threadsafe(close_after_end(), loop)
-        except Exception:  # noqa: BLE001
-            log.debug("closing an LMDeploy session failed", exc_info=True)
+    def _forget(self, call: _Call) -> None:
+        with self._lock:
+            if self._calls.get(call.request_id) is call:
+                del self._calls[call.request_id]
 
     # errors after which a CUDA context is unusable: the engine must be reloaded, not retried
     _FATAL = ("device-side assert", "illegal memory access", "CUDA error", "cudaError", "NCCL error",
               "unspecified launch failure")
 
-    @property
-    def dead(self) -> str | None:
+    def health(self) -> str | None:
         """Why this engine can no longer serve (the Engines page says so and offers a reload), or
         None: LMDeploy's event-loop thread has ended, or a request failed with a CUDA error."""
         if self._closed:
@@ -400,16 +537,24 @@ class LMDeployEngine:
             self._fatal = message.strip().splitlines()[0][:300]
             log.error("LMDeploy engine marked dead: %s", self._fatal)
 
-    def live_sessions(self) -> dict:
-        """Sessions alive now: ours (streams being relayed) and LMDeploy's own session manager's
-        (a number that stays above ours after the streams end is a leak: stuck sessions)."""
-        mgr = getattr(self.pipe, "session_mgr", None) or getattr(getattr(self.pipe, "async_engine", None),
-                                                                 "session_mgr", None)
+    def live_requests(self) -> int:
+        """Requests held: ours that LMDeploy has not let go of yet, or LMDeploy's own sessions where
+        it holds more (each request has one session, removed when the request ends): above zero
+        once every stream ended is a leak in either layer."""
         with self._lock:
-            ours = sum(len(v) for v in self._sessions.values())
-        return {"relayed": ours, "lmdeploy": len(getattr(mgr, "sessions", {}) or {}) if mgr is not None else None}
+            ours = len(self._calls)
+        return max(ours, self.lmdeploy_sessions() or 0)
 
-    def schedule_metrics(self) -> dict | None:
+    def lmdeploy_sessions(self) -> int | None:
+        """Sessions in LMDeploy's own session manager (for leak checks: it should fall back to zero
+        with ``live_requests``); None where this LMDeploy has no such manager."""
+        pipe = self.pipe
+        if pipe is None:
+            return None
+        mgr = getattr(pipe, "session_mgr", None) or getattr(getattr(pipe, "async_engine", None), "session_mgr", None)
+        return len(getattr(mgr, "sessions", {}) or {}) if mgr is not None else None
+
+    def scheduler(self) -> SchedulerView | None:
         """TurboMind's scheduler: running and waiting sequences and the KV cache's used fraction
         (None where the engine gives no synchronous view, e.g. LMDeploy's PyTorch engine)."""
         eng = getattr(getattr(self.pipe, "async_engine", None), "engine", None)
@@ -420,58 +565,19 @@ class LMDeployEngine:
             m = fn()
         except Exception:  # noqa: BLE001
             return None
-        return {"active": int(m.active_seqs), "waiting": int(m.waiting_seqs), "cache_usage": float(m.cache_usage)}
-
-    def kv_capacity(self, timeout: float = 30.0) -> dict | None:
-        """How many tokens the KV cache holds, measured rather than estimated: one request whose
-        prompt ends mid-block is started, TurboMind's ``cache_usage`` (blocks in use over blocks in
-        all) is read while it runs, and blocks in use are known exactly (``ceil(tokens / block)``),
-        so blocks in all = in use / usage. Returns {"tokens", "blocks", "block_tokens"} or None."""
-        if self.schedule_metrics() is None:
+        if asyncio.iscoroutine(m):       # a version whose metrics are async: no synchronous view
+            m.close()
             return None
-        block = int(getattr(self.pipe.backend_config, "cache_block_seq_len", 0) or 64)
-        words = "Count the blocks of this cache, one by one, slowly:"
-        msgs = [ChatMessage("user", words)]
-        n = self.count_tokens(msgs)
-        while not block // 8 <= n % block <= block // 4:      # leave room for a few generated tokens
-            words += " ok"
-            msgs = [ChatMessage("user", words)]
-            n = self.count_tokens(msgs)
-        import time
-
-        sid = f"kv-probe-{id(self)}"
-        usage, tokens = 0.0, 0
-        it = self.stream(msgs, GenParams(temperature=0, max_new_tokens=block // 2), session_id=sid)
-        try:
-            deadline = time.time() + timeout
-            for d in it:
-                tokens = d.tokens
-                m = self.schedule_metrics() or {}
-                if m.get("cache_usage", 0) > 0 and tokens >= 1:
-                    usage = m["cache_usage"]
-                    break
-                if time.time() > deadline:
-                    break
-        finally:
-            it.close()
-        if usage <= 0:
-            return None
-        used = -(-(n + tokens) // block)
-        blocks = round(used / usage)
-        return {"tokens": blocks * block, "blocks": blocks, "block_tokens": block}
-
-    def abort(self, session_id: str) -> None:
-        with self._lock:
-            sessions = list(self._sessions.get(session_id, []))
-        for s in sessions:
-            try:
-                s.abort()
-            except Exception:  # noqa: BLE001
-                log.debug("abort failed", exc_info=True)
+        return SchedulerView(active=int(m.active_seqs), waiting=int(m.waiting_seqs),
+                             cache_usage=float(m.cache_usage))
 
     def close(self) -> None:
         if self._closed:
             return
+        with self._lock:
+            calls = list(self._calls.values())
+        for call in calls:           # every open stream ends now, with "abort"
+            self.abort(call.request_id)
         self._closed = True
         try:
             self.pipe.close()
@@ -481,3 +587,47 @@ class LMDeployEngine:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def measure_kv_capacity(manager, timeout: float = 30.0) -> dict | None:
+    """How many tokens the loaded TurboMind engine's KV cache holds, measured rather than estimated:
+    one request whose prompt ends mid-block is submitted through ``manager`` (the one road),
+    TurboMind's ``cache_usage`` (blocks in use over blocks in all) is read while it runs, and blocks
+    in use are known exactly (``ceil(tokens / block)``), so blocks in all = in use / usage.
+    Returns {"tokens", "blocks", "block_tokens"}, or None where the engine gives no cache view."""
+    import time
+
+    from .base import ChatRequest
+
+    eng = manager.require()
+    if eng.scheduler() is None:
+        return None
+    block = int(eng.info.extra.get("cache_block_seq_len") or 64)
+    words = "Count the blocks of this cache, one by one, slowly:"
+    msgs = [ChatMessage("user", words)]
+    n = manager.token_cost(msgs)
+    while not block // 8 <= n % block <= block // 4:      # leave room for a few generated tokens
+        words += " ok"
+        msgs = [ChatMessage("user", words)]
+        n = manager.token_cost(msgs)
+    usage, tokens = 0.0, 0
+    sub = manager.submit(ChatRequest(tuple(msgs), GenParams(temperature=0, max_new_tokens=block // 2),
+                                     source="kv-probe"))
+    it = iter(sub)
+    try:
+        deadline = time.time() + timeout
+        for d in it:
+            tokens = d.tokens
+            view = eng.scheduler()
+            if view is not None and (view.cache_usage or 0) > 0 and tokens >= 1:
+                usage = view.cache_usage
+                break
+            if time.time() > deadline:
+                break
+    finally:
+        it.close()
+    if usage <= 0:
+        return None
+    used = -(-(n + tokens) // block)
+    blocks = round(used / usage)
+    return {"tokens": blocks * block, "blocks": blocks, "block_tokens": block}

@@ -15,10 +15,10 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from .base import ModelLoadError
+from .base import GenParams, ModelLoadError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -65,14 +65,45 @@ class LoadPolicy:
 
 @dataclass(frozen=True)
 class ResolvedModel:
+    """A model resolved once (``resolve``): where it is, and what every later step reads about it.
+
+    ``config`` is the folder's parsed config.json ({} for hub ids and server URLs), read once here:
+    the registry's choice and pre-checks, the backends and the manager read it from this object
+    instead of the file. ``turbomind_support`` asks LMDeploy at most once per resolved model and
+    ``trust_remote_code`` (the answer is kept)."""
+
     spec: str          # what was asked for
-    path: str          # a local folder or a hub id
+    path: str          # a local folder, a hub id or a server URL
     local: bool
-    source: str        # "folder", "builtin (converted GGUF)", "hub"
+    source: str        # "folder", "builtin (converted GGUF)", "hub", "remote server"
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict = field(default_factory=dict, compare=False, repr=False, init=False)
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path.rstrip("/")) if self.local else self.path
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or ["?"])[0]
+
+    @property
+    def vision(self) -> bool:
+        """Whether the checkpoint has a vision tower (image-text-to-text), from config.json."""
+        return "vision_config" in self.config
+
+    def turbomind_support(self, trust_remote_code: bool = False) -> tuple[bool, str]:
+        """(whether TurboMind runs this model, why not): LMDeploy's own check, run once per
+        ``trust_remote_code`` and kept. Hub ids: (True, "") (LMDeploy checks them when loading)."""
+        key = ("turbomind", bool(trust_remote_code))
+        if key not in self._memo:
+            if not self.local:
+                self._memo[key] = (True, "")
+            else:
+                from .lmdeploy import turbomind_supports
+
+                self._memo[key] = turbomind_supports(self.path, trust_remote_code)
+        return self._memo[key]
 
 
 def gguf_path() -> str | None:
@@ -150,17 +181,16 @@ def resolve(spec: str | None, cache_dir: str, progress: ProgressFn | None = None
     if spec in DEFAULT_ALIASES:
         out = default_model_dir(cache_dir)
         if is_model_dir(out):
-            return ResolvedModel(DEFAULT_MODEL_NAME, out, True, "builtin (converted GGUF)")
+            return _local(DEFAULT_MODEL_NAME, out, "builtin (converted GGUF)")
         gguf = gguf_path()
         if gguf:
-            return ResolvedModel(DEFAULT_MODEL_NAME, convert_gguf(gguf, out, progress), True,
-                                 "builtin (converted GGUF)")
+            return _local(DEFAULT_MODEL_NAME, convert_gguf(gguf, out, progress), "builtin (converted GGUF)")
         return ResolvedModel(DEFAULT_MODEL_NAME, DEFAULT_HUB_ID, False, "hub")
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         if not is_model_dir(path):
             raise ModelLoadError(f"{spec!r} is a folder but not a model: it has no config.json.")
-        return ResolvedModel(spec, os.path.abspath(path), True, "folder")
+        return _local(spec, os.path.abspath(path), "folder")
     if os.path.exists(path):
         raise ModelLoadError(f"{spec!r} is a file, not a model folder.")
     if looks_like_hub_id(spec):
@@ -169,27 +199,72 @@ def resolve(spec: str | None, cache_dir: str, progress: ProgressFn | None = None
                          "or a hub id like 'org/name'.")
 
 
+def _local(spec: str, path: str, source: str) -> ResolvedModel:
+    return ResolvedModel(spec, path, True, source, config=read_config(path))
+
+
 def read_config(path: str) -> dict:
+    """A model folder's config.json, parsed (``resolve`` reads it once; use ``ResolvedModel.config``)."""
     try:
         with open(os.path.join(path, "config.json")) as f:
-            return json.load(f)
+            cfg = json.load(f)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"Cannot read the model's config.json: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ModelLoadError("The model's config.json is not a JSON object.")
+    return cfg
+
+
+# generation_config.json keys that are sampling defaults of ours (same names in GenParams)
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def sampling_defaults(values: dict | None) -> GenParams | None:
+    """The model's own sampling defaults as a GenParams: ``GenParams()`` with the temperature, top_p,
+    top_k and repetition_penalty the model's generation config sets (None when it sets none). A
+    value outside our ranges is left at ours (e.g. top_k 0 is kept, a temperature of 5 is not)."""
+    if not values:
+        return None
+    base, found = GenParams(), {}
+    for k in SAMPLING_KEYS:
+        v = values.get(k)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        try:
+            base.replace(**{k: v})
+        except ValueError:
+            continue
+        found[k] = v
+    return base.replace(**found) if found else None
+
+
+def read_generation_defaults(path: str) -> GenParams | None:
+    """``sampling_defaults`` of a model folder's generation_config.json (None when it has none)."""
+    try:
+        with open(os.path.join(path, "generation_config.json")) as f:
+            values = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return sampling_defaults(values if isinstance(values, dict) else None)
 
 
 DEFAULT_VISION_HUB_ID = "llava-hf/llava-interleave-qwen-0.5b-hf"
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the model hub answers at all (HF_HUB_OFFLINE=1 says no without asking)."""
+def hub_reachable(offline: bool, endpoint: str, timeout: float = 2.0) -> bool:
+    """Whether the model hub at ``endpoint`` answers at all; ``offline`` (``Settings.hub_offline``,
+    from HF_HUB_OFFLINE) says no without asking. The endpoint is ``Settings.hub_endpoint``."""
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if offline:
         return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    url = urlparse(endpoint or "https://huggingface.co")
+    if not url.hostname:
+        return False
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                      timeout=timeout):
             return True
     except OSError:
         return False

@@ -97,8 +97,10 @@ def awq_memory_estimate(cfg: dict, samples: int, seqlen: int, batch_size: int = 
 
 
 def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *,
-             free_gpu_bytes: int | None) -> dict:
-    """Refuse a bad request before anything starts; returns the model config."""
+             free_gpu_bytes: int | None, hub_offline: bool = False,
+             hub_endpoint: str = "https://huggingface.co") -> dict:
+    """Refuse a bad request before anything starts; returns the model config. ``hub_offline`` and
+    ``hub_endpoint`` (``Settings.hub_offline``/``hub_endpoint``) say whether a hub dataset can be had."""
     if kind not in ("awq", "cast"):
         raise JobError(f"unknown job kind {kind!r}")
     cfg = _model_config(source)
@@ -137,7 +139,7 @@ def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *
             raise JobError(f"unknown calibration dataset {dataset!r}; one of {', '.join(HUB_DATASETS)}")
         from .models import hub_reachable
 
-        if not hub_reachable():
+        if not hub_reachable(hub_offline, hub_endpoint):
             raise JobError(f"The calibration dataset {dataset!r} comes from the model hub, which is not "
                            "reachable from here: use the shipped calibration text or your own .txt file.")
     else:
@@ -156,8 +158,10 @@ def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *
 class JobRunner:
     """Queue and run jobs one at a time, each in a subprocess; state lives on disk."""
 
-    def __init__(self, data_dir: str, *, gpu_free=None, python: str = sys.executable):
+    def __init__(self, data_dir: str, *, gpu_free=None, python: str = sys.executable, hub_offline: bool = False,
+                 hub_endpoint: str = "https://huggingface.co"):
         self.data_dir = data_dir
+        self.hub = {"hub_offline": hub_offline, "hub_endpoint": hub_endpoint}   # Settings' hub fields
         self.folder = os.path.join(data_dir, "jobs")
         os.makedirs(self.folder, exist_ok=True)
         self.python = python
@@ -214,7 +218,7 @@ class JobRunner:
             params = {"samples": 128, "seqlen": 512, "group_size": 128, "bits": 4, **params}
             params["calib_file"] = params.get("calib_file") or DEFAULT_CALIB
         free = self.gpu_free() if kind == "awq" else None
-        validate(kind, source, output, params, self.data_dir, free_gpu_bytes=free)
+        validate(kind, source, output, params, self.data_dir, free_gpu_bytes=free, **self.hub)
         job = Job(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], kind=kind,
                   source=os.path.realpath(source), output=os.path.realpath(output), params=params,
                   owner=owner)

@@ -1,9 +1,13 @@
 """Engine name -> backend. ``auto`` picks TurboMind, else LMDeploy-PyTorch, else Transformers, and
-says why (the reason shows in the UI next to the backend that loaded)."""
+says why (the reason shows in the UI next to the backend that loaded).
+
+Everything here reads the model from its :class:`~engines.models.ResolvedModel` (config.json parsed
+once, TurboMind's support answer asked once); nothing reads the model's files again."""
 from __future__ import annotations
 
 from .base import Engine, EngineUnavailable, ModelLoadError
-from .models import ResolvedModel, read_config
+from .configs import BackendConfig, LMDeployConfig, RemoteConfig, TransformersConfig
+from .models import ResolvedModel
 
 ENGINE_NAMES = ("auto", "transformers", "turbomind", "pytorch", "remote")
 
@@ -14,6 +18,17 @@ def _cuda() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def backend_of(config: BackendConfig) -> str:
+    """The backend name a config builds: transformers, turbomind, pytorch or remote."""
+    if isinstance(config, TransformersConfig):
+        return "transformers"
+    if isinstance(config, LMDeployConfig):
+        return config.backend
+    if isinstance(config, RemoteConfig):
+        return "remote"
+    raise TypeError(f"not a backend config: {type(config).__name__}")
 
 
 def choose(resolved: ResolvedModel, engine: str, *, device: str = "auto",
@@ -34,59 +49,80 @@ def choose(resolved: ResolvedModel, engine: str, *, device: str = "auto",
         return "transformers", "device cpu: only Transformers runs on CPU"
     if not _cuda():
         return "transformers", "no CUDA GPU visible: Transformers on CPU"
-    from .lmdeploy import lmdeploy_available, turbomind_supports
+    from .lmdeploy import lmdeploy_available
 
     ok, why = lmdeploy_available()
     if not ok:
         return "transformers", why
     if resolved.local:
-        ok, why = turbomind_supports(resolved.path, trust_remote_code)
+        ok, why = resolved.turbomind_support(trust_remote_code)
         if ok:
             return "turbomind", "CUDA and LMDeploy present, TurboMind supports this architecture"
         return "pytorch", f"{why}: LMDeploy's PyTorch engine"
     return "turbomind", "CUDA and LMDeploy present (hub model)"
 
 
-def precheck(resolved: ResolvedModel, backend: str, trust_remote_code: bool = False) -> None:
-    """Cheap checks before an old model is unloaded: can ``backend`` run this model at all?"""
+def precheck(resolved: ResolvedModel, config: BackendConfig) -> None:
+    """Cheap checks before an old model is unloaded: can this backend run this model at all?
+    Reads ``resolved.config``, never the files."""
+    backend = backend_of(config)
+    remote = resolved.source == "remote server"
+    if remote != (backend == "remote"):
+        raise ValueError(f"the {backend} engine cannot serve {resolved.spec!r}"
+                         + (": it is a server URL" if remote else ": the remote engine takes a server URL"))
     if not resolved.local or backend == "remote":
         return
-    cfg = read_config(resolved.path)
-    arch = (cfg.get("architectures") or ["?"])[0]
+    arch = resolved.architecture
     if backend == "transformers":
-        try:
-            from transformers import AutoConfig
-
-            AutoConfig.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
-        except Exception as e:  # noqa: BLE001
-            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"Transformers cannot run this model (architecture {arch}): {line}") from e
-    elif backend in ("turbomind", "pytorch"):
+        _transformers_knows(resolved, config.trust_remote_code)
+    else:
         label = "TurboMind" if backend == "turbomind" else "LMDeploy's PyTorch engine"
         if not _cuda():
             raise EngineUnavailable(f"{label} needs a CUDA GPU; none is visible.")
-        from .lmdeploy import lmdeploy_available, turbomind_supports
+        from .lmdeploy import lmdeploy_available
 
         ok, why = lmdeploy_available()
         if not ok:
             raise EngineUnavailable(why)
         if backend == "turbomind":
-            ok, why = turbomind_supports(resolved.path, trust_remote_code)
+            ok, why = resolved.turbomind_support(config.trust_remote_code)
             if not ok:
                 raise ModelLoadError(f"{why} (architecture {arch}); try the 'pytorch' or 'transformers' engine.")
 
 
-def create(resolved: ResolvedModel, backend: str, **options) -> Engine:
-    if backend == "transformers":
+def _transformers_knows(resolved: ResolvedModel, trust_remote_code: bool) -> None:
+    """Whether Transformers has a config class for this model type and the config.json parses into
+    it (what ``AutoConfig.from_pretrained`` checks, from the already parsed dict)."""
+    cfg, arch = resolved.config, resolved.architecture
+    if trust_remote_code and cfg.get("auto_map"):
+        return                                  # the model's own code decides, at load
+    try:
+        from transformers import CONFIG_MAPPING
+
+        model_type = cfg.get("model_type")
+        if not model_type:
+            raise ValueError("config.json has no model_type")
+        if model_type not in CONFIG_MAPPING:
+            hint = " (it ships its own code: allow trust_remote_code)" if cfg.get("auto_map") else ""
+            raise ValueError(f"model type {model_type!r} is not known to this transformers version{hint}")
+        CONFIG_MAPPING[model_type].from_dict(dict(cfg))
+    except Exception as e:  # noqa: BLE001
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"Transformers cannot run this model (architecture {arch}): {line}") from e
+
+
+def create(resolved: ResolvedModel, config: BackendConfig) -> Engine:
+    """Build the backend ``config`` describes (call ``precheck`` first; the manager does)."""
+    if isinstance(config, TransformersConfig):
         from .transformers import TransformersEngine
 
-        return TransformersEngine(resolved, **options)
-    if backend in ("turbomind", "pytorch"):
+        return TransformersEngine(resolved, config)
+    if isinstance(config, LMDeployConfig):
         from .lmdeploy import LMDeployEngine
 
-        return LMDeployEngine(resolved, backend=backend, **options)
-    if backend == "remote":
+        return LMDeployEngine(resolved, config)
+    if isinstance(config, RemoteConfig):
         from .remote import RemoteEngine
 
-        return RemoteEngine(resolved, **options)
-    raise ValueError(f"unknown backend {backend!r}")
+        return RemoteEngine(resolved, config)
+    raise TypeError(f"not a backend config: {type(config).__name__}")

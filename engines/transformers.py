@@ -9,8 +9,11 @@ Why our own decode loop instead of ``model.generate`` with a streamer:
   where N threads each calling ``generate`` would fight over the same memory bandwidth.
 * **Per-request sampling state.** Each request samples from its own ``torch.Generator``, so a seed
   reproduces an answer even while other users share the batch (``torch.manual_seed`` is global).
-* **Exact control.** ``max_new_tokens`` is exact, abort takes effect at the next step, and text is
-  detokenized incrementally (bounded work per token, like vLLM's ``detokenize_incrementally``).
+* **Exact control.** ``max_new_tokens`` is exact; ``abort(request_id)`` ends the stream at once in
+  any state (waiting, being prefilled, decoding) and the row leaves the batch at the next step; text
+  is detokenized incrementally (bounded work per token, like vLLM's ``detokenize_incrementally``).
+* **OpenAI's penalties.** ``presence_penalty`` and ``frequency_penalty`` are applied in the batched
+  sampler from per-row counts of the reply's tokens (kept only for rows that ask for them).
 
 Batched decoding left-pads the KV caches of the rows to a common length and passes an attention
 mask and explicit position ids; prefill runs one request at a time (no padding in the prompt pass).
@@ -29,11 +32,14 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from .base import ChatMessage, ContextTooLong, Delta, EngineError, EngineInfo, GenParams, ModelLoadError
-from .models import read_config
+from .base import (Capabilities, ChatMessage, ChatRequest, ContextTooLong, Delta, EngineError, EngineInfo,
+                   EngineUnavailable, GenParams, ModelLoadError, SchedulerView)
+from .configs import TransformersConfig
+from .models import SAMPLING_KEYS, sampling_defaults
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +82,17 @@ class IncrementalDetokenizer:
 
 @dataclass(eq=False)
 class _Request:
-    session_id: str
+    request_id: str
     inputs: dict                 # model inputs for the prefill (input_ids, maybe pixel_values ...)
     params: GenParams
     max_new: int                 # max_new_tokens, capped by the context
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)   # guards ``done`` and ``out``
+    done: bool = False           # the stream's last delta was sent
     generator: object = None
     seen: object = None          # token ids seen (prompt + reply), only for a repetition_penalty
+    counts: object = None        # times each token was generated in this reply, only for penalties
     generated: int = 0
     length: int = 0              # tokens in this row's cache
     cache: object = None         # own cache while outside a batch
@@ -92,35 +101,36 @@ class _Request:
 
 
 class TransformersEngine:
-    """The ``transformers`` backend. Thread-safe: ``stream`` may be called from many threads."""
+    """The ``transformers`` backend. Thread-safe: ``stream`` may be called from many threads.
 
-    def __init__(self, resolved, *, device: str = "auto", dtype: str = "auto",
-                 session_len: int | None = None, trust_remote_code: bool = False,
-                 max_batch: int = 16, **_ignored):
+    A request is known by its id from ``stream`` until the scheduler lets go of it: waiting in
+    ``_pending``, being prefilled (``_admitting``) or decoding (``_active``). ``abort(request_id)``
+    ends its stream at once in any of these states (the last delta, finish reason "abort", is sent
+    from the caller's thread) and the scheduler drops it at its next turn; a waiting request leaves
+    the queue then, without waiting for a place in the batch."""
+
+    def __init__(self, resolved, config: TransformersConfig):
         import torch
 
         self._torch = torch
+        device, dtype = config.device, config.dtype
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            raise EngineError("device 'cuda' was asked for but no CUDA GPU is visible.",
-                              code="engine_unavailable")
+            raise EngineUnavailable("device 'cuda' was asked for but no CUDA GPU is visible.")
         self.device = torch.device(device)
         if dtype == "auto":
             if self.device.type == "cuda":
                 dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
             else:
                 dtype = "float32"
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise ModelLoadError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
         self.dtype = getattr(torch, dtype)
         path = resolved.path
-        cfg = read_config(path) if resolved.local else {}
-        self.vision = "vision_config" in cfg
+        self.vision = resolved.vision
         self.processor = None
         t0 = time.perf_counter()
         try:
-            self._load(path, trust_remote_code)
+            self._load(path, config.trust_remote_code)
         except EngineError:
             raise
         except torch.OutOfMemoryError as e:
@@ -133,25 +143,31 @@ class TransformersEngine:
         mcfg = self.model.config
         text_cfg = getattr(mcfg, "text_config", None) or mcfg
         ctx = getattr(text_cfg, "max_position_embeddings", None) or 2048
+        session_len = config.session_len
         self.context_length = int(min(session_len, ctx) if session_len else ctx)
         self.eos_ids = self._eos_ids()
         # whether forward() takes logits_to_keep: prefill then computes only the last position's logits
         self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.batchable = self._batchable(mcfg)
-        self.max_batch = max_batch
+        self.max_batch = int(config.max_batch)
         self.info = EngineInfo(
             backend="transformers", model=resolved.spec, model_path=path, device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""), context_length=self.context_length,
             vision=self.vision, max_batch=self.max_batch,
+            capabilities=Capabilities(penalties=True, vision=self.vision, seed=True),
+            defaults=self._model_defaults(),
             extra={"batching": "continuous" if self.batchable else "round-robin",
                    "load_seconds": round(self.load_seconds, 2),
                    "architecture": (getattr(mcfg, "architectures", None) or ["?"])[0]})
-        self.dead: str | None = None   # why the scheduler thread ended, if it did
+        self._dead: str | None = None   # why the scheduler thread ended, if it did
         self._give_back = False         # release the allocator's cache at the scheduler's next turn
+        self._lock = threading.Lock()   # guards _requests, _pending, _admitting and _active membership
+        self._requests: dict[str, _Request] = {}   # every request the engine holds, by id
+        self._pending: deque[_Request] = deque()
         self._admitting: list[_Request] = []
-        self._pending: queue.Queue[_Request] = queue.Queue()
         self._active: list[_Request] = []
-        self._lock = threading.Lock()   # guards _active membership seen by abort()
+        self._sweep = False             # an abort happened: drop aborted requests from _pending
+        self._stopped = False           # the scheduler thread has ended
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="transformers-scheduler", daemon=True)
@@ -180,6 +196,17 @@ class TransformersEngine:
             elif src:
                 ids.update(int(i) for i in src)
         return ids
+
+    def _model_defaults(self) -> GenParams | None:
+        """The model's own sampling defaults (its generation_config.json), None where it has none."""
+        gc_ = getattr(self.model, "generation_config", None)
+        if gc_ is None:
+            return None
+        try:
+            values = gc_.to_diff_dict()   # what the model's file sets (5.x: unset values are None)
+        except Exception:  # noqa: BLE001 - a figure for the UI, never a reason to fail a load
+            return None
+        return sampling_defaults({k: values.get(k) for k in SAMPLING_KEYS})
 
     def _batchable(self, mcfg) -> bool:
         if getattr(mcfg, "model_type", "") in _NON_1D_POSITIONS:
@@ -236,23 +263,38 @@ class TransformersEngine:
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return int(self._encode(messages)["input_ids"].shape[-1])
 
+    def message_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Each message's own text tokens: one batched tokenizer call for all of them."""
+        if not messages:
+            return []
+        ids = self.tokenizer([m.content for m in messages], add_special_tokens=False)["input_ids"]
+        return [len(x) for x in ids]
+
     # ------------------------------------------------------------------ public API
-    def stream(self, messages: Sequence[ChatMessage], params: GenParams, *,
-               session_id: str) -> Iterator[Delta]:
+    def stream(self, request: ChatRequest) -> Iterator[Delta]:
         if self._closed.is_set():
-            raise EngineError("This model was unloaded.", code="engine_unavailable")
-        if self.dead:
-            raise EngineError(f"The engine stopped ({self.dead}). Reload the model on the Engines page.",
+            raise EngineUnavailable("This model was unloaded.")
+        if self._dead:
+            raise EngineError(f"The engine stopped ({self._dead}). Reload the model on the Engines page.",
                               code="engine_dead")
-        inputs = self._encode(messages)
+        params = request.params
+        inputs = self._encode(request.messages)
         n_prompt = int(inputs["input_ids"].shape[-1])
         room = self.context_length - n_prompt
         if room < 1:
             raise ContextTooLong(f"The prompt takes {n_prompt} tokens; the model's context is "
                                  f"{self.context_length}.")
-        req = _Request(session_id=session_id, inputs=inputs, params=params,
+        req = _Request(request_id=request.request_id, inputs=inputs, params=params,
                        max_new=min(params.max_new_tokens, room))
-        self._pending.put(req)
+        with self._lock:
+            if self._stopped:
+                raise EngineUnavailable("This model was unloaded." if self._closed.is_set() else
+                                        f"The engine stopped ({self._dead}). Reload the model on the Engines page.")
+            if request.request_id in self._requests:
+                raise EngineError(f"A request with id {request.request_id!r} is still running.",
+                                  code="invalid_request")
+            self._requests[req.request_id] = req
+            self._pending.append(req)
         self._wake.set()
         return self._drain(req)
 
@@ -273,20 +315,36 @@ class TransformersEngine:
                 if last.finish_reason is not None:
                     return
         finally:
-            req.cancelled.set()   # a consumer that stops early aborts the request
-            self._wake.set()
+            if not req.done:           # a consumer that stops early aborts the request
+                self._cancel(req)
 
-    def schedule_metrics(self) -> dict:
-        """Requests decoding in the batch now and those waiting for a place in it."""
-        return {"active": len(self._active), "waiting": self._pending.qsize(), "cache_usage": None}
-
-    def abort(self, session_id: str) -> None:
+    def abort(self, request_id: str) -> None:
+        """End ``request_id``'s stream now (finish reason "abort"), waiting, prefilling or decoding;
+        the scheduler lets go of it at its next turn. Unknown or finished ids: nothing happens."""
         with self._lock:
-            reqs = [r for r in self._active if r.session_id == session_id]
-        reqs += [r for r in list(self._pending.queue) if r.session_id == session_id]
-        for r in reqs:
-            r.cancelled.set()
+            req = self._requests.get(request_id)
+        if req is not None:
+            self._cancel(req)
+
+    def _cancel(self, req: _Request) -> None:
+        req.cancelled.set()
+        self._end(req, Delta("", req.generated, "abort"))
+        with self._lock:
+            self._sweep = True
         self._wake.set()
+
+    def health(self) -> str | None:
+        """None while the scheduler serves; else why it stopped (a reload is needed)."""
+        return None if self._closed.is_set() else self._dead
+
+    def scheduler(self) -> SchedulerView:
+        """Requests decoding in the batch now, and those waiting for a place or being prefilled."""
+        with self._lock:
+            return SchedulerView(active=len(self._active), waiting=len(self._pending) + len(self._admitting))
+
+    def live_requests(self) -> int:
+        with self._lock:
+            return len(self._requests)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -313,10 +371,37 @@ class TransformersEngine:
         try:
             self._run_loop()
         except BaseException as e:  # noqa: BLE001 - the thread is ending: say why, to everyone
-            self.dead = f"{type(e).__name__}: {e}"
+            self._dead = f"{type(e).__name__}: {e}"
             log.exception("the transformers scheduler stopped")
-            for r in self._admitting + list(self._active) + list(self._pending.queue):
-                self._fail(r, RuntimeError(f"the engine stopped ({self.dead})"))
+            with self._lock:
+                held = list(self._requests.values())
+            for r in held:
+                self._fail(r, RuntimeError(f"the engine stopped ({self._dead})"))
+        finally:
+            with self._lock:
+                self._stopped = True    # stream() refuses from now on
+                held = list(self._requests.values())
+                self._pending.clear()
+                self._admitting, self._active = [], []
+            for r in held:              # closed: every stream still open ends now
+                self._finish(r, "abort")
+
+    def _take_pending(self) -> list[_Request]:
+        """Requests aborted while they waited leave the queue (they need no place in the batch);
+        then as many as fit join the batch."""
+        dropped, admitted = [], []
+        with self._lock:
+            if self._sweep:
+                self._sweep = False
+                dropped = [r for r in self._pending if r.cancelled.is_set()]
+                if dropped:
+                    self._pending = deque(r for r in self._pending if not r.cancelled.is_set())
+            while self._pending and len(self._active) + len(admitted) < self.max_batch:
+                admitted.append(self._pending.popleft())
+            self._admitting = admitted
+        for r in dropped:
+            self._finish(r, "abort")
+        return admitted
 
     def _run_loop(self):
         torch = self._torch
@@ -329,12 +414,8 @@ class TransformersEngine:
                 # the tensors its traceback held are gone, so the memory really goes back to the GPU
                 self._give_back = False
                 self._empty_cache()
-            admitted = self._admitting = []
-            while len(self._active) + len(admitted) < self.max_batch:
-                try:
-                    admitted.append(self._pending.get_nowait())
-                except queue.Empty:
-                    break
+            self._wake.clear()          # a wake-up from here on is seen by the wait below
+            admitted = self._take_pending()
             with torch.inference_mode():
                 for req in admitted:
                     if req.cancelled.is_set():
@@ -347,17 +428,18 @@ class TransformersEngine:
                         continue
                     with self._lock:
                         self._active.append(req)
+                with self._lock:
+                    self._admitting = []
                 # Drop finished or cancelled rows.
                 done = [r for r in self._active if r.cancelled.is_set() or r.next_token is None]
                 for r in done:
-                    self._finish(r, "abort")   # no-op for rows that already finished
+                    self._finish(r, "abort")   # only lets go of rows that already finished
                 if done:
                     with self._lock:
                         self._active = [r for r in self._active if r not in done]
                 if not self._active:
                     batch_cache, batch_rows, mask = None, [], None
                     self._wake.wait(timeout=0.5)
-                    self._wake.clear()
                     continue
                 try:
                     if self.batchable:
@@ -381,8 +463,6 @@ class TransformersEngine:
                         self._active = []
                     batch_cache, batch_rows, mask = None, [], None
                     self._give_back = True
-        for r in list(self._active) + list(self._pending.queue):
-            self._finish(r, "abort")
 
     def _evict_on_oom(self, exc, batch_cache, mask):
         """Out of memory in a batched decode step: end only the longest request (its cache is the
@@ -445,25 +525,32 @@ class TransformersEngine:
             return
         if req.seen is not None:
             req.seen = self._torch.cat([req.seen, req.seen.new_tensor([tok])])
+        if req.counts is not None:
+            req.counts[tok] += 1
         text = req.detok.push(tok)
         if req.generated >= req.max_new or req.cancelled.is_set():
             text += req.detok.flush()
-            req.out.put(Delta(text, req.generated))
+            self._emit(req, Delta(text, req.generated))
             req.next_token = None
             self._finish(req, "abort" if req.cancelled.is_set() and req.generated < req.max_new else "length")
             return
         req.next_token = tok
-        req.out.put(Delta(text, req.generated))
+        self._emit(req, Delta(text, req.generated))
 
     def _next_tokens(self, rows: list[_Request], logits) -> list[int]:
         """The next token of every row from ``logits`` [rows, vocabulary], for the whole batch at once:
         one host copy per step, however many rows (a per-row ``argmax``/``multinomial`` made one
         device sync and several kernel launches per row, and the step's cost grew with the batch).
 
-        Per row, in this order: repetition penalty, then greedy (argmax) or temperature, top-k,
-        top-p and a draw. The draw is inverse-CDF sampling with a uniform number from the row's own
-        CPU generator: the same distribution as ``torch.multinomial``, and a seed reproduces a reply
-        whatever else shares the batch."""
+        Per row, in this order: repetition penalty, presence and frequency penalties, then greedy
+        (argmax) or temperature, top-k, top-p and a draw. The draw is inverse-CDF sampling with a
+        uniform number from the row's own CPU generator: the same distribution as
+        ``torch.multinomial``, and a seed reproduces a reply whatever else shares the batch.
+
+        Presence and frequency penalties follow OpenAI's definition: a token's logit is lowered by
+        ``frequency_penalty * c + presence_penalty * (c > 0)``, ``c`` the times it was generated in
+        this reply so far (not the prompt). Rows that ask for them keep a count per vocabulary entry
+        (``_Request.counts``); they are penalized together, in one operation."""
         torch = self._torch
         logits = logits.float()
         n = len(rows)
@@ -472,6 +559,17 @@ class TransformersEngine:
             if pen != 1.0 and r.seen is not None:
                 score = logits[i].gather(0, r.seen)
                 logits[i] = logits[i].scatter(0, r.seen, torch.where(score < 0, score * pen, score / pen))
+        penalized = [i for i, r in enumerate(rows) if r.params.penalized]
+        if penalized:
+            dev = logits.device
+            for i in penalized:
+                if rows[i].counts is None:      # the reply's first token: nothing generated yet
+                    rows[i].counts = logits.new_zeros(logits.shape[-1])
+            idx = torch.tensor(penalized, device=dev)
+            counts = torch.stack([rows[i].counts for i in penalized])
+            freq = torch.tensor([rows[i].params.frequency_penalty for i in penalized], device=dev).unsqueeze(1)
+            pres = torch.tensor([rows[i].params.presence_penalty for i in penalized], device=dev).unsqueeze(1)
+            logits[idx] = logits[idx] - freq * counts - pres * (counts > 0).float()
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not sampled:
@@ -576,18 +674,36 @@ class TransformersEngine:
         return out.past_key_values, mask
 
     # --- endings
-    def _finish(self, req: _Request, reason: str):
-        if getattr(req, "_done", False):
-            return
-        req._done = True
-        req.cache = None
-        req.out.put(Delta(req.detok.flush() if req.detok else "", req.generated, reason))
+    def _emit(self, req: _Request, delta: Delta) -> None:
+        """A delta of a running request (dropped once its stream has ended, e.g. by an abort)."""
+        with req.lock:
+            if not req.done:
+                req.out.put(delta)
 
-    def _fail(self, req: _Request, exc: Exception):
-        if getattr(req, "_done", False):
-            return
-        req._done = True
+    def _end(self, req: _Request, delta: Delta) -> bool:
+        """Send the stream's last delta, once (from the scheduler or an aborting thread)."""
+        with req.lock:
+            if req.done:
+                return False
+            req.done = True
+            req.out.put(delta)
+        return True
+
+    def _release(self, req: _Request) -> None:
+        """The scheduler lets go of ``req``: it is no longer one of the engine's requests."""
         req.cache = None
+        with self._lock:
+            if self._requests.get(req.request_id) is req:
+                del self._requests[req.request_id]
+
+    def _finish(self, req: _Request, reason: str):
+        """(Scheduler thread.) End ``req`` with ``reason`` unless it has ended, and let go of it."""
+        if not req.done:
+            text = req.detok.flush() if req.detok else ""
+            self._end(req, Delta(text, req.generated, reason))
+        self._release(req)
+
+    def _fail(self, req: _Request, exc: BaseException):
         torch = self._torch
         if isinstance(exc, torch.OutOfMemoryError):
             msg = "Out of memory during generation; try a shorter prompt or fewer max_new_tokens."
@@ -597,7 +713,8 @@ class TransformersEngine:
             self._give_back = True
         else:
             msg = f"Generation failed: {_first_line(exc)}"
-        req.out.put(Delta("", req.generated, "error", msg))
+        self._end(req, Delta("", req.generated, "error", msg))
+        self._release(req)
 
 
 def _as_image(img):

@@ -132,3 +132,76 @@ def test_load_policy_keeps_ui_loads_inside_the_roots(tmp_path):
     with pytest.raises(ModelLoadError, match="not allowed"):
         policy.check(str(root / "link"))
     settings.Settings().load_policy().check("/etc")   # a private local app loads what its owner asks
+
+
+def test_resolve_reads_config_json_once_into_the_resolved_model(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    r = models.resolve(str(tmp_path / "m"), str(tmp_path))
+    assert r.config["model_type"] == "llama" and r.architecture == "LlamaForCausalLM" and not r.vision
+    assert models.resolve("org/name", str(tmp_path)).config == {}
+    assert models.resolve("http://127.0.0.1:9", str(tmp_path)).config == {}
+    assert hash(r) == hash(models.resolve(str(tmp_path / "m"), str(tmp_path)))   # still a value
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="not a JSON object"):
+        models.resolve(str(tmp_path / "bad"), str(tmp_path))
+
+
+def test_turbomind_support_is_asked_once_per_resolved_model(tmp_path, monkeypatch):
+    from engines import lmdeploy
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    asked = []
+    monkeypatch.setattr(lmdeploy, "turbomind_supports",
+                        lambda path, trust_remote_code=False: asked.append(trust_remote_code) or (True, ""))
+    r = models.resolve(str(tmp_path / "m"), str(tmp_path))
+    for _ in range(3):
+        assert r.turbomind_support() == (True, "")
+    r.turbomind_support(True)
+    assert asked == [False, True]
+    assert models.resolve("org/name", str(tmp_path)).turbomind_support() == (True, "") and len(asked) == 2
+
+
+def test_precheck_reads_the_parsed_config(tmp_path):
+    from engines import registry
+    from engines.base import ModelLoadError as MLE
+    from engines.configs import RemoteConfig, TransformersConfig
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}')
+    r = models.resolve(str(tmp_path / "m"), str(tmp_path))
+    with pytest.raises(MLE, match="NoSuchForCausalLM.*not known"):
+        registry.precheck(r, TransformersConfig())
+    with pytest.raises(ValueError, match="server URL"):
+        registry.precheck(r, RemoteConfig())
+    (tmp_path / "m" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama", '
+                                                '"hidden_size": 64, "num_attention_heads": 4}')
+    registry.precheck(models.resolve(str(tmp_path / "m"), str(tmp_path)), TransformersConfig())
+
+
+def test_hub_reachable_takes_the_settings_values():
+    import socket
+
+    assert models.hub_reachable(True, "http://127.0.0.1:1") is False        # offline: not even asked
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        assert models.hub_reachable(False, f"http://127.0.0.1:{port}") is True
+        assert models.hub_reachable(True, f"http://127.0.0.1:{port}") is False
+    assert models.hub_reachable(False, "not a url") is False
+
+
+def test_engines_read_no_environment_variables():
+    """Settings are the only place that reads the environment (servers.py hands it to a child)."""
+    import re
+
+    folder = os.path.join(ROOT, "engines")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py") or name == "servers.py":
+            continue
+        with open(os.path.join(folder, name)) as f:
+            text = f.read()
+        assert not re.search(r"os\.environ|os\.getenv|getenv\(", text), f"engines/{name} reads the environment"

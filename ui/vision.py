@@ -55,7 +55,7 @@ class VisionSlot:
         model = model or s.vision_model
         try:
             if not model:
-                if not models.hub_reachable():
+                if not models.hub_reachable(s.hub_offline, s.hub_endpoint):
                     self.status = ("offline: no model hub is reachable, so the default "
                                    f"`{models.DEFAULT_VISION_HUB_ID}` cannot be downloaded. Start the app "
                                    "with `--vision-model /path/to/llava-folder` (a llava-hf style folder), "

@@ -12,7 +12,7 @@ import weakref
 
 import pytest
 
-from engines.base import ChatMessage, ContextTooLong, GenParams
+from engines.base import Capabilities, ChatMessage, ChatRequest, ContextTooLong, GenParams, SchedulerView
 
 pytestmark = pytest.mark.slow          # every test loads a model and generates
 gpu = pytest.mark.gpu
@@ -26,15 +26,29 @@ BACKENDS = [
 PROMPT = [ChatMessage("user", "Write a long poem about the sea and the stars, with many verses.")]
 
 
+def req(messages, params: GenParams) -> ChatRequest:
+    """A request as an entry point builds it (a fresh request id each)."""
+    return ChatRequest(tuple(messages), params, source="test")
+
+
+def create(resolved, backend: str, **opts):
+    """The backend for ``opts`` as the manager builds it: a typed config, the pre-check, create."""
+    from engines import configs, registry
+
+    config = configs.config_for(backend, opts)[0]
+    registry.precheck(resolved, config)
+    return registry.create(resolved, config)
+
+
+def _opts(backend, device):
+    return {"device": device} if backend == "transformers" else {"cache_max_entry_count": 0.2, "session_len": 4096}
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def engine(request):
     backend, model, device = request.param
-    from engines import registry
-
     resolved = request.getfixturevalue("smollm2" if model == "smollm2" else "tiny_llama")
-    opts = {"device": device} if backend == "transformers" else {"cache_max_entry_count": 0.2,
-                                                                  "session_len": 4096}
-    eng = registry.create(resolved, backend, **opts)
+    eng = create(resolved, backend, **_opts(backend, device))
     yield eng
     eng.close()
 
@@ -70,10 +84,35 @@ def test_info_describes_what_runs(engine):
     assert info.context_length >= 1024
     assert info.vision is False
     assert info.device.startswith(("cpu", "cuda"))
+    caps = info.capabilities
+    assert isinstance(caps, Capabilities) and caps.vision is False and caps.seed
+    # Transformers applies presence/frequency penalties itself; LMDeploy 0.18 has none to pass them to
+    assert caps.penalties is (info.backend == "transformers")
+    assert info.defaults is None or isinstance(info.defaults, GenParams)
+
+
+def test_health_scheduler_and_live_requests(engine):
+    assert engine.health() is None
+    view = engine.scheduler()
+    assert view is None or isinstance(view, SchedulerView)
+    collect(engine.stream(req(PROMPT, GenParams(temperature=0, max_new_tokens=3))))
+    deadline = time.time() + 2
+    while engine.live_requests() and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.live_requests() == 0, "a finished request is still held by the engine"
+
+
+def test_message_tokens_are_each_messages_own_text(engine):
+    msgs = [ChatMessage("system", "You are brief."), ChatMessage("user", "Name three colours, please."),
+            ChatMessage("assistant", "Red, green and blue.")]
+    counts = engine.message_tokens(msgs)
+    assert len(counts) == 3 and all(c > 0 for c in counts)
+    assert sum(counts) < engine.count_tokens(msgs), "the template's own tokens are not in a message's count"
+    assert engine.message_tokens(msgs[1:2]) == counts[1:2]
 
 
 def test_streamed_text_equals_non_streamed_greedy(engine):
-    text, deltas = collect(engine.stream(PROMPT, GenParams(temperature=0, max_new_tokens=24), session_id="s"))
+    text, deltas = collect(engine.stream(req(PROMPT, GenParams(temperature=0, max_new_tokens=24))))
     assert len(deltas) > 1, "a reply must arrive in several deltas"
     assert deltas[-1].finish_reason in ("stop", "length")
     assert all(d.finish_reason is None for d in deltas[:-1])
@@ -82,7 +121,7 @@ def test_streamed_text_equals_non_streamed_greedy(engine):
 
 def test_max_new_tokens_is_exact(engine):
     for n in (1, 17):
-        _, deltas = collect(engine.stream(PROMPT, GenParams(temperature=0, max_new_tokens=n), session_id="m"))
+        _, deltas = collect(engine.stream(req(PROMPT, GenParams(temperature=0, max_new_tokens=n))))
         assert deltas[-1].tokens == n
         assert deltas[-1].finish_reason == "length"
         counts = [d.tokens for d in deltas]
@@ -91,37 +130,40 @@ def test_max_new_tokens_is_exact(engine):
 
 def test_seed_reproduces_and_differs(engine):
     p = GenParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=32, seed=1234)
-    a, _ = collect(engine.stream(PROMPT, p, session_id="x"))
-    b, _ = collect(engine.stream(PROMPT, p, session_id="y"))
-    c, _ = collect(engine.stream(PROMPT, p.replace(seed=4321), session_id="z"))
+    a, _ = collect(engine.stream(req(PROMPT, p)))
+    b, _ = collect(engine.stream(req(PROMPT, p)))
+    c, _ = collect(engine.stream(req(PROMPT, p.replace(seed=4321))))
     assert a == b
     assert a != c
 
 
 def test_abort_stops_a_stream(engine):
-    it = engine.stream(PROMPT, GenParams(temperature=1.0, max_new_tokens=4000, seed=1), session_id="ab")
+    r = req(PROMPT, GenParams(temperature=1.0, max_new_tokens=4000, seed=1))
+    it = engine.stream(r)
     got = 0
     t0 = time.perf_counter()
-    last = None
+    last, aborted_at = None, None
     for d in it:
         got += 1
         if got == 3:
-            engine.abort("ab")
+            aborted_at = time.perf_counter()
+            engine.abort(r.request_id)
         last = d
     assert last.finish_reason == "abort"
     assert last.tokens < 4000
+    assert time.perf_counter() - aborted_at < 1.0, "the stream did not end within 1 s of its abort"
     assert time.perf_counter() - t0 < 60
     # the engine keeps serving
-    text, deltas = collect(engine.stream(PROMPT, GenParams(temperature=0, max_new_tokens=4), session_id="ab"))
+    text, deltas = collect(engine.stream(req(PROMPT, GenParams(temperature=0, max_new_tokens=4))))
     assert deltas[-1].tokens == 4
 
 
 def test_closing_the_iterator_aborts(engine):
-    it = engine.stream(PROMPT, GenParams(temperature=1.0, max_new_tokens=4000, seed=2), session_id="cl")
+    it = engine.stream(req(PROMPT, GenParams(temperature=1.0, max_new_tokens=4000, seed=2)))
     next(it)
     it.close()
     t0 = time.perf_counter()
-    _, deltas = collect(engine.stream(PROMPT, GenParams(temperature=0, max_new_tokens=3), session_id="c2"))
+    _, deltas = collect(engine.stream(req(PROMPT, GenParams(temperature=0, max_new_tokens=3))))
     assert deltas[-1].tokens == 3
     assert time.perf_counter() - t0 < 30
 
@@ -130,12 +172,12 @@ def test_concurrent_streams_interleave_and_get_their_own_answers(engine):
     prompts = {"a": [ChatMessage("user", "Name three colours.")],
                "b": [ChatMessage("user", "Write a long story about a dragon who learns to cook.")]}
     p = GenParams(temperature=0, max_new_tokens=20)
-    solo = {k: collect(engine.stream(v, p, session_id="solo" + k))[0] for k, v in prompts.items()}
+    solo = {k: collect(engine.stream(req(v, p)))[0] for k, v in prompts.items()}
     results, first_at, done_at = {}, {}, {}
 
     def run(k):
         text = ""
-        for d in engine.stream(prompts[k], p, session_id=k):
+        for d in engine.stream(req(prompts[k], p)):
             if d.text and k not in first_at:
                 first_at[k] = time.perf_counter()
             text += d.text
@@ -152,20 +194,18 @@ def test_concurrent_streams_interleave_and_get_their_own_answers(engine):
 def test_context_overflow_is_a_clear_error(engine):
     huge = [ChatMessage("user", "word " * (engine.info.context_length + 10))]
     with pytest.raises(ContextTooLong):
-        collect(engine.stream(huge, GenParams(max_new_tokens=4), session_id="big"))
+        collect(engine.stream(req(huge, GenParams(max_new_tokens=4))))
 
 
 def test_close_frees_memory(engine, request):
     """A second instance of the same model is closed and its memory must come back."""
-    from engines import registry, telemetry
+    from engines import telemetry
 
     backend, model, device = request.node.callspec.params["engine"]
     resolved = request.getfixturevalue("smollm2" if model == "smollm2" else "tiny_llama")
-    opts = {"device": device} if backend == "transformers" else {"cache_max_entry_count": 0.2,
-                                                                  "session_len": 4096}
     before = telemetry.snapshot()["gpu_used"]
-    eng = registry.create(resolved, backend, **opts)
-    collect(eng.stream(PROMPT, GenParams(max_new_tokens=4), session_id="f"))
+    eng = create(resolved, backend, **_opts(backend, device))
+    collect(eng.stream(req(PROMPT, GenParams(max_new_tokens=4))))
     loaded = telemetry.snapshot()["gpu_used"]
     ref = weakref.ref(eng.model) if backend == "transformers" else None
     eng.close()
@@ -184,9 +224,7 @@ def test_out_of_memory_in_a_step_fails_that_batch_and_the_engine_recovers(tiny_l
     exception type once, mid-reply, and the engine must report it and keep serving."""
     import torch
 
-    from engines import registry
-
-    eng = registry.create(tiny_llama, "transformers", device="cpu")
+    eng = create(tiny_llama, "transformers", device="cpu")
     try:
         real = eng.model.forward
         calls = {"n": 0}
@@ -198,9 +236,9 @@ def test_out_of_memory_in_a_step_fails_that_batch_and_the_engine_recovers(tiny_l
             return real(*a, **k)
 
         eng.model.forward = flaky
-        deltas = list(eng.stream(PROMPT, GenParams(temperature=0, max_new_tokens=20), session_id="oom"))
+        deltas = list(eng.stream(req(PROMPT, GenParams(temperature=0, max_new_tokens=20))))
         assert deltas[-1].finish_reason == "error" and "Out of memory" in deltas[-1].error
-        ok = list(eng.stream(PROMPT, GenParams(temperature=0, max_new_tokens=5), session_id="after"))
+        ok = list(eng.stream(req(PROMPT, GenParams(temperature=0, max_new_tokens=5))))
         assert ok[-1].finish_reason == "length" and ok[-1].tokens == 5
     finally:
         eng.close()
@@ -215,9 +253,7 @@ def test_after_an_out_of_memory_the_failed_steps_tensors_are_gone_when_memory_is
 
     import torch
 
-    from engines import registry
-
-    eng = registry.create(tiny_llama, "transformers", device="cpu")
+    eng = create(tiny_llama, "transformers", device="cpu")
     try:
         real = eng.model.forward
         held, at_release = [], []
@@ -232,10 +268,10 @@ def test_after_an_out_of_memory_the_failed_steps_tensors_are_gone_when_memory_is
 
         eng.model.forward = greedy_forward
         eng._empty_cache = release
-        deltas = list(eng.stream(PROMPT, GenParams(temperature=0, max_new_tokens=8), session_id="oom"))
+        deltas = list(eng.stream(req(PROMPT, GenParams(temperature=0, max_new_tokens=8))))
         assert deltas[-1].finish_reason == "error" and "Out of memory" in deltas[-1].error
         eng.model.forward = real
-        ok = list(eng.stream(PROMPT, GenParams(temperature=0, max_new_tokens=4), session_id="after"))
+        ok = list(eng.stream(req(PROMPT, GenParams(temperature=0, max_new_tokens=4))))
         assert ok[-1].tokens == 4
         assert at_release, "the memory was never given back"
         exc_type, freed = at_release[0]
@@ -250,11 +286,10 @@ LONG = [ChatMessage("user", "Tell me about the sea. " * 60)]
 
 def _oom_pair(tiny_llama, max_new: int):
     """A CPU engine, greedy params, and the short request's answer alone (the reference)."""
-    from engines import registry
 
-    eng = registry.create(tiny_llama, "transformers", device="cpu")
+    eng = create(tiny_llama, "transformers", device="cpu")
     p = GenParams(temperature=0, max_new_tokens=max_new)
-    return eng, p, "".join(d.text for d in eng.stream(SHORT, p, session_id="alone"))
+    return eng, p, "".join(d.text for d in eng.stream(req(SHORT, p)))
 
 
 def _only_the_long_one_failed(outs, alone):
@@ -288,7 +323,7 @@ def test_out_of_memory_in_a_batch_ends_only_the_longest_request(tiny_llama):
         outs = {}
 
         def run(name, msgs):
-            outs[name] = list(eng.stream(msgs, p, session_id=name))
+            outs[name] = list(eng.stream(req(msgs, p)))
 
         threads = [threading.Thread(target=run, args=a) for a in (("long", LONG), ("short", SHORT))]
         [t.start() for t in threads]
@@ -324,7 +359,7 @@ def test_out_of_memory_when_a_long_request_joins_the_batch_ends_only_that_reques
         first = threading.Event()
 
         def run_short():
-            for d in eng.stream(SHORT, p, session_id="short"):
+            for d in eng.stream(req(SHORT, p)):
                 outs["short"].append(d)
                 first.set()
                 time.sleep(0.02)        # slow reader: still decoding when the long one arrives
@@ -332,7 +367,7 @@ def test_out_of_memory_when_a_long_request_joins_the_batch_ends_only_that_reques
         t = threading.Thread(target=run_short)
         t.start()
         assert first.wait(60)
-        outs["long"] = list(eng.stream(LONG, p, session_id="long"))
+        outs["long"] = list(eng.stream(req(LONG, p)))
         t.join(120)
         assert seen["n"] == 1, "the long request never joined the batch"
         _only_the_long_one_failed(outs, alone)
@@ -346,19 +381,22 @@ def test_a_dead_scheduler_is_reported_and_a_reload_serves_again(tiny_llama, tmp_
 
     mgr = EngineManager(str(tmp_path))
     mgr.load(tiny_llama.path, "transformers", device="cpu")
-    eng = mgr.engine
+    eng = mgr.require()
 
     def die(req):
         raise SystemExit("scheduler killed")   # not an Exception: ends the thread
 
     eng._prefill = die
-    deltas = list(mgr.stream(PROMPT, GenParams(max_new_tokens=4), session_id="x"))
-    assert deltas[-1].finish_reason == "error" and "engine stopped" in deltas[-1].error
+    text, last = mgr.submit(req(PROMPT, GenParams(max_new_tokens=4))).text()
+    assert last.finish_reason == "error" and "engine stopped" in last.error
     eng._thread.join(5)
-    assert eng.dead and "scheduler killed" in eng.dead
+    assert eng.health() and "scheduler killed" in eng.health()
+    assert mgr.health() == eng.health()
+    assert eng.live_requests() == 0 and mgr.places_taken == 0
     with pytest.raises(EngineError, match="Reload the model"):
-        mgr.stream(PROMPT, GenParams(max_new_tokens=4), session_id="y")
+        mgr.submit(req(PROMPT, GenParams(max_new_tokens=4)))
+    assert mgr.places_taken == 0
     mgr.load(tiny_llama.path, "transformers", device="cpu")
-    deltas = list(mgr.stream(PROMPT, GenParams(temperature=0, max_new_tokens=4), session_id="z"))
-    assert deltas[-1].tokens == 4
+    text, last = mgr.submit(req(PROMPT, GenParams(temperature=0, max_new_tokens=4))).text()
+    assert last.tokens == 4 and mgr.health() is None
     mgr.unload()

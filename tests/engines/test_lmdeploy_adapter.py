@@ -1,17 +1,402 @@
-"""The LMDeploy adapter's own logic that runs without LMDeploy (the GPU tests run the rest):
-dead-engine detection, the LLaVA image-token shim, and how a stream ends (sessions closed
-after the request lets go of its engine instance; aborted ones at once)."""
+"""The LMDeploy adapter's own logic, run without LMDeploy against a fake of the parts of LMDeploy
+0.18 it uses (the GPU tests run the real one): a pipeline with its event-loop thread, an
+``AsyncEngine`` with ``preprocess``/``generate``, sessions that take one of ``max_batch_size``
+request handles for the request's life (``Session.request_handle``), an engine cancel
+(``async_cancel``) that ends the sequence with finish reason "abort".
+
+Checked: abort by request id in every state (before LMDeploy has the request, waiting for a handle,
+decoding) ends the stream within a second and leaves no session or handle behind; a finished stream
+ends at its last output; dead-engine detection; the LLaVA image-token shim; the model read once per
+load (config.json once, TurboMind's support check once)."""
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 import types
+import weakref
+from contextlib import asynccontextmanager
 
+import pytest
+
+from engines.base import ChatMessage, ChatRequest, GenParams
 from engines.lmdeploy import LMDeployEngine, _use_own_image_token
 
 
+# ---------------------------------------------------------------- a fake LMDeploy 0.18
+class FakeHandle:
+    """An engine instance: ``async_cancel`` ends that session's sequence at its next step."""
+
+    def __init__(self):
+        self.cancelled: set[int] = set()
+
+    async def async_cancel(self, session_id):
+        self.cancelled.add(session_id)
+
+
+class FakeSession:
+    """LMDeploy 0.18's Session as far as the adapter and ``generate`` use it."""
+
+    def __init__(self, session_id, mgr):
+        self.session_id = session_id
+        self._session_mgr = weakref.ref(mgr)
+        self._handle = None
+        self._active = None
+        self._remove_on_request_exit = False
+
+    @asynccontextmanager
+    async def request_handle(self):
+        mgr = self._session_mgr()
+        self._handle = await mgr.pool().get()
+        self._active = asyncio.Event()
+        try:
+            yield self._handle
+        except (asyncio.CancelledError, GeneratorExit):
+            await self._handle.async_cancel(self.session_id)
+        finally:
+            mgr.pool().put_nowait(self._handle)
+            self._handle = None
+            self._active.set()
+            if self._remove_on_request_exit:
+                mgr.remove(self)
+
+    async def async_abort(self):
+        if self._handle is not None:
+            await self._handle.async_cancel(self.session_id)
+
+    async def async_close(self):
+        if self._handle is not None:
+            await self.async_abort()
+            await self._active.wait()
+        mgr = self._session_mgr() if self._session_mgr is not None else None
+        if mgr is not None:
+            mgr.remove(self)
+        self._session_mgr = None
+
+
+class FakeSessionManager:
+    def __init__(self, handles: int):
+        self.sessions: dict[int, FakeSession] = {}
+        self.handles = [FakeHandle() for _ in range(handles)]
+        self._pool = None
+        self._ids = iter(range(10**9))
+
+    def pool(self) -> asyncio.Queue:
+        if self._pool is None:
+            self._pool = asyncio.Queue()
+            for h in self.handles:
+                self._pool.put_nowait(h)
+        return self._pool
+
+    def get(self) -> FakeSession:
+        s = FakeSession(next(self._ids), self)
+        self.sessions[s.session_id] = s
+        return s
+
+    def remove(self, session):
+        self.sessions.pop(session.session_id, None)
+
+
+class FakeAsyncEngine:
+    def __init__(self, mgr: FakeSessionManager, step: float):
+        self.session_mgr = mgr
+        self.step = step
+        self.preprocessed = 0
+        self.hold_end: threading.Event | None = None    # LMDeploy lets go of a finished request later
+        self.tokenizer = types.SimpleNamespace(encode=lambda s, add_bos=True: [0] * (len(s.split()) + add_bos))
+        self.chat_template = types.SimpleNamespace(
+            messages2prompt=lambda msgs: " ".join(m["content"] for m in msgs))
+
+    async def preprocess(self, messages, session_id, gen_config):
+        self.preprocessed += 1
+        await asyncio.sleep(0)
+        return types.SimpleNamespace(session=session_id, n=gen_config["max_new_tokens"])
+
+    async def generate(self, request, stream_response=True):
+        session = request.session
+        session._remove_on_request_exit = True
+        async with session.request_handle() as handle:
+            for i in range(request.n):
+                if session.session_id in handle.cancelled:
+                    yield types.SimpleNamespace(response="", generate_token_len=i, finish_reason="abort")
+                    return
+                await asyncio.sleep(self.step)
+                yield types.SimpleNamespace(response=f"t{i} ", generate_token_len=i + 1, finish_reason=None)
+            yield types.SimpleNamespace(response="", generate_token_len=request.n, finish_reason="length")
+            if self.hold_end is not None:
+                while not self.hold_end.is_set():
+                    await asyncio.sleep(0.01)
+
+
+class FakePipe:
+    def __init__(self, handles: int = 2, step: float = 0.01):
+        self.loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        thread.start()
+        self.internal_thread = types.SimpleNamespace(loop=self.loop, thread=thread)
+        self.session_mgr = FakeSessionManager(handles)
+        self.async_engine = FakeAsyncEngine(self.session_mgr, step)
+        self.backend_config = types.SimpleNamespace(session_len=4096, max_batch_size=handles, dtype="bfloat16",
+                                                    cache_block_seq_len=64)
+
+    def session(self):
+        return self.session_mgr.get()
+
+    def block_loop(self) -> threading.Event:
+        """Hold LMDeploy's loop (what a busy loop does): nothing submitted to it starts until set."""
+        go = threading.Event()
+        self.loop.call_soon_threadsafe(go.wait, 10)
+        return go
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture
+def fake_lmdeploy(monkeypatch):
+    """LMDeployEngine's LMDeploy-facing steps replaced by the fake; returns the pipes it built."""
+    from engines import lmdeploy
+
+    pipes = []
+
+    def pipeline(resolved, config):
+        pipes.append(FakePipe(handles=config.max_batch or 2))
+        return pipes[-1]
+
+    monkeypatch.setattr(LMDeployEngine, "_check_gpu", staticmethod(lambda config: None))
+    monkeypatch.setattr(LMDeployEngine, "_check_weights_fit", staticmethod(lambda *a: None))
+    monkeypatch.setattr(LMDeployEngine, "_check_kv_room", staticmethod(lambda *a: None))
+    monkeypatch.setattr(LMDeployEngine, "_pipeline", staticmethod(pipeline))
+    monkeypatch.setattr(LMDeployEngine, "_gen_config", staticmethod(lambda p: {"max_new_tokens": p.max_new_tokens}))
+    monkeypatch.setattr(lmdeploy, "lmdeploy_available", lambda: (True, ""))
+    monkeypatch.setattr(lmdeploy, "turbomind_supports", lambda path, trust_remote_code=False: (True, ""))
+    yield pipes
+    for p in pipes:
+        p.close()
+
+
+@pytest.fixture
+def engine(fake_lmdeploy, tiny_llama):
+    from engines import models
+    from engines.configs import LMDeployConfig
+
+    # a resolved model of its own: TurboMind's support answer is kept per resolved model
+    resolved = models.resolve(tiny_llama.path, "/tmp")
+    eng = LMDeployEngine(resolved, LMDeployConfig(backend="turbomind", max_batch=1))
+    yield eng
+    eng.close()
+
+
+def ask(n=200) -> ChatRequest:
+    return ChatRequest((ChatMessage("user", "hello there"),), GenParams(max_new_tokens=n))
+
+
+class Reader:
+    def __init__(self, it):
+        self.deltas, self.first, self.ended = [], threading.Event(), threading.Event()
+        threading.Thread(target=self._run, args=(it,), daemon=True).start()
+
+    def _run(self, it):
+        for d in it:
+            self.deltas.append(d)
+            self.first.set()
+        self.ended.set()
+
+    @property
+    def last(self):
+        return self.deltas[-1] if self.deltas else None
+
+
+def _wait(cond, timeout=2.0):
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+def _nothing_left(eng, pipe):
+    """No request of ours, no LMDeploy session, every handle back in the pool."""
+    def check():
+        pool = pipe.session_mgr._pool
+        return (eng.live_requests() == 0 and eng.lmdeploy_sessions() == 0
+                and (pool is None or pool.qsize() == len(pipe.session_mgr.handles)))
+    return _wait(check)
+
+
+# ---------------------------------------------------------------- the contract's states
+def test_info_and_capabilities(engine):
+    info = engine.info
+    assert info.backend == "turbomind" and info.max_batch == 1 and info.context_length == 4096
+    assert info.capabilities.penalties is False, "LMDeploy 0.18's GenerationConfig has no presence/frequency penalty"
+    assert info.capabilities.seed and not info.capabilities.vision
+
+
+def test_a_finished_stream_ends_at_its_last_output_and_lmdeploy_lets_go_after(engine, fake_lmdeploy):
+    pipe = fake_lmdeploy[0]
+    pipe.async_engine.hold_end = threading.Event()
+    t0 = time.perf_counter()
+    deltas = list(engine.stream(ask(3)))
+    assert time.perf_counter() - t0 < 1, "the stream waited for LMDeploy to let go of the request"
+    assert [d.text for d in deltas] == ["t0 ", "t1 ", "t2 ", ""] and deltas[-1].finish_reason == "length"
+    assert deltas[-1].tokens == 3
+    assert engine.live_requests() == 1, "LMDeploy still holds the request"
+    pipe.async_engine.hold_end.set()
+    assert _nothing_left(engine, pipe)
+
+
+def test_wait_end_ends_the_stream_when_lmdeploy_has_let_go(fake_lmdeploy, tiny_llama):
+    from engines import models
+    from engines.configs import LMDeployConfig
+
+    eng = LMDeployEngine(models.resolve(tiny_llama.path, "/tmp"), LMDeployConfig(wait_end=True))
+    try:
+        pipe = fake_lmdeploy[0]
+        pipe.async_engine.hold_end = threading.Event()
+        r = Reader(eng.stream(ask(3)))
+        assert _wait(lambda: r.deltas and r.deltas[-1].finish_reason == "length")
+        time.sleep(0.1)
+        assert not r.ended.is_set()
+        pipe.async_engine.hold_end.set()
+        assert r.ended.wait(2) and eng.live_requests() == 0
+    finally:
+        eng.close()
+
+
+def test_abort_during_stream_before_lmdeploy_has_it(engine, fake_lmdeploy, monkeypatch):
+    """The id is marked while ``stream`` still prepares the request: it is never submitted."""
+    pipe = fake_lmdeploy[0]
+    req = ask()
+    real = LMDeployEngine._gen_config
+
+    def abort_meanwhile(p):
+        engine.abort(req.request_id)
+        return real(p)
+
+    monkeypatch.setattr(LMDeployEngine, "_gen_config", staticmethod(abort_meanwhile))
+    deltas = list(engine.stream(req))
+    assert deltas[-1].finish_reason == "abort" and deltas[-1].tokens == 0
+    assert pipe.async_engine.preprocessed == 0
+    assert _nothing_left(engine, pipe)
+
+
+def test_abort_after_submission_before_the_request_started(engine, fake_lmdeploy):
+    """Submitted to LMDeploy's loop, which has not run it yet: the coroutine checks the mark when
+    it starts and LMDeploy never sees the request."""
+    pipe = fake_lmdeploy[0]
+    go = pipe.block_loop()
+    req = ask()
+    r = Reader(engine.stream(req))
+    t0 = time.perf_counter()
+    engine.abort(req.request_id)
+    assert r.ended.wait(1.0) and r.last.finish_reason == "abort"
+    assert time.perf_counter() - t0 < 1.0
+    go.set()
+    assert _nothing_left(engine, pipe)
+    assert pipe.async_engine.preprocessed == 0
+
+
+def test_abort_while_waiting_for_a_place_in_lmdeploy(engine, fake_lmdeploy):
+    """max_batch 1: the second request waits for LMDeploy's only request handle. Its abort ends its
+    stream at once and cancels the wait; the first request is not disturbed; nothing is left."""
+    pipe = fake_lmdeploy[0]
+    first, second = ask(60), ask()
+    a = Reader(engine.stream(first))
+    assert a.first.wait(5)
+    b = Reader(engine.stream(second))
+    assert _wait(lambda: pipe.async_engine.preprocessed == 2)
+    time.sleep(0.05)
+    assert not b.deltas, "the second request should be waiting for a handle"
+    t0 = time.perf_counter()
+    engine.abort(second.request_id)
+    assert b.ended.wait(1.0) and b.last.finish_reason == "abort" and b.last.tokens == 0
+    assert time.perf_counter() - t0 < 1.0
+    assert a.ended.wait(10) and a.last.finish_reason == "length" and a.last.tokens == 60
+    assert not pipe.session_mgr.handles[0].cancelled, "the waiting request's abort reached the engine"
+    assert _nothing_left(engine, pipe)
+
+
+def test_abort_while_decoding_is_an_engine_cancel(engine, fake_lmdeploy):
+    pipe = fake_lmdeploy[0]
+    req = ask(1000)
+    r = Reader(engine.stream(req))
+    assert _wait(lambda: len(r.deltas) >= 3)
+    t0 = time.perf_counter()
+    engine.abort(req.request_id)
+    assert r.ended.wait(1.0) and r.last.finish_reason == "abort"
+    assert time.perf_counter() - t0 < 1.0 and r.last.tokens < 1000
+    assert pipe.session_mgr.handles[0].cancelled, "LMDeploy's own cancel was not used"
+    assert _nothing_left(engine, pipe)
+    # the engine serves the next request
+    assert list(engine.stream(ask(2)))[-1].finish_reason == "length"
+
+
+def test_a_consumer_that_leaves_early_aborts_and_lmdeploy_lets_go_before_it_returns(engine, fake_lmdeploy):
+    pipe = fake_lmdeploy[0]
+    it = engine.stream(ask(1000))
+    next(it)
+    it.close()
+    assert engine.live_requests() == 0 and engine.lmdeploy_sessions() == 0
+    assert _nothing_left(engine, pipe)
+
+
+def test_close_ends_every_open_stream(engine, fake_lmdeploy):
+    r = Reader(engine.stream(ask(1000)))
+    assert r.first.wait(5)
+    engine.close()
+    assert r.ended.wait(1.0) and r.last.finish_reason == "abort"
+
+
+def test_message_tokens_per_message_through_lmdeploys_tokenizer(engine):
+    msgs = [ChatMessage("system", "be brief"), ChatMessage("user", "one two three"), ChatMessage("assistant", "")]
+    assert engine.message_tokens(msgs) == [2, 3, 0]
+
+
+# ---------------------------------------------------------------- the model read once
+def test_an_auto_load_reads_config_json_once_and_asks_turbomind_once(fake_lmdeploy, tiny_llama, tmp_path,
+                                                                      monkeypatch):
+    """Before: ``turbomind_supports`` ran 3 times and config.json was read 3-4 times per auto load
+    (choice, pre-check, backend, weights figure). Now resolve reads it and every step reads
+    ``ResolvedModel.config``; TurboMind's answer is kept on the resolved model."""
+    from engines import lmdeploy, models, registry
+    from engines.manager import EngineManager
+
+    reads, asks = [], []
+    real_read = models.read_config
+    monkeypatch.setattr(models, "read_config", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(lmdeploy, "turbomind_supports",
+                        lambda path, trust_remote_code=False: asks.append(path) or (True, ""))
+    monkeypatch.setattr(registry, "_cuda", lambda: True)
+    mgr = EngineManager(str(tmp_path))
+    try:
+        info = mgr.load(tiny_llama.path, "auto")
+        assert info.backend == "turbomind" and "TurboMind supports" in info.reason
+        assert reads == [tiny_llama.path] and asks == [tiny_llama.path], (reads, asks)
+        text, last = mgr.submit(ask(3)).text()
+        assert text == "t0 t1 t2 " and last.finish_reason == "length"
+    finally:
+        mgr.close()
+
+
+def test_turbomind_refusal_falls_back_to_pytorch_with_one_check(fake_lmdeploy, tiny_llama, tmp_path, monkeypatch):
+    from engines import lmdeploy, registry
+    from engines.manager import EngineManager
+
+    asks = []
+    monkeypatch.setattr(lmdeploy, "turbomind_supports", lambda path, trust_remote_code=False:
+                        asks.append(path) or (False, "TurboMind does not support this architecture"))
+    monkeypatch.setattr(registry, "_cuda", lambda: True)
+    mgr = EngineManager(str(tmp_path))
+    try:
+        info = mgr.load(tiny_llama.path, "auto")
+        assert info.backend == "pytorch" and "PyTorch" in info.reason and len(asks) == 1
+    finally:
+        mgr.close()
+
+
+# ---------------------------------------------------------------- health and shims
 def _bare_engine():
     eng = object.__new__(LMDeployEngine)      # no pipeline: only the bookkeeping is exercised
-    eng._closed, eng._fatal, eng._wait_end = False, None, False
+    eng._closed, eng._fatal = False, None
     eng.pipe = types.SimpleNamespace(internal_thread=types.SimpleNamespace(thread=threading.current_thread()))
     return eng
 
@@ -19,9 +404,9 @@ def _bare_engine():
 def test_a_cuda_error_marks_the_engine_dead_and_an_ordinary_one_does_not():
     eng = _bare_engine()
     eng._note_error("prompt too long for this session")
-    assert eng.dead is None
+    assert eng.health() is None
     eng._note_error("RuntimeError: CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA")
-    assert "device-side assert" in eng.dead and "\n" not in eng.dead
+    assert "device-side assert" in eng.health() and "\n" not in eng.health()
 
 
 def test_a_stopped_event_loop_marks_the_engine_dead():
@@ -30,9 +415,9 @@ def test_a_stopped_event_loop_marks_the_engine_dead():
     t.start()
     t.join()
     eng.pipe.internal_thread.thread = t
-    assert "event loop" in eng.dead
+    assert "event loop" in eng.health()
     eng._closed = True
-    assert eng.dead is None, "an unloaded engine is not reported as dead"
+    assert eng.health() is None, "an unloaded engine is not reported as dead"
 
 
 def test_llava_placeholder_becomes_the_models_own_image_token():
@@ -51,94 +436,3 @@ def test_llava_placeholder_becomes_the_models_own_image_token():
     other = InternVLVisionModel()
     _use_own_image_token(other)
     assert other.image_token_id == 7
-
-
-class _FakeSession:
-    """LMDeploy 0.18's Session as far as the adapter uses it: an engine instance (``_handle``) held
-    while the request runs, ``_active`` set when it is let go, closes run on the manager's loop."""
-
-    def __init__(self, loop):
-        import asyncio
-
-        self._session_mgr = lambda: types.SimpleNamespace(loop=loop)
-        self._handle = object()
-        self._active = None
-        self.events = []
-        asyncio.run_coroutine_threadsafe(self._start(), loop).result()
-
-    async def _start(self):
-        import asyncio
-
-        self._active = asyncio.Event()
-
-    async def release(self):             # what request_handle's exit does at the request's end
-        self._handle = None
-        self._active.set()
-
-    async def async_close(self):
-        self.events.append(("close", self._handle is None))
-
-    def abort(self):
-        self.events.append(("abort", None))
-
-    def close(self):
-        self.events.append(("blocking close", self._handle is None))
-
-
-def _loop_thread():
-    import asyncio
-
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    return loop
-
-
-def _responses(n, release_after=None):
-    """LMDeploy's sync responses: n texts, the last with a finish reason; the end marker (the
-    iterator's end) comes only when ``release_after`` is set: until then the iterator blocks."""
-    for i in range(n):
-        yield types.SimpleNamespace(text=f"t{i} ", generate_token_len=i + 1,
-                                    finish_reason="length" if i == n - 1 else None, error_message=None)
-    if release_after is not None:
-        release_after.wait(30)
-
-
-def _engine_with_lock():
-    eng = _bare_engine()
-    eng._lock = threading.Lock()
-    eng._sessions = {}
-    return eng
-
-
-def test_a_finished_stream_ends_at_its_last_response_and_closes_after_the_engine_lets_go():
-    import asyncio
-    import time
-
-    loop = _loop_thread()
-    eng = _engine_with_lock()
-    session = _FakeSession(loop)
-    end_marker = threading.Event()
-    eng._sessions["u"] = [session]
-    t0 = time.perf_counter()
-    deltas = list(eng._relay(_responses(3, release_after=end_marker), session, "u"))
-    assert time.perf_counter() - t0 < 1, "the stream waited for LMDeploy's end marker"
-    assert [d.text for d in deltas] == ["t0 ", "t1 ", "t2 "] and deltas[-1].finish_reason == "length"
-    assert "u" not in eng._sessions
-    time.sleep(0.1)
-    assert session.events == [], "closed while the request still held its engine instance"
-    asyncio.run_coroutine_threadsafe(session.release(), loop).result()
-    time.sleep(0.1)
-    assert session.events == [("close", True)]
-    end_marker.set()
-    loop.call_soon_threadsafe(loop.stop)
-
-
-def test_a_stream_left_early_is_aborted_and_closed_before_the_caller_goes_on():
-    loop = _loop_thread()
-    eng = _engine_with_lock()
-    session = _FakeSession(loop)
-    it = eng._relay(_responses(5), session, "v")
-    next(it)
-    it.close()
-    assert session.events == [("abort", None), ("blocking close", False)]
-    loop.call_soon_threadsafe(loop.stop)

@@ -9,7 +9,9 @@ pytestmark = pytest.mark.slow          # a launched app serves every test here
 pytest.importorskip("gradio_client")
 
 from engines import models, registry  # noqa: E402
-from engines.base import ChatMessage, ContextTooLong, EngineError, EngineUnavailable, GenParams, ModelLoadError  # noqa: E402
+from engines.base import (ChatMessage, ChatRequest, ContextTooLong, EngineError, EngineUnavailable,  # noqa: E402
+                          GenParams, ModelLoadError)
+from engines.configs import RemoteConfig  # noqa: E402
 
 from tests.conftest import AppProcess, free_port  # noqa: E402
 
@@ -77,7 +79,15 @@ def test_wrong_key_is_401(api_server, openai):
 
 
 def _remote(api_server, **kw):
-    return registry.create(models.resolve(api_server.url, "/tmp"), "remote", api_key=KEY, **kw)
+    return _create(api_server.url, api_key=KEY, **kw)
+
+
+def _create(url, **kw):
+    return registry.create(models.resolve(url, "/tmp"), RemoteConfig(**kw))
+
+
+def ask(text, params):
+    return ChatRequest((ChatMessage("user", text),), params)
 
 
 def test_remote_engine_streams_the_same_answer(api_server, client):
@@ -85,8 +95,7 @@ def test_remote_engine_streams_the_same_answer(api_server, client):
     try:
         assert eng.info.backend == "remote" and eng.info.model == "SmolLM2-135M-Instruct"
         assert eng.info.context_length == 8192
-        deltas = list(eng.stream([ChatMessage("user", ASK[0]["content"])], GenParams(temperature=0, max_new_tokens=24),
-                                 session_id="r"))
+        deltas = list(eng.stream(ask(ASK[0]["content"], GenParams(temperature=0, max_new_tokens=24))))
         text = "".join(d.text for d in deltas)
         ref = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK, temperature=0, max_tokens=24)
         assert text == ref.choices[0].message.content
@@ -98,16 +107,18 @@ def test_remote_engine_streams_the_same_answer(api_server, client):
 def test_remote_abort_stops_and_the_server_keeps_serving(api_server, client):
     eng = _remote(api_server)
     try:
-        it = eng.stream([ChatMessage("user", "Write a very long story about the sea.")],
-                        GenParams(temperature=0.8, max_new_tokens=2000, seed=1), session_id="ab")
+        req = ask("Write a very long story about the sea.", GenParams(temperature=0.8, max_new_tokens=2000, seed=1))
+        it = eng.stream(req)
         t0 = time.perf_counter()
-        last, n = None, 0
+        last, n, aborted_at = None, 0, None
         for d in it:
             n += 1
             if n == 3:
-                eng.abort("ab")
+                aborted_at = time.perf_counter()
+                eng.abort(req.request_id)
             last = d
         assert last.finish_reason == "abort" and last.tokens < 2000
+        assert time.perf_counter() - aborted_at < 1.0
         assert time.perf_counter() - t0 < 60
         r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK, temperature=0, max_tokens=8)
         assert "Paris" in r.choices[0].message.content
@@ -117,17 +128,17 @@ def test_remote_abort_stops_and_the_server_keeps_serving(api_server, client):
 
 def test_remote_errors_are_clear(api_server):
     with pytest.raises(EngineError, match="refused the API key"):
-        registry.create(models.resolve(api_server.url, "/tmp"), "remote", api_key="wrong")
+        _create(api_server.url, api_key="wrong")
     with pytest.raises(ModelLoadError, match="does not serve 'nope'"):
         _remote(api_server, remote_model="nope")
     with pytest.raises(EngineUnavailable, match="Cannot reach"):
-        registry.create(models.resolve(f"http://127.0.0.1:{free_port()}", "/tmp"), "remote")
+        _create(f"http://127.0.0.1:{free_port()}")
     eng = _remote(api_server)
     try:
         with pytest.raises(ContextTooLong):
             # under the server's 16000-character limit, over its 8192-token context
             cjk = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(15000))
-            list(eng.stream([ChatMessage("user", cjk)], GenParams(max_new_tokens=4), session_id="c"))
+            list(eng.stream(ask(cjk, GenParams(max_new_tokens=4))))
     finally:
         eng.close()
 
@@ -160,9 +171,8 @@ def test_server_launcher_starts_waits_and_stops_a_real_server(cache_dir, tmp_pat
                                "--cache-dir", cache_dir], f"http://127.0.0.1:{port}", timeout=180)
     try:
         assert srv.state == "ready" and mgr.status()[0]["state"] == "ready"
-        eng = registry.create(models.resolve(srv.url, "/tmp"), "remote")
-        text = "".join(d.text for d in eng.stream([ChatMessage("user", ASK[0]["content"])],
-                                                   GenParams(temperature=0, max_new_tokens=12), session_id="l"))
+        eng = _create(srv.url)
+        text = "".join(d.text for d in eng.stream(ask(ASK[0]["content"], GenParams(temperature=0, max_new_tokens=12))))
         eng.close()
         assert "Paris" in text
     finally:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines.base import ChatMessage, GenParams
+from engines.base import ChatMessage, ChatRequest, GenParams
 
 from tests.conftest import ROOT
 
@@ -12,16 +12,23 @@ PROMPTS = [[ChatMessage("user", "Tell me about the history of the printing press
            [ChatMessage("user", "List ten animals that live in the ocean.")]]
 
 
+def create(resolved, backend: str, **opts):
+    """A backend as the manager builds it: its typed config, the pre-check, then the engine."""
+    from engines import configs, registry
+
+    config = configs.config_for(backend, opts)[0]
+    registry.precheck(resolved, config)
+    return registry.create(resolved, config)
+
+
 def test_turbomind_and_transformers_agree_on_32_greedy_tokens(tiny_llama):
     """Same weights, same prompt: the first 32 greedy tokens agree. Where they part, the two
     candidates must be a near tie in the reference's logits (bf16 kernels differ in rounding),
     as vLLM's check_logprobs_close allows."""
     import torch
 
-    from engines import registry
-
-    tm = registry.create(tiny_llama, "turbomind", cache_max_entry_count=0.2, session_len=4096)
-    hf = registry.create(tiny_llama, "transformers", device="cuda", dtype="bfloat16")
+    tm = create(tiny_llama, "turbomind", cache_max_entry_count=0.2, session_len=4096)
+    hf = create(tiny_llama, "transformers", device="cuda", dtype="bfloat16")
     try:
         from lmdeploy import GenerationConfig
 
@@ -115,7 +122,7 @@ def test_tiny_llava_on_lmdeploy_and_transformers_agree_on_16_greedy_tokens(tmp_p
 
     img = Image.new("RGB", (224, 224), (200, 40, 40))
     messages = [CM("user", "What colour is this image?", (img,))]
-    lm = registry.create(resolved, "pytorch", cache_max_entry_count=0.2, session_len=4096)
+    lm = create(resolved, "pytorch", cache_max_entry_count=0.2, session_len=4096)
     try:
         from lmdeploy import GenerationConfig
 
@@ -123,12 +130,12 @@ def test_tiny_llava_on_lmdeploy_and_transformers_agree_on_16_greedy_tokens(tmp_p
                                                                                 top_k=1))
         assert out.finish_reason in ("stop", "length"), out.error_message
         lm_ids = list(out.token_ids)[:16]
-        streamed = "".join(d.text for d in lm.stream(messages, GenParams(temperature=0, max_new_tokens=16),
-                                                     session_id="v"))
+        streamed = "".join(d.text for d in lm.stream(ChatRequest(tuple(messages),
+                                                                 GenParams(temperature=0, max_new_tokens=16))))
         assert streamed == out.text
     finally:
         lm.close()
-    hf = registry.create(resolved, "transformers", device="cuda", dtype="bfloat16")
+    hf = create(resolved, "transformers", device="cuda", dtype="bfloat16")
     try:
         enc = {k: v.cuda() for k, v in hf._encode(messages).items()}
         enc["pixel_values"] = enc["pixel_values"].to(torch.bfloat16)
@@ -155,7 +162,7 @@ def _nvidia_smi() -> list[tuple[int, int]]:
 def test_panel_memory_matches_nvidia_smi_and_follows_the_cache_setting(tiny_llama):
     """The Monitor panel's figures (telemetry.gpu_status, NVML) agree with nvidia-smi within 2%, and
     the tutorial's experiment holds: raising cache_max_entry_count takes that share of free memory."""
-    from engines import registry, telemetry
+    from engines import telemetry
 
     def check(label):
         gpus, _ = telemetry.gpu_status()
@@ -170,7 +177,7 @@ def test_panel_memory_matches_nvidia_smi_and_follows_the_cache_setting(tiny_llam
     used = {}
     for ratio in (0.1, 0.5):
         free = total - telemetry.gpu_status()[0][0]["used"]
-        eng = registry.create(tiny_llama, "turbomind", cache_max_entry_count=ratio, session_len=4096)
+        eng = create(tiny_llama, "turbomind", cache_max_entry_count=ratio, session_len=4096)
         try:
             used[ratio] = check(f"cache {ratio}")[0] - base
             print(f"cache_max_entry_count {ratio}: the load took {used[ratio] / 2**30:.2f} GiB "
@@ -185,20 +192,21 @@ _OOM_CHILD = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[2])
 from engines import models
-from engines.base import GenParams, ChatMessage
+from engines.base import GenParams, ChatMessage, ChatRequest
+from engines.configs import LMDeployConfig
 from engines.lmdeploy import LMDeployEngine
 resolved = models.resolve(sys.argv[1], "/tmp/tscache-oom")
 free = torch.cuda.mem_get_info()[0]
 hog = torch.empty(free - int(2.0 * 2**30), dtype=torch.uint8, device="cuda")
 try:
-    LMDeployEngine(resolved, backend="turbomind", cache_max_entry_count=0.5, session_len=2048)
+    LMDeployEngine(resolved, LMDeployConfig(backend="turbomind", cache_max_entry_count=0.5, session_len=2048))
     print("LOADED", flush=True)
 except Exception as e:
     print("REFUSED", type(e).__name__, str(e)[:300], flush=True)
 del hog
 torch.cuda.empty_cache()
-eng = LMDeployEngine(resolved, backend="turbomind", cache_max_entry_count=0.2, session_len=2048)
-text = "".join(d.text for d in eng.stream([ChatMessage("user", "Hi")], GenParams(temperature=0, max_new_tokens=8), session_id="x"))
+eng = LMDeployEngine(resolved, LMDeployConfig(backend="turbomind", cache_max_entry_count=0.2, session_len=2048))
+text = "".join(d.text for d in eng.stream(ChatRequest((ChatMessage("user", "Hi"),), GenParams(temperature=0, max_new_tokens=8))))
 print("SERVED", repr(text[:40]), flush=True)
 eng.close()
 """

@@ -12,11 +12,16 @@ import pytest
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 from engines import models, registry, servers  # noqa: E402
-from engines.base import ChatMessage, EngineError, GenParams  # noqa: E402
+from engines.base import ChatMessage, ChatRequest, EngineError, GenParams  # noqa: E402
+from engines.configs import RemoteConfig  # noqa: E402
 
 from tests.conftest import free_port  # noqa: E402
 
-ASK = [ChatMessage("user", "Tell me a story about a lighthouse keeper.")]
+ASK = (ChatMessage("user", "Tell me a story about a lighthouse keeper."),)
+
+
+def remote(url, **kw):
+    return registry.create(models.resolve(url, "/tmp"), RemoteConfig(**kw))
 
 
 @pytest.fixture
@@ -42,23 +47,24 @@ def _api_server(launcher, model, name, proxy=None, gpu=0):
 
 def test_api_server_on_turbomind_driven_by_the_remote_engine(launcher, tiny_llama):
     srv = _api_server(launcher, tiny_llama.path, "tm")
-    eng = registry.create(models.resolve(srv.url, "/tmp"), "remote")
+    eng = remote(srv.url)
     try:
         assert eng.info.backend == "remote"
         p = GenParams(temperature=0, max_new_tokens=48)
-        a = "".join(d.text for d in eng.stream(ASK, p, session_id="a"))
-        b = "".join(d.text for d in eng.stream(ASK, p, session_id="b"))
+        a = "".join(d.text for d in eng.stream(ChatRequest(ASK, p)))
+        b = "".join(d.text for d in eng.stream(ChatRequest(ASK, p)))
         # random weights make near-ties everywhere: TurboMind's kernels may break one differently
         assert a and b and a[:16] == b[:16], "greedy answers start alike"
         # abort mid-stream, then the server keeps serving
-        it = eng.stream(ASK, p.replace(max_new_tokens=2000, temperature=0.8), session_id="c")
+        req = ChatRequest(ASK, p.replace(max_new_tokens=2000, temperature=0.8))
+        it = eng.stream(req)
         next(it)
-        eng.abort("c")
+        eng.abort(req.request_id)
         rest = list(it)
-        assert sum(1 for _ in rest) < 1500
-        assert "".join(d.text for d in eng.stream(ASK, p, session_id="d"))[:16] == a[:16]
+        assert rest[-1].finish_reason == "abort" and sum(1 for _ in rest) < 1500
+        assert "".join(d.text for d in eng.stream(ChatRequest(ASK, p)))[:16] == a[:16]
         with pytest.raises(EngineError, match="does not serve"):
-            registry.create(models.resolve(srv.url, "/tmp"), "remote", remote_model="nope")
+            remote(srv.url, remote_model="nope")
         assert "api_server" in " ".join(srv.command) and srv.log_tail()
     finally:
         eng.close()
@@ -72,12 +78,12 @@ def test_two_api_servers_behind_the_proxy(launcher, tiny_llama):
     nodes = json.loads(urllib.request.urlopen(proxy.url + "/nodes/status", timeout=10).read())
     print("proxy nodes:", nodes)
     assert len(nodes) == 2
-    eng = registry.create(models.resolve(proxy.url, "/tmp"), "remote")
+    eng = remote(proxy.url)
     outs = {}
 
     def run(i):
-        outs[i] = "".join(d.text for d in eng.stream(ASK, GenParams(temperature=0.7, max_new_tokens=64, seed=i),
-                                                       session_id=f"u{i}"))
+        outs[i] = "".join(d.text for d in eng.stream(ChatRequest(ASK, GenParams(temperature=0.7, max_new_tokens=64,
+                                                                                seed=i))))
 
     try:
         threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]

@@ -12,7 +12,7 @@ pytest.importorskip("gradio_client")
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 
-from engines.base import ChatMessage, GenParams
+from engines.base import ChatMessage, ChatRequest, GenParams
 from engines.images import ImageError, prepare
 
 from tests.conftest import ROOT, AppProcess
@@ -29,16 +29,18 @@ def test_tiny_llava_streams_and_batches_like_it_answers_alone(tiny_llava, tmp_pa
     import threading
 
     from engines import models, registry
+    from engines.configs import TransformersConfig
 
-    eng = registry.create(models.resolve(tiny_llava, str(tmp_path)), "transformers")
+    eng = registry.create(models.resolve(tiny_llava, str(tmp_path)), TransformersConfig())
     try:
         assert eng.info.vision and eng.info.extra["batching"] == "continuous"
+        assert eng.info.capabilities.vision and eng.info.capabilities.penalties
         p = GenParams(temperature=0, max_new_tokens=12)
         q1 = [ChatMessage("user", "What is this?", (SHAPES,))]
         q2 = [ChatMessage("user", "Compare them.", (SHAPES, CHART))]
         solo = {}
         for k, q in (("a", q1), ("b", q2)):
-            solo[k] = "".join(d.text for d in eng.stream(q, p, session_id=k))
+            solo[k] = "".join(d.text for d in eng.stream(ChatRequest(tuple(q), p)))
         ref_ids = eng._encode(q1)
         import torch
         with torch.inference_mode():
@@ -47,7 +49,7 @@ def test_tiny_llava_streams_and_batches_like_it_answers_alone(tiny_llava, tmp_pa
         assert solo["a"] == eng.tokenizer.decode(ref[0, ref_ids["input_ids"].shape[1]:], skip_special_tokens=True)
         both = {}
         ts = [threading.Thread(target=lambda k=k, q=q: both.__setitem__(
-            k, "".join(d.text for d in eng.stream(q, p, session_id=k + "2")))) for k, q in (("a", q1), ("b", q2))]
+            k, "".join(d.text for d in eng.stream(ChatRequest(tuple(q), p))))) for k, q in (("a", q1), ("b", q2))]
         [t.start() for t in ts]
         [t.join(120) for t in ts]
         assert both == solo
@@ -232,20 +234,21 @@ def test_other_llava_families_stream_their_greedy_answer(kind, tmp_path_factory)
 
     from bench.models import build_tiny_vlm
     from engines import models, registry
+    from engines.configs import TransformersConfig
 
     path = build_tiny_vlm(str(tmp_path_factory.mktemp("vlm") / kind), kind)
-    eng = registry.create(models.resolve(path, str(tmp_path_factory.mktemp("c"))), "transformers")
+    eng = registry.create(models.resolve(path, str(tmp_path_factory.mktemp("c"))), TransformersConfig())
     try:
         assert eng.info.vision
         q = [ChatMessage("user", "What is this?", (SHAPES,))]
-        text = "".join(d.text for d in eng.stream(q, GenParams(temperature=0, max_new_tokens=10), session_id="a"))
+        text = "".join(d.text for d in eng.stream(ChatRequest(tuple(q), GenParams(temperature=0, max_new_tokens=10))))
         enc = eng._encode(q)
         with torch.inference_mode():
             ref = eng.model.generate(**enc, max_new_tokens=10, do_sample=False, top_k=None, top_p=None,
                                      temperature=None)
         assert text == eng.tokenizer.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         q2 = q + [ChatMessage("assistant", text), ChatMessage("user", "And this one?", (CHART,))]
-        last = list(eng.stream(q2, GenParams(temperature=0, max_new_tokens=6), session_id="b"))[-1]
+        last = list(eng.stream(ChatRequest(tuple(q2), GenParams(temperature=0, max_new_tokens=6))))[-1]
         assert last.finish_reason in ("length", "stop") and last.tokens >= 1
         assert eng.count_tokens(q2) > eng.count_tokens(q)
     finally:
