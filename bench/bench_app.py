@@ -27,14 +27,12 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.bench_engines import one_stream, prompt_of  # noqa: E402
+from bench.bench_engines import build_engine, one_stream, prompt_of  # noqa: E402
 from engines.base import GenParams  # noqa: E402
 
 
 def engine_runs(resolved, engine, opts, messages, params, users):
-    from engines import registry
-
-    eng = registry.create(resolved, engine, **opts)
+    eng = build_engine(resolved, engine, opts)
     one_stream(eng, messages, params.replace(max_new_tokens=8), "warm")
     out = streams_at_once(eng, messages, params, users)
     eng.close()
@@ -244,9 +242,7 @@ def alternating(resolved, a, opts, extra, messages, params, users):
     whole time beside the app's own: both sides see the same machine, round by round. Returns the
     engine's and the app's results as medians over the rounds (texts and per-user details of the
     first round, the worst first-token p99), the app's start time and each round's ratios."""
-    from engines import registry
-
-    eng = registry.create(resolved, a.engine, **opts)
+    eng = build_engine(resolved, a.engine, opts)
     one_stream(eng, messages, params.replace(max_new_tokens=8), "warm")
     proc, ready_s = launch(a.model, a.engine, a.port, extra)
     runs = []

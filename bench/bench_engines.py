@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engines.base import ChatMessage, GenParams  # noqa: E402
+from engines.base import ChatMessage, ChatRequest, GenParams  # noqa: E402
 
 
 def prompt_of(n_words: int) -> list[ChatMessage]:
@@ -28,10 +28,19 @@ def prompt_of(n_words: int) -> list[ChatMessage]:
     return [ChatMessage("user", "Continue this text for as long as you can: " + text)]
 
 
+def build_engine(resolved, backend: str, opts: dict):
+    """The backend alone (the engine layer the app's manager drives): config, pre-check, create."""
+    from engines import configs, registry
+
+    config = configs.config_for(backend, opts)[0]
+    registry.precheck(resolved, config)
+    return registry.create(resolved, config)
+
+
 def one_stream(engine, messages, params, sid):
     t0 = time.perf_counter()
     ttft, tokens, text = None, 0, ""
-    for d in engine.stream(messages, params, session_id=sid):
+    for d in engine.stream(ChatRequest(tuple(messages), params, session=sid, source="bench")):
         if ttft is None and (d.text or d.tokens):
             ttft = time.perf_counter() - t0
         tokens = d.tokens
@@ -69,7 +78,7 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", help="write results here")
     a = ap.parse_args(argv)
-    from engines import models, registry, telemetry
+    from engines import models, telemetry
 
     path = a.model
     if not path:
@@ -89,7 +98,7 @@ def main(argv=None):
                                                                         "session_len": 4096}
         base = telemetry.snapshot()["gpu_used"]
         t0 = time.perf_counter()
-        eng = registry.create(resolved, backend, **opts)
+        eng = build_engine(resolved, backend, opts)
         load_s = time.perf_counter() - t0
         one_stream(eng, messages, params.replace(max_new_tokens=8), "warmup")
         rows = []

@@ -92,7 +92,9 @@ def main(argv=None):
 
     import torch
 
-    from engines import models, registry
+    from bench.bench_engines import build_engine
+    from engines import models
+    from engines.base import ChatRequest
     from engines.images import prepare
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,7 +110,7 @@ def main(argv=None):
     for backend in a.backends.split(","):
         opts = {"device": device} if backend == "transformers" else {"cache_max_entry_count": 0.3,
                                                                       "session_len": 8192}
-        eng = registry.create(resolved, backend, **opts)
+        eng = build_engine(resolved, backend, opts)
         # preprocessing: our normalization + the model's processor, per image
         proc = getattr(eng, "processor", None)
         if proc is None:
@@ -128,11 +130,11 @@ def main(argv=None):
         p = GenParams(temperature=0, max_new_tokens=8)
         for n in (1, 4):
             msgs = [ChatMessage("user", "Describe these images.", tuple(imgs[:n]))]
-            list(eng.stream(msgs, p, session_id="warm"))
+            list(eng.stream(ChatRequest(tuple(msgs), p, source="bench")))
             ttfts = []
             for r in range(a.repeat):
                 t0 = time.perf_counter()
-                for d in eng.stream(msgs, p, session_id=f"b{r}"):
+                for d in eng.stream(ChatRequest(tuple(msgs), p, session=f"b{r}", source="bench")):
                     if d.finish_reason == "error":
                         raise SystemExit(f"{backend}: {d.error}")
                     if d.text or d.tokens:

@@ -26,20 +26,22 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from engines.base import ChatMessage, Delta, EngineInfo, GenParams  # noqa: E402
+from engines.base import (Capabilities, ChatMessage, ChatRequest, Delta, EngineError, EngineInfo,  # noqa: E402
+                          GenParams, SchedulerView)
 
 
 class SyntheticEngine:
-    """Tokens at a fixed step, for every running request at once (see the module's docstring)."""
+    """Tokens at a fixed step, for every running request at once (see the module's docstring). It
+    keeps the engine contract (``engines.base.Engine``): requests by id, abort in any state."""
 
     def __init__(self, step_ms: float = 3.0, max_batch: int = 256):
         self.step = step_ms / 1000
         self.info = EngineInfo(backend="synthetic", model="synthetic", device="cpu", context_length=32768,
-                               max_batch=max_batch, reason="bench/bench_web.py")
-        self._active: dict[int, tuple[queue.Queue, list]] = {}
+                               max_batch=max_batch, reason="bench/bench_web.py",
+                               capabilities=Capabilities(penalties=False, seed=False))
+        self._active: dict[str, tuple[queue.Queue, list]] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._next = 0
         threading.Thread(target=self._loop, daemon=True, name="synthetic-engine").start()
 
     def _loop(self):
@@ -53,29 +55,56 @@ class SyntheticEngine:
                     q.put(" tok")
 
     def count_tokens(self, messages) -> int:
-        return sum(len(m.content.split()) + 4 for m in messages)
+        return sum(self.message_tokens(messages)) + 4 * len(messages)
 
-    def stream(self, messages, params: GenParams, *, session_id: str):
+    def message_tokens(self, messages) -> list[int]:
+        return [len(m.content.split()) for m in messages]
+
+    def stream(self, request: ChatRequest):
         q: queue.Queue = queue.Queue()
+        n = request.params.max_new_tokens
         with self._lock:
-            key = self._next
-            self._next += 1
-            self._active[key] = (q, [params.max_new_tokens])
-        return self._relay(q, key, params.max_new_tokens)
+            if request.request_id in self._active:
+                raise EngineError(f"A request with id {request.request_id!r} is still running.")
+            self._active[request.request_id] = (q, [n])
+        return self._relay(q, request.request_id, n)
 
     def _relay(self, q, key, n):
         try:
             for i in range(1, n + 1):
-                yield Delta(q.get(), i, "length" if i == n else None)
+                item = q.get()
+                if item is None:                        # aborted
+                    yield Delta("", i - 1, "abort")
+                    return
+                yield Delta(item, i, "length" if i == n else None)
         finally:
             with self._lock:
                 self._active.pop(key, None)
 
-    def abort(self, session_id: str) -> None:   # the relay's close ends a stream; nothing else to do
-        pass
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            row = self._active.get(request_id)
+        if row is not None:
+            row[1][0] = 0                               # no more tokens for it
+            row[0].put(None)
+
+    def health(self) -> str | None:
+        return None
+
+    def scheduler(self) -> SchedulerView:
+        with self._lock:
+            return SchedulerView(active=len(self._active), waiting=0)
+
+    def live_requests(self) -> int:
+        with self._lock:
+            return len(self._active)
 
     def close(self) -> None:
         self._closed.set()
+        with self._lock:
+            ids = list(self._active)
+        for rid in ids:
+            self.abort(rid)
 
 
 def _serve(port: int, step_ms: float, extra: list[str]) -> int:

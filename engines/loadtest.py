@@ -1,16 +1,25 @@
 """In-app measurements for the Monitor page: a load test of the loaded engine (N simulated users for
 a set time) and the tutorial's engine comparison (the same prompts on each chosen engine).
 
-Both are bounded in time and cancellable (``cancel`` event), and report through ``progress``.
+Both take the one road: every request is a :class:`~engines.base.ChatRequest` (``source`` "loadtest"
+or "compare", ``owner`` the user who started the run) given to a ``submit`` callable, the engine
+manager's :meth:`~engines.manager.EngineManager.submit`, so admission, limits, cancellation and
+metrics are the same as for a chat user. Both are bounded in time and cancellable (``cancel``
+event; a cancel aborts the requests in flight), and report through ``progress``.
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from .base import ChatMessage, GenParams
+from .base import ChatMessage, ChatRequest, GenParams
+
+if TYPE_CHECKING:
+    from .manager import EngineManager, Submission
+
+SubmitFn = Callable[[ChatRequest], "Submission"]
 
 PROMPTS = ["Explain how a rainbow forms.", "Write a short poem about the sea.",
            "List five uses of a paperclip.", "Describe the water cycle in simple words."]
@@ -33,11 +42,31 @@ class RequestResult:
     error: str | None = None
 
 
-def one_request(stream_fn, messages, params, sid, cancel: threading.Event | None = None) -> RequestResult:
+def one_request(submit: SubmitFn, messages: Sequence[ChatMessage], params: GenParams, *,
+                source: str = "loadtest", owner: str | None = None, session: str = "",
+                cancel: threading.Event | None = None) -> RequestResult:
+    """One request through ``submit``, timed: first token, per-token gaps, tokens and words. A
+    refusal (busy, a limit) or a failed reply is a result with ``error``; ``cancel`` aborts it."""
     t0 = time.perf_counter()
     ttft, last_t, last_tokens, tokens, text, gaps = None, None, 0, 0, "", []
     try:
-        for d in stream_fn(messages, params, session_id=sid):
+        sub = submit(ChatRequest(tuple(messages), params, owner=owner, session=session, source=source))
+    except Exception as e:  # noqa: BLE001
+        return RequestResult(None, time.perf_counter() - t0, 0, 0, [], getattr(e, "message", None) or str(e))
+    watcher = None
+    if cancel is not None:      # a cancel mid-reply aborts it (the stream then ends with "abort")
+        done = threading.Event()
+
+        def watch():
+            while not done.wait(0.1):
+                if cancel.is_set():
+                    sub.abort()
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+    try:
+        for d in sub:
             now = time.perf_counter()
             if d.finish_reason == "error":
                 return RequestResult(ttft, now - t0, tokens, len(text.split()), gaps, d.error)
@@ -49,10 +78,11 @@ def one_request(stream_fn, messages, params, sid, cancel: threading.Event | None
                 last_t, last_tokens = now, d.tokens
             tokens = d.tokens
             text += d.text
-            if cancel is not None and cancel.is_set():
-                break
     except Exception as e:  # noqa: BLE001
         return RequestResult(ttft, time.perf_counter() - t0, tokens, len(text.split()), gaps, str(e))
+    finally:
+        if watcher is not None:
+            done.set()
     return RequestResult(ttft, time.perf_counter() - t0, tokens, len(text.split()), gaps)
 
 
@@ -69,10 +99,11 @@ def summarize(results: list[RequestResult], wall: float) -> dict:
             "first_error": next((r.error for r in results if r.error), None)}
 
 
-def load_test(stream_fn, *, users: int, seconds: float, params: GenParams,
+def load_test(submit: SubmitFn, *, users: int, seconds: float, params: GenParams, owner: str | None = None,
               cancel: threading.Event | None = None, progress: Callable[[float, str], None] | None = None) -> dict:
-    """``users`` simulated users send requests back to back for ``seconds`` (no new request starts
-    after that; running ones finish). Returns the summary and the per-request rows."""
+    """``users`` simulated users send requests back to back through ``submit`` for ``seconds`` (no
+    new request starts after that; running ones finish). Requests have source "loadtest" and
+    ``owner``. Returns the summary and the per-request rows."""
     cancel = cancel or threading.Event()
     results: list[RequestResult] = []
     lock = threading.Lock()
@@ -83,7 +114,8 @@ def load_test(stream_fn, *, users: int, seconds: float, params: GenParams,
         n = 0
         while time.perf_counter() < end and not cancel.is_set():
             msgs = [ChatMessage("user", PROMPTS[(i + n) % len(PROMPTS)])]
-            r = one_request(stream_fn, msgs, params, f"loadtest-{i}-{n}", cancel)
+            r = one_request(submit, msgs, params, source="loadtest", owner=owner, session=f"loadtest-{i}",
+                            cancel=cancel)
             with lock:
                 results.append(r)
             n += 1
@@ -101,12 +133,15 @@ def load_test(stream_fn, *, users: int, seconds: float, params: GenParams,
     return out
 
 
-def compare_engines(make_engine, choices: list[str], *, params: GenParams, repeats: int = 2,
-                    batch: int | list[int] = 1, cancel: threading.Event | None = None,
+def compare_engines(make_manager: Callable[[str], "EngineManager"], choices: list[str], *, params: GenParams,
+                    repeats: int = 2, batch: int | list[int] = 1, owner: str | None = None,
+                    cancel: threading.Event | None = None,
                     progress: Callable[[float, str], None] | None = None) -> list[dict]:
-    """The tutorial's comparison done properly: for each engine, load it once, warm up, then run the
-    same prompts ``repeats`` times with each ``batch`` size of concurrent streams (one row per engine
-    and batch size); GPU memory from NVML (the load's increase)."""
+    """The tutorial's comparison done properly: for each engine, ``make_manager(choice)`` loads it
+    (a scratch manager, ``EngineManager.scratch``: the same road as the app's own model), then a
+    warm-up, then the same prompts ``repeats`` times with each ``batch`` size of concurrent streams
+    (one row per engine and batch size); GPU memory from NVML (the load's increase). Each manager is
+    closed after its rows; requests have source "compare" and ``owner``."""
     from . import telemetry
 
     cancel = cancel or threading.Event()
@@ -118,13 +153,15 @@ def compare_engines(make_engine, choices: list[str], *, params: GenParams, repea
         progress and progress(k / len(choices), f"loading {choice}")
         base = telemetry.snapshot()["gpu_used"]
         try:
-            eng = make_engine(choice)
+            mgr = make_manager(choice)
         except Exception as e:  # noqa: BLE001
             rows += [{"engine": choice, "batch": b, "error": getattr(e, "message", str(e))} for b in batches]
             continue
         try:
+            info = mgr.info()
             mem = round((telemetry.snapshot()["gpu_used"] - base) / 2**30, 2)
-            one_request(eng.stream, [ChatMessage("user", PROMPTS[0])], params.replace(max_new_tokens=8), "warm")
+            one_request(mgr.submit, [ChatMessage("user", PROMPTS[0])], params.replace(max_new_tokens=8),
+                        source="compare", owner=owner, session="compare-warm")
             for b in batches:
                 results, t0 = [], time.perf_counter()
                 for rep in range(repeats):
@@ -133,15 +170,16 @@ def compare_engines(make_engine, choices: list[str], *, params: GenParams, repea
                     progress and progress((k + (rep + 0.5) / repeats) / len(choices), f"measuring {choice}, batch {b}")
                     batch_res = [None] * b
                     threads = [threading.Thread(target=lambda i=i: batch_res.__setitem__(i, one_request(
-                        eng.stream, [ChatMessage("user", PROMPTS[(rep + i) % len(PROMPTS)])], params,
-                        f"bench-{rep}-{i}", cancel))) for i in range(b)]
+                        mgr.submit, [ChatMessage("user", PROMPTS[(rep + i) % len(PROMPTS)])], params,
+                        source="compare", owner=owner, session=f"compare-{rep}-{i}", cancel=cancel)))
+                        for i in range(b)]
                     [t.start() for t in threads]
                     [t.join() for t in threads]
                     results += batch_res
                 wall = time.perf_counter() - t0
-                rows.append({"engine": choice, "backend": eng.info.backend, "model": eng.info.model, "batch": b,
+                rows.append({"engine": choice, "backend": info.backend, "model": info.model, "batch": b,
                              **summarize(results, wall), "gpu_mem_gib": mem})
         finally:
-            eng.close()
+            mgr.close()
     progress and progress(1.0, "done")
     return rows

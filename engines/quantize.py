@@ -378,14 +378,12 @@ def folder_size(path: str) -> int:
 
 
 class _Borrowed:
-    """An engine lent to ``loadtest.compare_engines`` without giving it the right to close it."""
+    """A manager lent to ``loadtest.compare_engines`` without giving it the right to close it."""
 
-    def __init__(self, eng):
-        self._eng = eng
-        self.info = eng.info
-
-    def stream(self, *a, **k):
-        return self._eng.stream(*a, **k)
+    def __init__(self, manager):
+        self._manager = manager
+        self.submit = manager.submit
+        self.info = manager.info
 
     def close(self):
         pass
@@ -394,14 +392,19 @@ class _Borrowed:
 def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = "hf", quant_policy: int = 0,
                   cache_max_entry_count: float = 0.01, prompt: str | None = None, batches=(1, 16),
                   new_tokens: int = 128, kv_capacity: bool = False, device: str = "auto",
-                  engine: str = "auto") -> dict:
+                  engine: str = "auto", manager=None, owner: str | None = None) -> dict:
     """Load one model the way the app would (TurboMind where it can) and measure what the Quantize
     page's card shows: size on disk, the GPU memory the load took (NVML, the load's increase; the
     process's resident memory on a CPU), tokens/s at each batch size (concurrent streams, greedy,
     ``new_tokens`` each), the greedy answer to ``prompt``, and, with ``kv_capacity``, the tokens the
-    KV cache holds (TurboMind's own count, see ``LMDeployEngine.kv_capacity``)."""
+    KV cache holds (TurboMind's own count, see ``lmdeploy.measure_kv_capacity``).
+
+    The model loads through the engine manager (``manager.scratch``: the app's manager where one is
+    given, so its options and limits apply; else a fresh one on ``cache_dir``) and every request
+    takes its road (``submit``, source "quantize", ``owner``)."""
     from . import loadtest, models, registry, telemetry
-    from .base import ChatMessage, GenParams
+    from .base import ChatMessage, ChatRequest, GenParams
+    from .manager import EngineManager
 
     base_gpu, base_rss = telemetry.snapshot()["gpu_used"], telemetry.process_rss()
     resolved = models.resolve(path, cache_dir)
@@ -412,17 +415,16 @@ def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = 
         import torch
 
         from .lmdeploy import min_cache_ratio, suggested_cache_ratio
-        from .models import read_config
 
-        need = min_cache_ratio(resolved.path, read_config(resolved.path), 4096, quant_policy, 1,
-                               torch.cuda.mem_get_info()[0])
+        need = min_cache_ratio(resolved.path, resolved.config, 4096, quant_policy, 1, torch.cuda.mem_get_info()[0])
         if need:
             cache_max_entry_count = max(cache_max_entry_count, suggested_cache_ratio(need))
     opts = ({"device": device} if backend == "transformers" else
             {"cache_max_entry_count": cache_max_entry_count, "session_len": 4096, "model_format": model_format,
              "quant_policy": quant_policy})
+    base = manager if manager is not None else EngineManager(cache_dir)
     t0 = time.perf_counter()
-    eng = registry.create(resolved, backend, **opts)
+    mgr = base.scratch(resolved.path, backend, **opts)
     row = {"model": label, "backend": backend, "quant_policy": quant_policy,
            "cache_max_entry_count": cache_max_entry_count if backend != "transformers" else None,
            "size on disk (GiB)": round(folder_size(path) / 2**30, 3), "load (s)": round(time.perf_counter() - t0, 1)}
@@ -430,21 +432,23 @@ def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = 
         snap = telemetry.snapshot()
         mem = snap["gpu_used"] - base_gpu if snap["gpus"] else telemetry.process_rss() - base_rss
         row["memory at load (GiB)"] = round(mem / 2**30, 3)
-        if kv_capacity and hasattr(eng, "kv_capacity"):
-            cap = eng.kv_capacity()
+        if kv_capacity and backend in ("turbomind", "pytorch"):
+            from .lmdeploy import measure_kv_capacity
+
+            cap = measure_kv_capacity(mgr)
             row["KV cache tokens"] = cap["tokens"] if cap else None
         p = GenParams(temperature=0, max_new_tokens=new_tokens)
         if prompt:
-            row["answer"] = "".join(d.text for d in eng.stream([ChatMessage("user", prompt)],
-                                                               p.replace(max_new_tokens=min(new_tokens, 64)),
-                                                               session_id=f"card-{label}"))
+            sub = mgr.submit(ChatRequest((ChatMessage("user", prompt),), p.replace(max_new_tokens=min(new_tokens, 64)),
+                                         owner=owner, session=f"card-{label}", source="quantize"))
+            row["answer"] = sub.text()[0]
         if batches:
-            res = loadtest.compare_engines(lambda _c: _Borrowed(eng), [label], params=p, repeats=1,
-                                           batch=list(batches))
+            res = loadtest.compare_engines(lambda _c: _Borrowed(mgr), [label], params=p, repeats=1,
+                                           batch=list(batches), owner=owner)
             for r in res:
                 row[f"tok/s batch {r['batch']}"] = r.get("tokens_per_s")
                 if r.get("error") or r.get("first_error"):
                     row["error"] = r.get("error") or r.get("first_error")
     finally:
-        eng.close()
+        mgr.close()
     return row

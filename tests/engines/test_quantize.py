@@ -36,15 +36,17 @@ def test_cast_job_runs_with_progress_and_the_result_loads(smollm2, data_dir):
         assert not os.path.exists(out + ".partial")
         size = lambda p: sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p) if f.endswith(".safetensors"))
         assert size(out) < 0.55 * size(smollm2.path), "bfloat16 halves the weights"
-        from engines import models, registry
-        from engines.base import ChatMessage, GenParams
-        eng = registry.create(models.resolve(out, data_dir), "transformers", dtype="bfloat16")
-        try:
-            text = "".join(d.text for d in eng.stream([ChatMessage("user", "What is the capital of France?")],
-                                                       GenParams(temperature=0, max_new_tokens=12), session_id="q"))
-            assert "Paris" in text
-        finally:
-            eng.close()
+        # the Quantize card's measurement of the result, through the engine manager (the one road)
+        from engines.manager import EngineManager
+        from engines.quantize import measure_model
+
+        app = EngineManager(data_dir)
+        row = measure_model(out, label="bf16", cache_dir=data_dir, prompt="What is the capital of France?",
+                            batches=(1, 2), new_tokens=12, device="cpu", engine="transformers", manager=app,
+                            owner="ann")
+        assert "Paris" in row["answer"] and row["backend"] == "transformers", row
+        assert row["tok/s batch 1"] > 0 and row["tok/s batch 2"] > 0 and "error" not in row
+        assert app.info() is None, "the measurement loads beside the app's model, not into it"
     finally:
         runner.close()
 
@@ -125,6 +127,7 @@ def test_bad_requests_are_refused_before_start(tmp_path, data_dir, tiny_llama, c
     src, out = tiny_llama.path, os.path.join(data_dir, "models", "x")
     params = {"samples": 128, "seqlen": 512, "group_size": 16, "bits": 4}   # 16 divides 256 and 688
     free = 80 * 2**30
+    hub = {}
     if case == "not_model":
         src = str(tmp_path)
     elif case == "arch":
@@ -143,12 +146,12 @@ def test_bad_requests_are_refused_before_start(tmp_path, data_dir, tiny_llama, c
     elif case == "too_big":
         free = 2**20
     elif case == "hub_offline":
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        hub = {"hub_offline": True}            # Settings.hub_offline (HF_HUB_OFFLINE=1)
         params["dataset"] = "wikitext2"
     elif case == "bad_dataset":
         params["dataset"] = "my-secret-set"
     with pytest.raises(JobError, match=fragment):
-        validate("awq", src, out, params, data_dir, free_gpu_bytes=free)
+        validate("awq", src, out, params, data_dir, free_gpu_bytes=free, **hub)
 
 
 def test_memory_estimate_grows_with_the_model_and_the_calibration():
