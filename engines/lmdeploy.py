@@ -599,10 +599,10 @@ def measure_kv_capacity(manager, timeout: float = 30.0) -> dict | None:
 
     from .base import ChatRequest
 
-    eng = manager.require()
-    if eng.scheduler() is None:
+    info = manager.info()
+    if info is None or manager.scheduler() is None:
         return None
-    block = int(eng.info.extra.get("cache_block_seq_len") or 64)
+    block = int(info.extra.get("cache_block_seq_len") or 64)
     words = "Count the blocks of this cache, one by one, slowly:"
     msgs = [ChatMessage("user", words)]
     n = manager.token_cost(msgs)
@@ -618,7 +618,7 @@ def measure_kv_capacity(manager, timeout: float = 30.0) -> dict | None:
         deadline = time.time() + timeout
         for d in it:
             tokens = d.tokens
-            view = eng.scheduler()
+            view = manager.scheduler()
             if view is not None and (view.cache_usage or 0) > 0 and tokens >= 1:
                 usage = view.cache_usage
                 break

@@ -221,6 +221,7 @@ class EngineManager:
         pre-checks as :meth:`load`, and the same road for its requests. Close it when done (it is
         a context manager)."""
         other = EngineManager(self.cache_dir, self.options, self.limits)
+        other.metrics = self.metrics      # its replies count in the same per-user metrics
         other.load(model, engine, progress=progress, **options)
         return other
 
@@ -403,11 +404,15 @@ class EngineManager:
             start = _exchange_start(turns, max(nxt, start + 1))
 
     # ------------------------------------------------------------------ the Monitor's view
+    def scheduler(self) -> SchedulerView | None:
+        """The loaded engine's own view of its running and waiting requests, where it has one."""
+        eng = self._engine
+        return eng.scheduler() if eng is not None else None
+
     def load_now(self) -> tuple[int, int]:
         """(running, queued inside the engine): the engine's own scheduler view where it has one
         (TurboMind, the Transformers batcher), else the requests in flight and 0."""
-        eng = self._engine
-        view: SchedulerView | None = eng.scheduler() if eng is not None else None
+        view = self.scheduler()
         if view is not None:
             return view.active, view.waiting
         return self.running, 0

@@ -62,9 +62,9 @@ def build_app(ctx: Context) -> gr.Blocks:
                api_description="The Vision page's model: loading, offline, failed, or what runs.")
         # a tab that closes aborts whatever it was generating
         def on_leave(request: gr.Request):
-            manager.abort(session_id(request))
+            manager.abort_session(session_id(request))
             if ctx.vision is not None:
-                ctx.vision.manager.abort("vision-" + session_id(request))
+                ctx.vision.manager.abort_session(session_id(request))
 
         demo.unload(on_leave)
         demo.load(lambda: (_header(ctx), engines.describe(ctx)), None, [header, status],
@@ -72,7 +72,7 @@ def build_app(ctx: Context) -> gr.Blocks:
         if ctx.vision is not None:
             # the vision model loads in the background: its status line is refreshed at every page
             # load (the page's copy dates from when the app was built) and every 2 s while loading
-            timer = gr.Timer(2.0, active=ctx.vision.loading or ctx.vision.manager.engine is None)
+            timer = gr.Timer(2.0, active=ctx.vision.loading or ctx.vision.manager.info() is None)
 
             def vision_tick():
                 loading = ctx.vision.loading

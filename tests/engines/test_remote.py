@@ -62,7 +62,7 @@ def test_max_tokens_and_length_finish(client):
 
 @pytest.mark.parametrize("kwargs, error, fragment", [
     ({"model": "no-such-model"}, "NotFoundError", "does not exist"),
-    ({"temperature": 9}, "BadRequestError", "temperature must be in"),
+    ({"temperature": 9}, "BadRequestError", "temperature: Input should be less than or equal to 2"),
     ({"max_tokens": 10**7}, "BadRequestError", "max_tokens must be in"),
     ({"messages": [{"role": "user", "content": "word " * 20000}]}, "BadRequestError", "characters"),
 ])

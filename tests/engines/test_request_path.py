@@ -59,7 +59,7 @@ def mgr(tiny_llama, tmp_path_factory):
 
 
 def ask(text="hello there", **kw):
-    return ChatRequest((ChatMessage("user", text),), GenParams(temperature=0, **kw))
+    return ChatRequest((ChatMessage("user", text),), GenParams(**{"temperature": 0, "max_new_tokens": 64, **kw}))
 
 
 def test_refusals_take_no_place_and_failures_give_it_back(mgr, monkeypatch):
