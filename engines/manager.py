@@ -552,7 +552,8 @@ def _settle(manager: EngineManager, engine: Engine, request_id: str, it, place: 
 
 class StopFilter:
     """Stop strings over a text stream: text that could be the start of a stop string is held back
-    until it is known not to be one; at a match the text before it is returned and ``hit`` is True.
+    until it is known not to be one; at the first stop string to be completed, the text before it
+    is returned and ``hit`` is True (as vLLM and LMDeploy check stops: token by token).
     Applied here, for every backend alike (the engine is aborted at the match)."""
 
     def __init__(self, stops: Sequence[str]):
@@ -563,10 +564,12 @@ class StopFilter:
         if not self.stops:
             return text, False
         buf = self.held + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        # the stop string completed first (smallest end; at a tie the longer one): the same answer
+        # however the text was cut into pieces, since every earlier piece completed none
+        ends = [(i + len(s), i) for s in self.stops for i in (buf.find(s),) if i >= 0]
+        if ends:
             self.held = ""
-            return buf[:cut], True
+            return buf[:min(ends)[1]], True
         keep = 0        # the longest tail of buf that is a proper prefix of some stop string
         for s in self.stops:
             for k in range(min(len(s) - 1, len(buf)), keep, -1):

@@ -20,9 +20,10 @@ from engines.manager import EngineManager, Limits, StopFilter, within_limits
                                                                    min_size=1, max_size=3),
        cuts=st.lists(st.integers(0, 40), max_size=8))
 def test_stop_filter_matches_the_whole_text_however_it_is_streamed(text, stops, cuts):
-    """Streamed in any pieces, the reply is the text before the first stop string, as if the
-    whole text had been searched at once."""
-    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    """Streamed in any pieces, the reply ends before the stop string completed first (the smallest
+    end in the whole text; at a tie the longer one), as if the whole text had been searched."""
+    ends = [(i + len(s), i) for s in stops for i in (text.find(s),) if i >= 0]
+    first = min(ends)[1] if ends else -1
     expected = text if first < 0 else text[:first]
     f = StopFilter(stops)
     out, hit = "", False
