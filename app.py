@@ -83,16 +83,21 @@ def main(argv=None) -> int:
     ctx.load = LoadSampler(load_sample)
     uploads = os.path.join(s.cache_dir, "uploads")   # normalized vision uploads, shown in the history
     os.makedirs(uploads, exist_ok=True)
+    # The OpenAI-compatible API is part of the server from its first request: its routes go into
+    # the FastAPI app Gradio builds (ahead of Gradio's catch-all routes), not mounted after launch,
+    # when a client could already be refused with a 404.
+    app_kwargs = {}
+    if s.api:
+        from ui.openai_api import routes
+
+        app_kwargs["routes"] = routes(manager, s)
     # Each streaming event holds a worker thread while it waits for the engine: the pool must be
     # larger than the number of streams served at once, or users wait for a thread, not the GPU.
-    app, _, _ = demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,
-                            auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads],
-                            max_threads=max(40, concurrency + 16), prevent_thread_lock=True,
-                            max_file_size=f"{s.max_upload_mb}mb")
+    demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,
+                auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads],
+                max_threads=max(40, concurrency + 16), prevent_thread_lock=True,
+                max_file_size=f"{s.max_upload_mb}mb", app_kwargs=app_kwargs)
     if s.api:
-        from ui.openai_api import mount
-
-        mount(app, manager, s)
         print(f"OpenAI-compatible API at http://{s.server_name}:{s.server_port}/v1", flush=True)
     demo.block_thread()
     return 0

@@ -1,7 +1,7 @@
 """The app's own OpenAI-compatible endpoint (opt-in with ``--api``): ``/v1/models`` and
 ``/v1/chat/completions`` (streaming and not) for whatever engine is loaded.
 
-It is a FastAPI application of its own, mounted at ``/v1`` on the Gradio server (same port), so that
+It is a FastAPI application of its own, mounted at ``/v1`` in the Gradio server (same port), so that
 its error handlers answer in OpenAI's error shape (``{"error": {"message", "type", "param",
 "code"}}``) without touching Gradio's routes, and its OpenAPI schema (``/v1/openapi.json``) describes
 exactly these routes, which is what the API fuzzer (schemathesis) reads. Bodies are parsed by the
@@ -139,14 +139,16 @@ def build_api(manager: EngineManager, settings: Settings) -> FastAPI:
         log.exception("unexpected error in /v1")
         return _error(500, f"Internal error ({type(e).__name__}).", "server_error", "internal_error")
 
-    def caller(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
-        """The user the key belongs to (None in an app without --auth)."""
-        if not users:
+    if users:
+        def caller(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
+            """The user the key belongs to."""
+            user = users.get(creds.credentials.strip()) if creds is not None else None
+            if user is None:
+                raise APIError(401, "Invalid API key.", "authentication_error", "invalid_api_key")
+            return user
+    else:
+        def caller() -> str | None:      # no --auth: no key is asked for (and the schema says so)
             return None
-        user = users.get(creds.credentials.strip()) if creds is not None else None
-        if user is None:
-            raise APIError(401, "Invalid API key.", "authentication_error", "invalid_api_key")
-        return user
 
     @api.get("/models")
     async def models(_user: str | None = Depends(caller)):
@@ -249,14 +251,10 @@ def build_api(manager: EngineManager, settings: Settings) -> FastAPI:
     return api
 
 
-def mount(app, manager: EngineManager, settings: Settings) -> FastAPI:
-    """Mount the /v1 application on the Gradio server's FastAPI ``app``, ahead of Gradio's
-    catch-all routes."""
-    api = build_api(manager, settings)
-    app.mount("/v1", api)
-    routes = app.router.routes
-    ours = [r for r in routes if getattr(r, "path", "") == "/v1"]
-    for r in ours:
-        routes.remove(r)
-    routes[0:0] = ours
-    return api
+def routes(manager: EngineManager, settings: Settings) -> list:
+    """The /v1 application as a route list for the FastAPI app Gradio builds
+    (``launch(app_kwargs={"routes": ...})``): there its routes come before Gradio's catch-alls and
+    exist from the server's first request."""
+    from starlette.routing import Mount
+
+    return [Mount("/v1", app=build_api(manager, settings))]

@@ -69,6 +69,15 @@ class ChatCompletionRequest(_Strict):
     """POST /v1/chat/completions. Fields after ``top_k`` are extensions LMDeploy's and vLLM's
     servers also take."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "default", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+         "temperature": 0.2, "top_p": 0.9, "max_tokens": 4, "stop": ["\n"], "seed": 1, "stream": True},
+        {"messages": [{"role": "developer", "content": "Answer in one word."},
+                      {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}],
+         "presence_penalty": 0.5, "frequency_penalty": 0.5, "stream_options": {"include_usage": True},
+         "response_format": {"type": "text"}, "n": 1}]})
+
     model: StrictStr | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
