@@ -96,9 +96,17 @@ def main(argv=None) -> int:
     demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,
                 auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads],
                 max_threads=max(40, concurrency + 16), prevent_thread_lock=True,
-                max_file_size=f"{s.max_upload_mb}mb", app_kwargs=app_kwargs)
+                max_file_size=f"{s.max_upload_mb}mb", app_kwargs=app_kwargs,
+                quiet=True)   # Gradio's own banner says "set share=True in launch()": ours names --share
+    local = f"http://{'127.0.0.1' if s.server_name == '0.0.0.0' else s.server_name}:{s.server_port}"
+    print(f"TurboStudio is running at {local}{s.root_path or ''}/", flush=True)
+    if s.share:
+        print(f"Public link (anyone with it can reach the app): {demo.share_url}", flush=True)
+    elif s.server_name in ("127.0.0.1", "localhost"):
+        print("Only this machine can reach it: use an SSH tunnel (see the README) or --share with --auth.",
+              flush=True)
     if s.api:
-        print(f"OpenAI-compatible API at http://{s.server_name}:{s.server_port}/v1", flush=True)
+        print(f"OpenAI-compatible API at {local}/v1", flush=True)
     demo.block_thread()
     return 0
 

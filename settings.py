@@ -80,6 +80,8 @@ class Settings:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.model_format not in MODEL_FORMATS:
             raise ValueError(f"--model-format must be one of {', '.join(MODEL_FORMATS)}")
         if self.quant_policy not in QUANT_POLICIES:
@@ -230,8 +232,25 @@ _HELP = {
     "max_images_per_turn": "images one message may carry",
     "max_images": "images one vision conversation may hold",
 }
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 _CHOICES = {"engine": ENGINES, "vision_engine": ENGINES, "device": DEVICES, "model_format": MODEL_FORMATS,
-            "quant_policy": QUANT_POLICIES}
+            "quant_policy": QUANT_POLICIES, "dtype": DTYPES}
+# --help in groups, in this order; options not named here are benchmarking knobs, hidden from --help
+_GROUPS = {
+    "model and engine": ("model", "engine", "device", "dtype", "model_format", "quant_policy",
+                         "cache_max_entry_count", "session_len", "tp", "trust_remote_code", "remote_model",
+                         "remote_api_key", "vision_model", "vision_engine", "no_load", "cache_dir"),
+    "serving and security": ("server_name", "server_port", "share", "auth", "admin", "share_without_auth",
+                             "root_path", "api", "model_roots", "allowed_models"),
+    "limits": ("max_input_chars", "max_messages", "max_new_tokens_limit", "max_images_per_turn", "max_images",
+               "max_upload_mb", "max_queue", "concurrency"),
+}
+_EPILOG = """Every option can also be set as an environment variable TURBOSTUDIO_<OPTION> (for example
+TURBOSTUDIO_MODEL or TURBOSTUDIO_MAX_QUEUE; handy on a hosted Space); a flag on the command line wins.
+Diagnostics (environment only): TURBOSTUDIO_PROFILE=<file> samples the server's stacks,
+TURBOSTUDIO_SESSION_SHIM=0 and TURBOSTUDIO_QUEUE_SHIM=0 switch off the Gradio shims,
+TURBOSTUDIO_LMDEPLOY_WAIT_END=1 restores the old LMDeploy stream ends. SPACE_ID set (a Hugging Face
+Space) makes the app public: no operator controls without --auth and --admin."""
 
 
 def _env_value(name: str, typ, env) -> object | None:
@@ -271,7 +290,10 @@ def _env_only(env) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="app.py", description="TurboStudio: chat with LLMs and VLMs on your own GPU (or CPU).")
+        prog="app.py", description="TurboStudio: chat with LLMs and VLMs on your own GPU (or CPU).",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {name: p.add_argument_group(name) for name in _GROUPS}
+    group_of = {opt: groups[g] for g, opts in _GROUPS.items() for opt in opts}
     defaults = Settings()
     hints = {f.name: f.type for f in dataclasses.fields(Settings)}
     for f in dataclasses.fields(Settings):
@@ -280,12 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         hint = str(hints[f.name])
+        target = group_of.get(f.name, p)
+        help_text = _HELP[f.name] if f.name in group_of else argparse.SUPPRESS
         if hint == "bool":
-            p.add_argument(flag, action="store_true", default=None, help=_HELP[f.name])
+            target.add_argument(flag, action="store_true", default=None, help=help_text)
             continue
         typ = int if hint.startswith("int") else float if hint.startswith("float") else str
-        p.add_argument(flag, type=typ, default=None, choices=_CHOICES.get(f.name),
-                       help=_HELP[f.name] + (f" (default: {default})" if default not in (None, "") else ""))
+        if help_text is not argparse.SUPPRESS and default not in (None, ""):
+            help_text += f" (default: {default})"
+        target.add_argument(flag, type=typ, default=None, choices=_CHOICES.get(f.name), help=help_text)
     return p
 
 

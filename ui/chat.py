@@ -17,7 +17,8 @@ import gradio as gr
 from engines.base import ChatMessage, ChatRequest, EngineError, GenParams, InvalidRequest
 from engines.manager import EngineManager, Limits, within_limits
 
-from .common import Context, SamplingControls, fmt_stats, make_params, session_id, user_error, user_of
+from .common import (Context, SamplingControls, fmt_stats, make_params, refuse, session_id, user_error,
+                     user_of)
 
 UPDATE_INTERVAL = 0.05   # seconds between UI updates while streaming (text is coalesced, not dropped)
 
@@ -123,7 +124,7 @@ def build(ctx: Context):
         with gr.Column(scale=2):
             system = gr.Textbox(label="System prompt", lines=3, placeholder="(optional)",
                                 elem_id="system-prompt")
-            sampling = SamplingControls(settings)
+            sampling = SamplingControls(settings, manager.info())
             with gr.Accordion("Export / import", open=False):
                 export_btn = gr.DownloadButton("Export chat (JSON)", size="sm")
                 import_btn = gr.UploadButton("Import chat (JSON)", file_types=[".json"], size="sm")
@@ -132,12 +133,17 @@ def build(ctx: Context):
         message = (message or "")
         if not message.strip():
             gr.Info("Type a message first: nothing was sent.")
-            yield gr.update(), turns, display(turns), gr.update()
+            yield gr.update(), turns, display(turns), ""
             return
-        if len(message) > settings.max_input_chars:
-            raise gr.Error(f"The message has {len(message)} characters; the limit is "
-                           f"{settings.max_input_chars}.", title="Message too long")
-        params = make_params(settings, *pvals)
+        try:
+            if len(message) > settings.max_input_chars:
+                raise gr.Error(f"The message has {len(message)} characters; the limit is "
+                               f"{settings.max_input_chars}.", title="Message too long")
+            params = make_params(settings, *pvals)
+        except gr.Error as e:
+            refuse(e)
+            yield message, turns, display(turns), ""
+            return
         turns = list(turns) + [{"role": "user", "content": message}]
         async for out in _run(turns, system_prompt, params, request):
             yield out
@@ -160,19 +166,25 @@ def build(ctx: Context):
                 # the partial reply is kept in the state too, so Stop loses nothing
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update()
-        except gr.Error:
-            # nothing is lost: the user's message goes back into the box, the history stays as it was
+        except gr.Error as e:
+            # a refusal: a warning toast, and the page as it was (the message back in the box)
+            refuse(e)
             yield turns[-1]["content"], turns[:-1], display(turns[:-1]), ""
-            raise
+            return
         turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
         yield gr.update(), turns, display(turns), ""
 
     async def regenerate(turns, system_prompt, *pvals, request: gr.Request = None):
-        params = make_params(settings, *pvals)
+        try:
+            params = make_params(settings, *pvals)
+        except gr.Error as e:
+            refuse(e)
+            yield gr.update(), turns, display(turns), ""
+            return
         turns = drop_reply(turns)
         if not turns:
             gr.Info("Nothing to regenerate yet.")
-            yield gr.update(), turns, display(turns), gr.update()
+            yield gr.update(), turns, display(turns), ""
             return
         async for out in _run(turns, system_prompt, params, request):
             yield out
@@ -193,12 +205,12 @@ def build(ctx: Context):
         turns = drop_reply(turns)
         if turns:
             turns.pop()
-        return turns, display(turns)
+        return turns, display(turns), ""
 
     def edit_last(turns):
         turns = drop_reply(turns)
         text = turns.pop()["content"] if turns else ""
-        return text, turns, display(turns)
+        return text, turns, display(turns), ""
 
     def export_chat(turns, system_prompt):
         data = {"format": "turbostudio-chat", "version": 1, "system": system_prompt or "",
@@ -225,14 +237,14 @@ def build(ctx: Context):
     e2 = send.click(respond, inputs, outputs, api_visibility="private", **common)
     e3 = regen.click(regenerate, [conv, system, *sampling.values], outputs, api_name="regenerate", **common)
     stop.click(on_stop, conv, [conv, chatbot, status], cancels=[e1, e2, e3], api_name="stop", queue=False)
-    undo.click(undo_last, conv, [conv, chatbot], api_name="undo", queue=False)
-    edit.click(edit_last, conv, [box, conv, chatbot], api_name="edit_last", queue=False)
+    undo.click(undo_last, conv, [conv, chatbot, status], api_name="undo", queue=False)
+    edit.click(edit_last, conv, [box, conv, chatbot, status], api_name="edit_last", queue=False)
     clear.click(lambda: ([], [], ""), None, [conv, chatbot, status], api_name="clear", queue=False)
     chatbot.clear(lambda: ([], ""), None, [conv, status], api_visibility="private", queue=False)
     export_btn.click(export_chat, [conv, system], export_btn, api_name="export_chat", api_visibility="undocumented")
     import_btn.upload(import_chat, import_btn, [conv, chatbot, system], api_name="import_chat",
                       api_visibility="undocumented")
-    return chatbot
+    return sampling
 
 
 def parse_chat_json(data) -> list[dict]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from engines.base import EngineError, GenParams
+from engines.base import EngineError, EngineInfo, GenParams
 from engines.manager import EngineManager
 from settings import Settings
 
@@ -28,25 +28,66 @@ class Context:
 
 
 class SamplingControls:
-    """The sampling sliders; ``values`` go into an event's inputs, ``params`` turns them back."""
+    """The sampling sliders; ``values`` go into an event's inputs, ``make_params`` turns them back.
 
-    def __init__(self, settings: Settings, max_new_tokens: int = 512, temperature: float = 0.7):
+    They start at the loaded model's own defaults (its generation_config.json, as transformers and
+    LMDeploy use them) where it has them, else the app's; a line under them says which are in force
+    and where from. ``refresh`` gives the updates for a page load (after a model switch)."""
+
+    def __init__(self, settings: Settings, info: EngineInfo | None = None, max_new_tokens: int = 512):
         r = GenParams.RANGES
+        d = defaults_of(info)
         with gr.Accordion("Sampling", open=False):
-            self.max_new_tokens = gr.Slider(1, settings.max_new_tokens_limit, value=max_new_tokens, step=1,
+            self.source = gr.Markdown(defaults_line(info), elem_classes=["defaults-line"])
+            self.max_new_tokens = gr.Slider(1, settings.max_new_tokens_limit,
+                                            value=min(max_new_tokens, settings.max_new_tokens_limit), step=1,
                                             label="max_new_tokens")
-            self.temperature = gr.Slider(*r["temperature"], value=temperature, step=0.05,
+            self.temperature = gr.Slider(*r["temperature"], value=d.temperature, step=0.05,
                                          label="temperature (0 = greedy)", elem_classes=["temperature"])
-            self.top_p = gr.Slider(0.01, 1.0, value=0.9, step=0.01, label="top_p")
-            self.top_k = gr.Slider(*r["top_k"], value=40, step=1, label="top_k (0 = off)")
-            self.repetition_penalty = gr.Slider(*r["repetition_penalty"], value=1.0, step=0.01,
+            self.top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="top_p")
+            self.top_k = gr.Slider(*r["top_k"], value=d.top_k, step=1, label="top_k (0 = off)")
+            self.repetition_penalty = gr.Slider(*r["repetition_penalty"], value=d.repetition_penalty, step=0.01,
                                                 label="repetition_penalty")
-            self.seed = gr.Number(value=None, precision=0, label="seed (empty = random)")
+            # a text box: a Number field shows 0 when empty, which reads as seed 0
+            self.seed = gr.Textbox(value="", label="seed", placeholder="random (or a whole number)",
+                                   max_lines=1, elem_classes=["seed"])
 
     @property
     def values(self) -> list:
         return [self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty,
                 self.seed]
+
+    @property
+    def defaults_outputs(self) -> list:
+        return [self.source, self.temperature, self.top_p, self.top_k, self.repetition_penalty]
+
+    @staticmethod
+    def refresh(info: EngineInfo | None) -> list:
+        d = defaults_of(info)
+        return [defaults_line(info), d.temperature, d.top_p, d.top_k, d.repetition_penalty]
+
+
+def defaults_of(info: EngineInfo | None) -> GenParams:
+    return (info.defaults if info is not None and info.defaults is not None else None) or GenParams()
+
+
+def defaults_line(info: EngineInfo | None) -> str:
+    d = defaults_of(info)
+    values = f"temperature {d.temperature:g} · top_p {d.top_p:g} · top_k {d.top_k} · " \
+             f"repetition_penalty {d.repetition_penalty:g}"
+    if info is None:
+        return f"<sub>Defaults: {values} (the app's; no model is loaded).</sub>"
+    if info.defaults is None:
+        return f"<sub>Defaults: {values}: the app's own, since {model_label(info)} sets none.</sub>"
+    return f"<sub>Defaults: {values}, from {model_label(info)}'s generation_config.json.</sub>"
+
+
+def model_label(info: EngineInfo | None) -> str:
+    """A model's name as people call it: a folder's last component, a hub id or server model as is."""
+    if info is None:
+        return "no model"
+    m = info.model
+    return os.path.basename(m.rstrip("/")) if m.startswith(("/", "~", ".")) else m
 
 
 def make_params(settings: Settings, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
@@ -56,12 +97,16 @@ def make_params(settings: Settings, max_new_tokens, temperature, top_p, top_k, r
         if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens_limit:
             raise ValueError(f"max_new_tokens must be in [1, {settings.max_new_tokens_limit}], "
                              f"got {max_new_tokens!r}")
+        if isinstance(seed, str):
+            seed = seed.strip()
+            if seed and not seed.lstrip("-").isdigit():
+                raise ValueError(f"seed must be a whole number (or empty for random), got {seed!r}")
+            seed = int(seed) if seed else None
         return GenParams(max_new_tokens=_num(max_new_tokens, 512), temperature=_num(temperature, 0.7),
                          top_p=_num(top_p, 0.9), top_k=_num(top_k, 40),
-                         repetition_penalty=_num(repetition_penalty, 1.0),
-                         seed=None if seed in (None, "") else seed)
+                         repetition_penalty=_num(repetition_penalty, 1.0), seed=seed)
     except ValueError as e:
-        raise gr.Error(str(e), title="Invalid parameter") from e
+        raise gr.Error(str(e), title="Invalid parameter", print_exception=False) from e
 
 
 def _num(v, default):
@@ -73,15 +118,25 @@ def _num(v, default):
 
 
 def user_error(exc: BaseException) -> gr.Error:
-    """The message a user sees for ``exc``: engine errors as written, the rest summarized."""
+    """The message a user sees for ``exc``: engine errors and refusals as written (no traceback in
+    the server log: they are the user's input, not a fault), anything else summarized and logged
+    with its traceback."""
     if isinstance(exc, gr.Error):
         return exc
     if isinstance(exc, EngineError):
-        return gr.Error(exc.message, title=exc.code.replace("_", " ").capitalize())
+        return gr.Error(exc.message, title=exc.code.replace("_", " ").capitalize(), print_exception=False)
     if isinstance(exc, ValueError):
-        return gr.Error(str(exc), title="Invalid input")
+        return gr.Error(str(exc), title="Invalid input", print_exception=False)
     log.exception("unexpected error", exc_info=exc)
     return gr.Error(f"Internal error ({type(exc).__name__}): {exc}", title="Error")
+
+
+def refuse(exc: BaseException) -> None:
+    """A refusal in a page's own event: a warning toast that leaves the page as it was (an error
+    would draw Gradio's red Error overlay over the outputs). Named API endpoints raise instead."""
+    err = user_error(exc)
+    gr.Warning(err.message, title=err.title)
+    log.info("refused: %s", err.message)
 
 
 def session_id(request: gr.Request | None) -> str:
@@ -94,7 +149,8 @@ def fmt_stats(stats: dict | None) -> str:
     parts = []
     if stats.get("ttft") is not None:
         parts.append(f"first token {stats['ttft']:.2f} s")
-    parts.append(f"{stats.get('tokens', 0)} tokens")
+    if stats.get("tokens") is not None:
+        parts.append(f"{stats['tokens']} tokens")
     if stats.get("tokens_per_s"):
         parts.append(f"{stats['tokens_per_s']:.1f} tok/s")
     if stats.get("finish_reason") and stats["finish_reason"] != "stop":

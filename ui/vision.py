@@ -8,6 +8,7 @@ any earlier image and the history shows them. The vision model has its own Engin
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import hashlib
 import os
@@ -21,7 +22,8 @@ from engines.images import ImageError, prepare
 from engines.manager import EngineManager
 
 from .chat import chat_request, drop_reply, stream_reply, to_messages
-from .common import Context, SamplingControls, fmt_stats, make_params, require_admin, session_id
+from .common import (Context, SamplingControls, fmt_stats, make_params, model_label, refuse, require_admin,
+                     session_id)
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
 EXAMPLES = [("shapes.png", "What shapes do you see, and what colours are they?"),
@@ -62,7 +64,7 @@ class VisionSlot:
                                    "or load a folder on this page.")
                     return
                 model = models.DEFAULT_VISION_HUB_ID
-            self.status = f"loading {model} …"
+            self.status = f"loading {os.path.basename(model.rstrip('/'))} …"
             try:
                 info = self.manager.load(model, engine or s.vision_engine)
             except Exception as e:  # noqa: BLE001
@@ -88,8 +90,30 @@ class VisionSlot:
         info = self.manager.info()
         if info is None:
             return f"**Vision model:** {self.status}"
-        return (f"**Vision model:** {info.model} on **{info.backend}** ({info.device}, {info.dtype}) · "
+        return (f"**Vision model:** {model_label(info)} on **{info.backend}** ({info.device}, {info.dtype}) · "
                 f"context {info.context_length} tokens" + (f" · {info.reason}" if info.reason else ""))
+
+
+@dataclass
+class VisionControls:
+    """What is usable only with a vision model loaded."""
+
+    box: object
+    buttons: list
+    examples: object | None
+
+    @property
+    def components(self) -> list:
+        return [self.box, *self.buttons] + ([self.examples] if self.examples is not None else [])
+
+    def updates(self, ready: bool) -> list:
+        placeholder = ("Attach or paste images and ask about them" if ready else
+                       "No vision model is loaded: see the status above")
+        out = [gr.update(interactive=ready, placeholder=placeholder)]
+        out += [gr.update(interactive=ready) for _ in self.buttons]
+        if self.examples is not None:
+            out.append(gr.update(visible=ready))
+        return out
 
 
 def image_token_cost(manager: EngineManager, path: str) -> int | None:
@@ -149,7 +173,7 @@ def build(ctx: Context, slot: VisionSlot):
         with gr.Column(scale=2):
             with gr.Accordion("Webcam", open=False):
                 webcam = gr.Image(sources=["webcam"], type="filepath", label="Snapshot (sent with the next message)")
-            sampling = SamplingControls(settings, max_new_tokens=256, temperature=0.2)
+            sampling = SamplingControls(settings, slot.manager.info(), max_new_tokens=256)
             with gr.Accordion("Vision model", open=False):
                 vmodel = gr.Textbox(label="Model folder or hub id (llava-hf style)", value=settings.vision_model or "")
                 vengine = gr.Dropdown(["auto", "transformers", "pytorch", "turbomind"], value=settings.vision_engine,
@@ -157,8 +181,26 @@ def build(ctx: Context, slot: VisionSlot):
                 vload = gr.Button("Load vision model", size="sm")
             examples = [[{"text": q, "files": [os.path.join(EXAMPLES_DIR, f)]}] for f, q in EXAMPLES
                         if os.path.exists(os.path.join(EXAMPLES_DIR, f))]
-            if examples:
-                gr.Examples(examples, [box], label="Examples (images made for this project, CC0)")
+            ex = gr.Examples(examples, [box], label="Examples (images made for this project, CC0)",
+                             elem_id="vision-examples") if examples else None
+
+    def check_message(text, files, turns, pvals) -> GenParams:
+        """Refuse (gr.Error) what cannot be sent; the sampling parameters of what can."""
+        if slot.manager.info() is None:
+            raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
+        if len(text) > settings.max_input_chars:
+            raise gr.Error(f"The message has {len(text)} characters; the limit is {settings.max_input_chars}.",
+                           title="Message too long")
+        if len(files) > settings.max_images_per_turn:
+            raise gr.Error(f"{len(files)} images in one message; the limit is {settings.max_images_per_turn}.",
+                           title="Too many images")
+        held = sum(len(t.get("images") or ()) for t in turns)
+        if held + len(files) > settings.max_images:
+            raise gr.Error(f"This conversation would hold {held + len(files)} images; the limit is "
+                           f"{settings.max_images}. Clear the conversation to start again.", title="Too many images")
+        if not any(t.get("images") for t in turns) and not files:
+            raise gr.Error("Attach an image to ask about (the first message needs one).", title="No image")
+        return make_params(settings, *pvals)
 
     def context_report(turns, costs):
         info = slot.manager.info()
@@ -178,8 +220,6 @@ def build(ctx: Context, slot: VisionSlot):
         return line
 
     async def respond(message, turns, snapshot, *pvals, request: gr.Request = None):
-        if slot.manager.info() is None:
-            raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
         message = message or {}
         text = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
@@ -190,19 +230,12 @@ def build(ctx: Context, slot: VisionSlot):
             gr.Info("Type a question (and attach images) first: nothing was sent.")
             yield gr.update(), turns, display(turns), gr.update(), gr.update()
             return
-        if len(text) > settings.max_input_chars:
-            raise gr.Error(f"The message has {len(text)} characters; the limit is {settings.max_input_chars}.")
-        if len(files) > settings.max_images_per_turn:
-            raise gr.Error(f"{len(files)} images in one message; the limit is {settings.max_images_per_turn}.",
-                           title="Too many images")
-        held = sum(len(t.get("images") or ()) for t in turns)
-        if held + len(files) > settings.max_images:
-            raise gr.Error(f"This conversation would hold {held + len(files)} images; the limit is "
-                           f"{settings.max_images}. Clear the conversation to start again.", title="Too many images")
-        if not any(t.get("images") for t in turns) and not files:
-            raise gr.Error("Attach an image to ask about (the first message needs one).", title="No image")
-        params = make_params(settings, *pvals)
-
+        try:
+            params = check_message(text, files, turns, pvals)
+        except gr.Error as e:
+            refuse(e)       # a warning toast; the message stays in the box, the page as it was
+            yield gr.update(), turns, display(turns), gr.update(), gr.update()
+            return
         def prepare_uploads():      # decoding and resizing images: off the event loop
             saved, notes = [], []
             for f in files:
@@ -215,7 +248,12 @@ def build(ctx: Context, slot: VisionSlot):
             return saved, notes, [(os.path.basename(f), image_token_cost(slot.manager, p))
                                   for f, p in zip(files, saved)]
 
-        saved, notes, costs = await asyncio.to_thread(prepare_uploads)
+        try:
+            saved, notes, costs = await asyncio.to_thread(prepare_uploads)
+        except gr.Error as e:
+            refuse(e)
+            yield gr.update(), turns, display(turns), gr.update(), gr.update()
+            return
         for n in notes:
             gr.Warning(n)
         turns = list(turns) + [{"role": "user", "content": text or "Describe the image.", "images": saved}]
@@ -239,15 +277,25 @@ def build(ctx: Context, slot: VisionSlot):
                     warned = True
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update(), gr.update()
-        except gr.Error:
-            yield gr.update(), turns[:-1], display(turns[:-1]), gr.update(), gr.update()
-            raise
+        except gr.Error as e:
+            refuse(e)      # the question goes back into the box; the conversation as it was
+            last = turns[-1]
+            back = {"text": last["content"], "files": list(last.get("images") or ())}
+            yield back, turns[:-1], display(turns[:-1]), gr.update(), gr.update()
+            return
         turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
         report = await asyncio.to_thread(context_report, turns, costs)
         yield gr.update(), turns, display(turns), gr.update(), report
 
     async def regenerate(turns, *pvals, request: gr.Request = None):
-        params = make_params(settings, *pvals)
+        try:
+            if slot.manager.info() is None:
+                raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
+            params = make_params(settings, *pvals)
+        except gr.Error as e:
+            refuse(e)
+            yield gr.update(), turns, display(turns), gr.update(), gr.update()
+            return
         turns = drop_reply(turns)
         if not turns:
             gr.Info("Nothing to regenerate yet.")
@@ -282,7 +330,9 @@ def build(ctx: Context, slot: VisionSlot):
     clear.click(lambda: ([], [], ""), None, [conv, chatbot, context_md], api_name="vision_clear", queue=False)
     vload.click(load_vision, [vmodel, vengine], status, api_name="load_vision_model", concurrency_limit=1,
                 concurrency_id="admin")
-    return status
+    # without a vision model the page says what to do and its controls are off (ui.app's timer
+    # switches them with the model's state)
+    return status, VisionControls(box, [stop, regen], ex.dataset if ex is not None else None)
 
 
 __all__ = ["VisionSlot", "build", "display", "GenParams"]

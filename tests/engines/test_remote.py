@@ -64,7 +64,8 @@ def test_max_tokens_and_length_finish(client):
     ({"model": "no-such-model"}, "NotFoundError", "does not exist"),
     ({"temperature": 9}, "BadRequestError", "temperature: Input should be less than or equal to 2"),
     ({"max_tokens": 10**7}, "BadRequestError", "max_tokens must be in"),
-    ({"messages": [{"role": "user", "content": "word " * 20000}]}, "BadRequestError", "characters"),
+    ({"messages": [{"role": "user", "content": "word " * 30000}]}, "BadRequestError", "characters"),
+    ({"messages": [{"role": "user", "content": "word " * 20000}]}, "BadRequestError", "context is 8192 tokens"),
 ])
 def test_errors_come_back_in_openai_form(client, openai, kwargs, error, fragment):
     args = {"model": "SmolLM2-135M-Instruct", "messages": ASK, **kwargs}
