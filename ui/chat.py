@@ -141,8 +141,7 @@ def build(ctx: Context):
                                f"{settings.max_input_chars}.", title="Message too long")
             params = make_params(settings, *pvals)
         except gr.Error as e:
-            refuse(e)
-            yield message, turns, display(turns), ""
+            yield message, turns, display(turns), refuse(e)
             return
         turns = list(turns) + [{"role": "user", "content": message}]
         async for out in _run(turns, system_prompt, params, request):
@@ -168,8 +167,7 @@ def build(ctx: Context):
                 yield gr.update(), shown, display(shown), gr.update()
         except gr.Error as e:
             # a refusal: a warning toast, and the page as it was (the message back in the box)
-            refuse(e)
-            yield turns[-1]["content"], turns[:-1], display(turns[:-1]), ""
+            yield turns[-1]["content"], turns[:-1], display(turns[:-1]), refuse(e)
             return
         turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
         yield gr.update(), turns, display(turns), ""
@@ -178,8 +176,7 @@ def build(ctx: Context):
         try:
             params = make_params(settings, *pvals)
         except gr.Error as e:
-            refuse(e)
-            yield gr.update(), turns, display(turns), ""
+            yield gr.update(), turns, display(turns), refuse(e)
             return
         turns = drop_reply(turns)
         if not turns:

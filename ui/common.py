@@ -131,12 +131,15 @@ def user_error(exc: BaseException) -> gr.Error:
     return gr.Error(f"Internal error ({type(exc).__name__}): {exc}", title="Error")
 
 
-def refuse(exc: BaseException) -> None:
+def refuse(exc: BaseException) -> str:
     """A refusal in a page's own event: a warning toast that leaves the page as it was (an error
-    would draw Gradio's red Error overlay over the outputs). Named API endpoints raise instead."""
+    would draw Gradio's red Error overlay over the outputs). Returns a line for the page's status
+    (the toast fades; the reason stays readable there, and for API clients of the page's events).
+    Named API endpoints (``/chat``) raise instead."""
     err = user_error(exc)
     gr.Warning(err.message, title=err.title)
     log.info("refused: %s", err.message)
+    return f"⚠️ {err.message}"
 
 
 def session_id(request: gr.Request | None) -> str:

@@ -233,8 +233,8 @@ def build(ctx: Context, slot: VisionSlot):
         try:
             params = check_message(text, files, turns, pvals)
         except gr.Error as e:
-            refuse(e)       # a warning toast; the message stays in the box, the page as it was
-            yield gr.update(), turns, display(turns), gr.update(), gr.update()
+            # a warning toast; the message stays in the box, the page as it was
+            yield gr.update(), turns, display(turns), gr.update(), refuse(e)
             return
         def prepare_uploads():      # decoding and resizing images: off the event loop
             saved, notes = [], []
@@ -251,8 +251,7 @@ def build(ctx: Context, slot: VisionSlot):
         try:
             saved, notes, costs = await asyncio.to_thread(prepare_uploads)
         except gr.Error as e:
-            refuse(e)
-            yield gr.update(), turns, display(turns), gr.update(), gr.update()
+            yield gr.update(), turns, display(turns), gr.update(), refuse(e)
             return
         for n in notes:
             gr.Warning(n)
@@ -278,10 +277,10 @@ def build(ctx: Context, slot: VisionSlot):
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update(), gr.update()
         except gr.Error as e:
-            refuse(e)      # the question goes back into the box; the conversation as it was
+            # the question goes back into the box; the conversation as it was
             last = turns[-1]
             back = {"text": last["content"], "files": list(last.get("images") or ())}
-            yield back, turns[:-1], display(turns[:-1]), gr.update(), gr.update()
+            yield back, turns[:-1], display(turns[:-1]), gr.update(), refuse(e)
             return
         turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
         report = await asyncio.to_thread(context_report, turns, costs)
@@ -293,8 +292,7 @@ def build(ctx: Context, slot: VisionSlot):
                 raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
             params = make_params(settings, *pvals)
         except gr.Error as e:
-            refuse(e)
-            yield gr.update(), turns, display(turns), gr.update(), gr.update()
+            yield gr.update(), turns, display(turns), gr.update(), refuse(e)
             return
         turns = drop_reply(turns)
         if not turns:
