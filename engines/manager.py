@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 import threading
 import time
 import weakref
@@ -84,6 +85,7 @@ class LiveRequest:
     started: float
     tokens: int = 0
     aborted: bool = False
+    aborted_at: float | None = None     # perf_counter() of the first abort
 
     def to_dict(self) -> dict:
         return {"request_id": self.request_id, "owner": self.owner, "source": self.source,
@@ -119,6 +121,9 @@ class EngineManager:
         self._lock = threading.Lock()            # guards the places and the live requests
         self._taken = 0
         self._live: dict[str, LiveRequest] = {}
+        # seconds from each recent abort (Stop, a closed tab, a vanished client) to its place being
+        # free: measured here, where it happens, not through a client's polling
+        self.abort_release: deque[float] = deque(maxlen=200)
 
     # ------------------------------------------------------------------ state
     def info(self) -> EngineInfo | None:
@@ -337,13 +342,16 @@ class EngineManager:
         with self._lock:
             if self._live.get(live.request_id) is live:
                 del self._live[live.request_id]
+                if live.aborted_at is not None:
+                    self.abort_release.append(time.perf_counter() - live.aborted_at)
 
     def abort(self, request_id: str) -> bool:
         """Stop ``request_id`` wherever it is; False when no such request is running."""
         with self._lock:
             live = self._live.get(request_id)
-            if live is not None:
+            if live is not None and not live.aborted:
                 live.aborted = True
+                live.aborted_at = time.perf_counter()
         if live is None:
             return False
         eng = self._engine

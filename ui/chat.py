@@ -129,7 +129,7 @@ def build(ctx: Context):
                 export_btn = gr.DownloadButton("Export chat (JSON)", size="sm")
                 import_btn = gr.UploadButton("Import chat (JSON)", file_types=[".json"], size="sm")
 
-    async def respond(message, turns, system_prompt, *pvals, request: gr.Request = None):
+    async def respond(message, turns, system_prompt, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request: gr.Request = None):
         message = (message or "")
         if not message.strip():
             gr.Info("Type a message first: nothing was sent.")
@@ -139,7 +139,7 @@ def build(ctx: Context):
             if len(message) > settings.max_input_chars:
                 raise gr.Error(f"The message has {len(message)} characters; the limit is "
                                f"{settings.max_input_chars}.", title="Message too long")
-            params = make_params(settings, *pvals)
+            params = make_params(settings, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         except gr.Error as e:
             yield message, turns, display(turns), refuse(e)
             return
@@ -169,12 +169,16 @@ def build(ctx: Context):
             # a refusal: a warning toast, and the page as it was (the message back in the box)
             yield turns[-1]["content"], turns[:-1], display(turns[:-1]), refuse(e)
             return
+        if not text and stats and stats["finish_reason"] == "abort":
+            # stopped before its first token: no empty reply; the message goes back into the box
+            yield turns[-1]["content"], turns[:-1], display(turns[:-1]), ""
+            return
         turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
         yield gr.update(), turns, display(turns), ""
 
-    async def regenerate(turns, system_prompt, *pvals, request: gr.Request = None):
+    async def regenerate(turns, system_prompt, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request: gr.Request = None):
         try:
-            params = make_params(settings, *pvals)
+            params = make_params(settings, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         except gr.Error as e:
             yield gr.update(), turns, display(turns), refuse(e)
             return
@@ -186,17 +190,14 @@ def build(ctx: Context):
         async for out in _run(turns, system_prompt, params, request):
             yield out
 
-    def on_stop(turns, request: gr.Request = None):
-        """Stop this tab's generation (the cancelled event gets no last update of its own): the
-        cut reply is kept and marked stopped; a reply stopped before its first token is removed."""
+    def on_stop(request: gr.Request = None):
+        """Stop this tab's generation. The request is aborted in the engine and its stream ends
+        normally, so the running event gives the last update itself: the cut reply kept and marked
+        stopped, or, stopped before its first token, no empty reply (the message goes back into the
+        box). Gradio's ``cancels=`` is not used: a cancelled stream left Gradio's red Error badge
+        over the chat. (A reply still waiting in Gradio's queue when Stop is pressed starts later;
+        Stop ends it then.)"""
         manager.abort_session(session_id(request))
-        turns = list(turns or [])
-        if turns and turns[-1]["role"] == "assistant" and not turns[-1].get("stats"):
-            if turns[-1]["content"]:
-                turns[-1] = {**turns[-1], "stats": {"tokens": None, "finish_reason": "abort"}}
-            else:
-                turns.pop()
-        return turns, display(turns), ""
 
     def undo_last(turns):
         turns = drop_reply(turns)
@@ -230,10 +231,10 @@ def build(ctx: Context):
     outputs = [box, conv, chatbot, status]
     inputs = [box, conv, system, *sampling.values]
     common = dict(concurrency_id="generate", concurrency_limit="default")
-    e1 = box.submit(respond, inputs, outputs, api_name="send", **common)
-    e2 = send.click(respond, inputs, outputs, api_visibility="private", **common)
-    e3 = regen.click(regenerate, [conv, system, *sampling.values], outputs, api_name="regenerate", **common)
-    stop.click(on_stop, conv, [conv, chatbot, status], cancels=[e1, e2, e3], api_name="stop", queue=False)
+    box.submit(respond, inputs, outputs, api_name="send", **common)
+    send.click(respond, inputs, outputs, api_visibility="private", **common)
+    regen.click(regenerate, [conv, system, *sampling.values], outputs, api_name="regenerate", **common)
+    stop.click(on_stop, None, None, api_name="stop", queue=False)
     undo.click(undo_last, conv, [conv, chatbot, status], api_name="undo", queue=False)
     edit.click(edit_last, conv, [box, conv, chatbot, status], api_name="edit_last", queue=False)
     clear.click(lambda: ([], [], ""), None, [conv, chatbot, status], api_name="clear", queue=False)

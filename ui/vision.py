@@ -184,7 +184,7 @@ def build(ctx: Context, slot: VisionSlot):
             ex = gr.Examples(examples, [box], label="Examples (images made for this project, CC0)",
                              elem_id="vision-examples") if examples else None
 
-    def check_message(text, files, turns, pvals) -> GenParams:
+    def check_message(text, files, turns, pvals: tuple) -> GenParams:
         """Refuse (gr.Error) what cannot be sent; the sampling parameters of what can."""
         if slot.manager.info() is None:
             raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
@@ -219,7 +219,7 @@ def build(ctx: Context, slot: VisionSlot):
             line += " **Warning: the context is nearly full; old turns will be dropped.**"
         return line
 
-    async def respond(message, turns, snapshot, *pvals, request: gr.Request = None):
+    async def respond(message, turns, snapshot, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request: gr.Request = None):
         message = message or {}
         text = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
@@ -231,7 +231,7 @@ def build(ctx: Context, slot: VisionSlot):
             yield gr.update(), turns, display(turns), gr.update(), gr.update()
             return
         try:
-            params = check_message(text, files, turns, pvals)
+            params = check_message(text, files, turns, (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
         except gr.Error as e:
             # a warning toast; the message stays in the box, the page as it was
             yield gr.update(), turns, display(turns), gr.update(), refuse(e)
@@ -282,15 +282,21 @@ def build(ctx: Context, slot: VisionSlot):
             back = {"text": last["content"], "files": list(last.get("images") or ())}
             yield back, turns[:-1], display(turns[:-1]), gr.update(), refuse(e)
             return
+        if not text and stats and stats["finish_reason"] == "abort":
+            # stopped before its first token: no empty reply; the question goes back into the box
+            last = turns[-1]
+            yield ({"text": last["content"], "files": list(last.get("images") or ())}, turns[:-1],
+                   display(turns[:-1]), gr.update(), "")
+            return
         turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
         report = await asyncio.to_thread(context_report, turns, costs)
         yield gr.update(), turns, display(turns), gr.update(), report
 
-    async def regenerate(turns, *pvals, request: gr.Request = None):
+    async def regenerate(turns, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request: gr.Request = None):
         try:
             if slot.manager.info() is None:
                 raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
-            params = make_params(settings, *pvals)
+            params = make_params(settings, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         except gr.Error as e:
             yield gr.update(), turns, display(turns), gr.update(), refuse(e)
             return
@@ -319,12 +325,13 @@ def build(ctx: Context, slot: VisionSlot):
 
     outputs = [box, conv, chatbot, webcam, context_md]
     common = dict(concurrency_id="generate", concurrency_limit="default")
-    e1 = box.submit(respond, [box, conv, webcam, *sampling.values], outputs, api_name="vision_send", **common)
-    e2 = regen.click(regenerate, [conv, *sampling.values], outputs, api_name="vision_regenerate", **common)
+    box.submit(respond, [box, conv, webcam, *sampling.values], outputs, api_name="vision_send", **common)
+    regen.click(regenerate, [conv, *sampling.values], outputs, api_name="vision_regenerate", **common)
     def on_stop(request: gr.Request = None):
         slot.manager.abort_session(session_id(request))
 
-    stop.click(on_stop, None, None, cancels=[e1, e2], api_name="vision_stop", queue=False)
+    # no cancels=: the aborted stream ends normally (a cancelled one left Gradio's Error badge)
+    stop.click(on_stop, None, None, api_name="vision_stop", queue=False)
     clear.click(lambda: ([], [], ""), None, [conv, chatbot, context_md], api_name="vision_clear", queue=False)
     vload.click(load_vision, [vmodel, vengine], status, api_name="load_vision_model", concurrency_limit=1,
                 concurrency_id="admin")

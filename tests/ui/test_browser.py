@@ -153,3 +153,81 @@ def test_login_when_auth_is_on(browser, users_app):
         shot(pg, "after-login")
     finally:
         pg.close()
+
+
+def _running(app) -> int:
+    return app.client().predict(api_name="/engine_info")["running"]
+
+
+def _releases(app) -> list:
+    return app.client().predict(api_name="/engine_info")["abort_release_s"]
+
+
+def _wait_idle(app, limit: float) -> float:
+    """Seconds until the app runs no request (fails past ``limit``)."""
+    import time
+
+    t0 = time.perf_counter()
+    while _running(app):
+        assert time.perf_counter() - t0 < limit, f"a request still runs {limit} s later"
+        time.sleep(0.05)
+    return time.perf_counter() - t0
+
+
+def test_stop_marks_the_reply_and_leaves_no_generating_line(browser, app_server):
+    pg = open_page(browser, app_server.url)
+    try:
+        pg.wait_for_selector("#chat-input textarea", timeout=30000)
+        pg.fill("#chat-input textarea", "Write a very long story about the sea, with many chapters.")
+        pg.click("#chat-send")
+        pg.wait_for_function("document.querySelector('#chatbot').innerText.split(/\\s+/).length > 30",
+                             timeout=60000)
+        seen = len(_releases(app_server))
+        pg.click("#chat-stop")
+        _wait_idle(app_server, 5)
+        freed = _releases(app_server)[seen:]
+        assert len(freed) == 1 and freed[0] < 1.0, f"the stopped request's place was free after {freed} s"
+        pg.wait_for_selector("#chatbot >> text=stopped", timeout=10000)
+        assert "generating" not in pg.inner_text("#chat-status")
+        shot(pg, "chat-stopped")
+        # undo takes the stopped turn away and the status stays clear
+        pg.click("#chat-undo")
+        pg.wait_for_function("!document.querySelector('#chatbot').innerText.includes('stopped')", timeout=10000)
+        assert "generating" not in pg.inner_text("#chat-status")
+        print(f"stop freed the request {freed[0]:.3f} s after the abort")
+    finally:
+        pg.close()
+
+
+def test_stop_before_the_first_token_leaves_no_empty_reply(browser, app_server):
+    pg = open_page(browser, app_server.url)
+    try:
+        pg.wait_for_selector("#chat-input textarea", timeout=30000)
+        pg.fill("#chat-input textarea", "Summarize this: " + "the sea is wide and deep " * 600)  # a long prefill
+        pg.click("#chat-send")
+        pg.wait_for_selector("#chat-status >> text=generating", timeout=10000)
+        pg.click("#chat-stop")
+        _wait_idle(app_server, 5)
+        pg.wait_for_function("!document.querySelector('#chat-status').innerText.includes('generating')",
+                             timeout=10000)
+        bubbles = pg.locator("#chatbot .message.bot")
+        for i in range(bubbles.count()):
+            assert bubbles.nth(i).inner_text().strip(), "a stopped reply left an empty bubble"
+    finally:
+        pg.close()
+
+
+def test_closing_the_tab_aborts_its_generation(browser, app_server):
+    pg = open_page(browser, app_server.url)
+    pg.wait_for_selector("#chat-input textarea", timeout=30000)
+    pg.fill("#chat-input textarea", "Write a very long story about the sea, with many chapters.")
+    pg.click("#chat-send")
+    pg.wait_for_function("document.querySelector('#chatbot').innerText.split(/\\s+/).length > 20",
+                         timeout=60000)
+    assert _running(app_server) == 1
+    seen = len(_releases(app_server))
+    pg.close()
+    _wait_idle(app_server, 5)
+    freed = _releases(app_server)[seen:]
+    assert len(freed) == 1 and freed[0] < 1.0, f"the closed tab's request was free after {freed} s"
+    print(f"closing the tab freed the request {freed[0]:.3f} s after the abort")

@@ -117,3 +117,27 @@ def test_the_queue_wakes_on_events_and_sleeps_when_idle(gr):
     finally:
         app.close()
     assert threading.active_count() < 200
+
+
+def test_every_handler_that_asks_for_the_request_gets_it(demo):
+    """Gradio injects ``gr.Request`` only into positional parameters: one declared after ``*args``
+    silently stays None (the Chat page's requests were once all session "anonymous", so Stop and a
+    closed tab could not find them, and owners were lost)."""
+    import inspect
+
+    from gradio.helpers import special_args
+
+    missed = []
+    for fn in demo.fns.values():
+        f = fn.fn
+        if f is None:
+            continue
+        params = inspect.signature(f).parameters
+        if "request" not in params:
+            continue
+        n_inputs = len(fn.inputs)
+        probe = object()
+        filled, *_ = special_args(f, [None] * n_inputs, request=probe)
+        if probe not in filled:
+            missed.append(f"{fn.name or f.__name__} ({f.__qualname__})")
+    assert not missed, f"handlers whose request is never injected: {missed}"

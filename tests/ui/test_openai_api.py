@@ -124,6 +124,7 @@ def test_fifty_vanished_streaming_clients_leave_nothing_running(api_app, oai):
     import httpx
 
     before = sorted(_one_reply_speed(oai) for _ in range(3))[1]
+    seen = len(api_app.client().predict(api_name="/engine_info")["abort_release_s"])
     body = {"messages": LONG, "max_tokens": 2048, "temperature": 0.8, "stream": True}
     for wave in range(5):           # 50 clients, 10 at a time, each gone after its first text
         clients = [httpx.Client(base_url=api_app.url + "v1", timeout=60) for _ in range(10)]
@@ -140,6 +141,8 @@ def test_fifty_vanished_streaming_clients_leave_nothing_running(api_app, oai):
     while running(api_app) and time.time() < deadline:
         time.sleep(0.1)
     assert running(api_app) == 0, "a vanished client's request kept running"
+    freed = api_app.client().predict(api_name="/engine_info")["abort_release_s"][seen:]
+    assert len(freed) == 50 and max(freed) < 1.0, f"places free after an abort: max {max(freed):.3f} s"
     after = sorted(_one_reply_speed(oai) for _ in range(3))[1]
     assert after >= 0.8 * before, f"decode speed after the disconnects {after:.1f} vs {before:.1f} tok/s before"
 
