@@ -101,16 +101,18 @@ class VisionControls:
     box: object
     buttons: list
     examples: object | None
+    model_box: object       # the accordion to load a model: open while none is loaded
 
     @property
     def components(self) -> list:
-        return [self.box, *self.buttons] + ([self.examples] if self.examples is not None else [])
+        return [self.box, *self.buttons, self.model_box] + ([self.examples] if self.examples is not None else [])
 
     def updates(self, ready: bool) -> list:
         placeholder = ("Attach or paste images and ask about them" if ready else
                        "No vision model is loaded: see the status above")
         out = [gr.update(interactive=ready, placeholder=placeholder)]
         out += [gr.update(interactive=ready) for _ in self.buttons]
+        out.append(gr.update(open=not ready))
         if self.examples is not None:
             out.append(gr.update(visible=ready))
         return out
@@ -174,7 +176,7 @@ def build(ctx: Context, slot: VisionSlot):
             with gr.Accordion("Webcam", open=False):
                 webcam = gr.Image(sources=["webcam"], type="filepath", label="Snapshot (sent with the next message)")
             sampling = SamplingControls(settings, slot.manager.info(), max_new_tokens=256)
-            with gr.Accordion("Vision model", open=False):
+            with gr.Accordion("Vision model", open=False) as model_box:
                 vmodel = gr.Textbox(label="Model folder or hub id (llava-hf style)", value=settings.vision_model or "")
                 vengine = gr.Dropdown(["auto", "transformers", "pytorch", "turbomind"], value=settings.vision_engine,
                                       label="Engine")
@@ -337,7 +339,7 @@ def build(ctx: Context, slot: VisionSlot):
                 concurrency_id="admin")
     # without a vision model the page says what to do and its controls are off (ui.app's timer
     # switches them with the model's state)
-    return status, VisionControls(box, [stop, regen], ex.dataset if ex is not None else None)
+    return status, VisionControls(box, [stop, regen], ex.dataset if ex is not None else None, model_box)
 
 
 __all__ = ["VisionSlot", "build", "display", "GenParams"]

@@ -231,3 +231,17 @@ def test_closing_the_tab_aborts_its_generation(browser, app_server):
     freed = _releases(app_server)[seen:]
     assert len(freed) == 1 and freed[0] < 1.0, f"the closed tab's request was free after {freed} s"
     print(f"closing the tab freed the request {freed[0]:.3f} s after the abort")
+
+
+def test_vision_without_a_model_says_what_to_do_and_its_controls_are_off(page):
+    """Offline and without --vision-model: the page says how to point it at a folder, the input and
+    buttons are disabled and the examples hidden (before, sending drew red Error badges)."""
+    page.get_by_role("tab", name="Vision").click()
+    page.wait_for_selector("#vision-status", state="visible", timeout=20000)
+    page.wait_for_function("document.querySelector('#vision-status').innerText.includes('--vision-model')",
+                           timeout=20000)
+    page.wait_for_function("document.querySelector('#vision-input textarea').disabled", timeout=20000)
+    assert "No vision model" in (page.get_attribute("#vision-input textarea", "placeholder") or "")
+    assert not page.locator("#vision-examples").is_visible()
+    shot(page, "vision-no-model")
+    page.get_by_role("tab", name="Chat").click()
