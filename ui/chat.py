@@ -17,8 +17,8 @@ import gradio as gr
 from engines.base import ChatMessage, ChatRequest, EngineError, GenParams, InvalidRequest
 from engines.manager import EngineManager, Limits, within_limits
 
-from .common import (Context, SamplingControls, fmt_stats, make_params, refuse, session_id, user_error,
-                     user_of)
+from .common import (Context, Refusal, SamplingControls, fmt_stats, make_params, refuse, session_id,
+                     user_error, user_of)
 
 UPDATE_INTERVAL = 0.05   # seconds between UI updates while streaming (text is coalesced, not dropped)
 
@@ -137,7 +137,7 @@ def build(ctx: Context):
             return
         try:
             if len(message) > settings.max_input_chars:
-                raise gr.Error(f"The message has {len(message)} characters; the limit is "
+                raise Refusal(f"The message has {len(message)} characters; the limit is "
                                f"{settings.max_input_chars}.", title="Message too long")
             params = make_params(settings, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         except gr.Error as e:
@@ -224,7 +224,7 @@ def build(ctx: Context):
                 data = json.load(f)
             turns = parse_chat_json(data)
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise gr.Error(f"Not a chat export: {e}", title="Import failed") from e
+            raise Refusal(f"Not a chat export: {e}", title="Import failed") from e
         system_prompt = data.get("system", "") if isinstance(data, dict) else ""
         return turns, display(turns), system_prompt
 
@@ -271,9 +271,9 @@ async def api_chat(manager: EngineManager, settings, messages, params, request: 
         try:
             messages = json.loads(messages)
         except ValueError as e:
-            raise gr.Error("messages must be a JSON list of {role, content}", title="Invalid input") from e
+            raise Refusal("messages must be a JSON list of {role, content}", title="Invalid input") from e
     if not isinstance(messages, list) or not messages:
-        raise gr.Error("messages must be a non-empty list of {role, content}", title="Invalid input")
+        raise Refusal("messages must be a non-empty list of {role, content}", title="Invalid input")
     try:
         if isinstance(params, str):
             params = json.loads(params or "{}")

@@ -27,6 +27,16 @@ class Context:
     load: object = None        # engines.telemetry.LoadSampler: running and queued, once a second
 
 
+class Refusal(gr.Error):
+    """``gr.Error`` for what the user asked that cannot be done (bad input, a limit, not allowed):
+    the same message to them, but no traceback in the server log, which keeps tracebacks for faults."""
+
+    def __init__(self, message: str = "Not possible.", duration: float | None = 10, visible: bool = True,
+                 title: str = "Error", print_exception: bool = False):
+        super().__init__(message, duration=duration, visible=visible, title=title,
+                         print_exception=print_exception)
+
+
 class SamplingControls:
     """The sampling sliders; ``values`` go into an event's inputs, ``make_params`` turns them back.
 
@@ -106,7 +116,7 @@ def make_params(settings: Settings, max_new_tokens, temperature, top_p, top_k, r
                          top_p=_num(top_p, 0.9), top_k=_num(top_k, 40),
                          repetition_penalty=_num(repetition_penalty, 1.0), seed=seed)
     except ValueError as e:
-        raise gr.Error(str(e), title="Invalid parameter", print_exception=False) from e
+        raise Refusal(str(e), title="Invalid parameter", print_exception=False) from e
 
 
 def _num(v, default):
@@ -175,7 +185,7 @@ def require_admin(settings: Settings, request: gr.Request | None,
                   what: str = "load or unload models") -> None:
     """Operator controls are for admins when the app is public or has users (Settings.admins)."""
     if not is_admin(settings, request):
-        raise gr.Error(f"Only an administrator may {what} on this server.", title="Not allowed")
+        raise Refusal(f"Only an administrator may {what} on this server.", title="Not allowed")
 
 
 def may_manage(settings: Settings, request: gr.Request | None, owner: str | None) -> bool:

@@ -22,8 +22,8 @@ from engines.images import ImageError, prepare
 from engines.manager import EngineManager
 
 from .chat import chat_request, drop_reply, stream_reply, to_messages
-from .common import (Context, SamplingControls, fmt_stats, make_params, model_label, refuse, require_admin,
-                     session_id)
+from .common import (Context, Refusal, SamplingControls, fmt_stats, make_params, model_label, refuse,
+                     require_admin, session_id)
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
 EXAMPLES = [("shapes.png", "What shapes do you see, and what colours are they?"),
@@ -189,19 +189,19 @@ def build(ctx: Context, slot: VisionSlot):
     def check_message(text, files, turns, pvals: tuple) -> GenParams:
         """Refuse (gr.Error) what cannot be sent; the sampling parameters of what can."""
         if slot.manager.info() is None:
-            raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
+            raise Refusal(f"No vision model is loaded: {slot.status}", title="Vision model")
         if len(text) > settings.max_input_chars:
-            raise gr.Error(f"The message has {len(text)} characters; the limit is {settings.max_input_chars}.",
+            raise Refusal(f"The message has {len(text)} characters; the limit is {settings.max_input_chars}.",
                            title="Message too long")
         if len(files) > settings.max_images_per_turn:
-            raise gr.Error(f"{len(files)} images in one message; the limit is {settings.max_images_per_turn}.",
+            raise Refusal(f"{len(files)} images in one message; the limit is {settings.max_images_per_turn}.",
                            title="Too many images")
         held = sum(len(t.get("images") or ()) for t in turns)
         if held + len(files) > settings.max_images:
-            raise gr.Error(f"This conversation would hold {held + len(files)} images; the limit is "
+            raise Refusal(f"This conversation would hold {held + len(files)} images; the limit is "
                            f"{settings.max_images}. Clear the conversation to start again.", title="Too many images")
         if not any(t.get("images") for t in turns) and not files:
-            raise gr.Error("Attach an image to ask about (the first message needs one).", title="No image")
+            raise Refusal("Attach an image to ask about (the first message needs one).", title="No image")
         return make_params(settings, *pvals)
 
     def context_report(turns, costs):
@@ -244,7 +244,7 @@ def build(ctx: Context, slot: VisionSlot):
                 try:
                     p, n = save_prepared(settings.cache_dir, f)
                 except ImageError as e:
-                    raise gr.Error(str(e), title="Image refused") from e
+                    raise Refusal(str(e), title="Image refused") from e
                 saved.append(p)
                 notes += n
             return saved, notes, [(os.path.basename(f), image_token_cost(slot.manager, p))
@@ -297,7 +297,7 @@ def build(ctx: Context, slot: VisionSlot):
     async def regenerate(turns, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request: gr.Request = None):
         try:
             if slot.manager.info() is None:
-                raise gr.Error(f"No vision model is loaded: {slot.status}", title="Vision model")
+                raise Refusal(f"No vision model is loaded: {slot.status}", title="Vision model")
             params = make_params(settings, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         except gr.Error as e:
             yield gr.update(), turns, display(turns), gr.update(), refuse(e)
@@ -315,14 +315,14 @@ def build(ctx: Context, slot: VisionSlot):
         try:
             settings.load_policy().check(model.strip() or models.DEFAULT_VISION_HUB_ID)
         except Exception as e:  # noqa: BLE001
-            raise gr.Error(getattr(e, "message", str(e)), title="Not allowed") from e
+            raise Refusal(getattr(e, "message", str(e)), title="Not allowed") from e
         slot.start(model.strip() or None, engine)
         import time
 
         while slot.loading:
             time.sleep(0.5)
         if slot.error:
-            raise gr.Error(slot.status, title="Vision model")
+            raise Refusal(slot.status, title="Vision model")
         return slot.describe()
 
     outputs = [box, conv, chatbot, webcam, context_md]
