@@ -532,6 +532,9 @@ class Submission:
             rest = stops.flush()
             if rest:
                 yield Delta(rest, tokens)
+        except Exception:
+            reason = "error"        # the engine's stream raised: recorded as such, then raised on
+            raise
         finally:
             _settle(self.manager, eng, req.request_id, self._it, self._place, live, abort=reason == "abort")
             self.manager.metrics.add(telemetry.ReplyMetrics(
