@@ -25,11 +25,24 @@ PROMPTS = ["Explain how a rainbow forms.", "Write a short poem about the sea.",
            "List five uses of a paperclip.", "Describe the water cycle in simple words."]
 
 
+P99_MIN_SAMPLES = 100
+"""A 99th percentile rests on at least this many samples; from fewer it would only be the maximum
+under another name, so it is None and the maximum is reported as such."""
+
+
 def _pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def _spread(values: list[float], key: str) -> dict:
+    """``{key}_p50``, ``{key}_p99`` (None below ``P99_MIN_SAMPLES`` samples), ``{key}_max`` and
+    ``{key}_samples``: a percentile always says how many samples it rests on."""
+    return {f"{key}_p50": _pct(values, 50),
+            f"{key}_p99": _pct(values, 99) if len(values) >= P99_MIN_SAMPLES else None,
+            f"{key}_max": max(values) if values else None, f"{key}_samples": len(values)}
 
 
 @dataclass
@@ -94,19 +107,49 @@ def summarize(results: list[RequestResult], wall: float) -> dict:
     return {"requests": len(results), "errors": len(results) - len(ok), "tokens": tokens,
             "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2) if wall > 0 else 0.0,
             "words_per_s": round(sum(r.words for r in results) / wall, 2) if wall > 0 else 0.0,
-            "ttft_p50": _pct(ttfts, 50), "ttft_p99": _pct(ttfts, 99),
-            "itl_p50": _pct(gaps, 50), "itl_p99": _pct(gaps, 99),
+            **_spread(ttfts, "ttft"), **_spread(gaps, "itl"),
             "first_error": next((r.error for r in results if r.error), None)}
 
 
+def expected_replies(done: int, in_flight: int, users: int, elapsed: float, seconds: float) -> int | None:
+    """How many replies a load test will have in all, from where it stands: once its time is up,
+    exactly the replies done and those still running (no new one starts); before, those plus what
+    each user will still start at the pace seen so far (a user's replies take ``elapsed * users /
+    done`` seconds on average). None while no reply has ended (no pace to go by)."""
+    if elapsed >= seconds:
+        return done + in_flight
+    if done == 0:
+        return None
+    per_reply = elapsed * users / done
+    return max(done + in_flight, done + in_flight + round(users * (seconds - elapsed) / per_reply))
+
+
+def progress_line(done: int, expected: int | None, in_flight: int, elapsed: float,
+                  seconds: float) -> tuple[float, str]:
+    """The load test's progress as (fraction, words): replies done of replies expected (of about
+    as many while the test's time runs; exactly, once it is up)."""
+    if elapsed >= seconds:
+        total = expected if expected is not None else done + in_flight
+        tail = f": time is up, the last {total - done} finishing" if total > done else ""
+        return (done / total if total else 1.0), f"{done} of {total} replies{tail}"
+    clock = f" · {elapsed:.0f} of {seconds:.0f} s"
+    if expected is None:
+        return 0.0, f"0 replies done, {in_flight} under way{clock}"
+    return done / max(1, expected), f"{done} of ~{expected} replies{clock}"
+
+
 def load_test(submit: SubmitFn, *, users: int, seconds: float, params: GenParams, owner: str | None = None,
-              cancel: threading.Event | None = None, progress: Callable[[float, str], None] | None = None) -> dict:
+              cancel: threading.Event | None = None,
+              progress: Callable[[float, str], None] | None = None) -> dict:
     """``users`` simulated users send requests back to back through ``submit`` for ``seconds`` (no
     new request starts after that; running ones finish). Requests have source "loadtest" and
-    ``owner``. Returns the summary and the per-request rows."""
+    ``owner``. ``progress(fraction, words)`` counts replies done of replies expected
+    (``progress_line``). Returns the
+    summary and the per-request rows."""
     cancel = cancel or threading.Event()
     results: list[RequestResult] = []
     lock = threading.Lock()
+    running = [0]
     t0 = time.perf_counter()
     end = t0 + seconds
 
@@ -114,17 +157,31 @@ def load_test(submit: SubmitFn, *, users: int, seconds: float, params: GenParams
         n = 0
         while time.perf_counter() < end and not cancel.is_set():
             msgs = [ChatMessage("user", PROMPTS[(i + n) % len(PROMPTS)])]
-            r = one_request(submit, msgs, params, source="loadtest", owner=owner, session=f"loadtest-{i}",
-                            cancel=cancel)
             with lock:
-                results.append(r)
+                running[0] += 1
+            r = None
+            try:
+                r = one_request(submit, msgs, params, source="loadtest", owner=owner, session=f"loadtest-{i}",
+                                cancel=cancel)
+            finally:
+                with lock:          # one step: a reply is never both done and running, nor neither
+                    running[0] -= 1
+                    if r is not None:
+                        results.append(r)
             n += 1
 
     threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(users)]
     [t.start() for t in threads]
     while any(t.is_alive() for t in threads):
         if progress:
-            progress(min(1.0, (time.perf_counter() - t0) / seconds), f"{len(results)} replies so far")
+            with lock:
+                done, in_flight = len(results), running[0]
+            elapsed = time.perf_counter() - t0
+            if cancel.is_set():
+                progress(done / max(1, done + in_flight), f"cancelling: {done} replies done, {in_flight} being stopped")
+            else:
+                expected = expected_replies(done, in_flight, users, elapsed, seconds)
+                progress(*progress_line(done, expected, in_flight, elapsed, seconds))
         time.sleep(0.25)
     wall = time.perf_counter() - t0
     out = summarize(results, wall)

@@ -90,14 +90,26 @@ def snapshot() -> dict:
             "rss": process_rss()}
 
 
+NO_GPU = "No NVIDIA GPU"
+
+
 def gpu_status() -> tuple[list[dict], str]:
-    """Per-GPU name, memory, utilisation, temperature and power from NVML; ([], why) without."""
+    """Per-GPU name, memory, utilisation, temperature and power from NVML; ([], why) without, ``why``
+    in words for the page: "No NVIDIA GPU" where there is none (no NVML library, no driver, no
+    device), else what keeps the figures from being read."""
     try:
         import pynvml
-
+    except ImportError:
+        return [], NO_GPU if not _torch_cuda() else "GPU figures need the nvidia-ml-py package"
+    try:
         pynvml.nvmlInit()
     except Exception as e:  # noqa: BLE001 - no driver, no library, no GPU
-        return [], f"no GPU found ({type(e).__name__})"
+        name = type(e).__name__
+        if any(k in name for k in ("LibraryNotFound", "DriverNotLoaded", "NotFound", "NotSupported")):
+            return [], NO_GPU
+        if "NoPermission" in name:
+            return [], "The NVIDIA driver does not let this app read the GPU"
+        return [], f"GPU figures cannot be read ({name.removeprefix('NVMLError_').replace('_', ' ')})"
     out = []
     try:
         for i in range(pynvml.nvmlDeviceGetCount()):
@@ -118,8 +130,33 @@ def gpu_status() -> tuple[list[dict], str]:
                     row[key] = None
             out.append(row)
     except Exception as e:  # noqa: BLE001
-        return [], f"NVML failed ({e})"
-    return out, "" if out else "no GPU found"
+        return [], f"GPU figures cannot be read ({e})"
+    return out, "" if out else NO_GPU
+
+
+def _torch_cuda() -> bool:
+    """Whether torch sees a CUDA device (only asked when NVML's library is missing)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def human_bytes(n: int | float | None) -> str:
+    """Bytes in the unit a person reads: ``538060032`` -> "513 MiB", ``3 * 2**30`` -> "3.0 GiB";
+    "?" where unknown."""
+    if n is None:
+        return "?"
+    n = float(n)
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    if abs(n) >= 2**20:
+        return f"{n / 2**20:.0f} MiB"
+    if abs(n) >= 2**10:
+        return f"{n / 2**10:.0f} KiB"
+    return f"{n:.0f} B"
 
 
 def cpu_status() -> dict:
