@@ -29,7 +29,7 @@ def build_app(ctx: Context) -> gr.Blocks:
             with gr.Tab("Monitor", id="monitor") as monitor_tab:
                 timers[monitor_tab] = monitor.build(ctx, monitor_tab)
             with gr.Tab("Engines", id="engines") as engines_tab:
-                status = engines.build(ctx)
+                status = engines.build(ctx, header)     # the header follows a load, unload, connect
             timers[engines_tab] = None
         for tab in timers:
             others = [t for other, t in timers.items() if other is not tab and t is not None]
@@ -95,6 +95,4 @@ def _stop_timers(n: int):
 
 
 def _header(ctx: Context) -> str:
-    info = ctx.manager.info()
-    running = f"{info.model} · {info.backend} · {info.device}" if info else "no model loaded"
-    return f"## TurboStudio\n<sub>{running}</sub>"
+    return engines.header(ctx)       # the model's name, never a folder

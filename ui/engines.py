@@ -15,7 +15,8 @@ import gradio as gr
 from engines import telemetry
 from engines.registry import ENGINE_NAMES
 
-from .common import Context, model_label, redact_paths, refuse, require_admin, sees_own, sees_paths, user_error
+from .common import (Context, Refusal, model_label, redact_paths, refuse, require_admin, sees_own, sees_paths,
+                     user_error)
 
 
 # ---------------------------------------------------------------- what this machine can run
@@ -60,13 +61,15 @@ def machine() -> Machine:
 
 
 # ---------------------------------------------------------------- page events and API endpoints
-def page_event(fn, outputs: list, after=None, after_outputs: list = (), notice=None):
+def page_event(fn, outputs: list, after=None, after_outputs: list = (), notice=None, shape=None):
     """``fn`` as the page's own event, writing ``outputs``: a refusal (gr.Error) is a warning
     toast, its reason goes into ``notice`` (one of the page's outputs: the toast fades) and the
     other outputs stay as they were (an error would draw Gradio's red Error overlay over them); a
-    fault (an internal error, title "Error") stays an error. Once ``fn`` succeeded, ``after(result)``
-    fills ``after_outputs`` (the page's follow-ups: the header, the action line). Returns the
-    event function and the full list of components it writes."""
+    fault (a gr.Error that asks for its traceback: ``user_error``'s "Internal error") stays an error. Once ``fn`` succeeded, ``after(result)``
+    fills ``after_outputs`` (the page's follow-ups: the header, the action line), and ``shape(result)``
+    is what the page shows of the result (component updates, e.g. a result box made visible; the
+    API endpoint returns the plain values). Returns the event function and the full list of
+    components it writes."""
     outs, extra = list(outputs), list(after_outputs)
     every = outs + extra + ([notice] if notice is not None and notice not in outs + extra else [])
 
@@ -75,12 +78,13 @@ def page_event(fn, outputs: list, after=None, after_outputs: list = (), notice=N
         try:
             got = fn(*args, **kwargs)
         except gr.Error as e:
-            if getattr(e, "title", "Error") == "Error":
-                raise
+            if getattr(e, "print_exception", True):
+                raise                   # a fault (user_error logs its traceback): an error it stays
             line = refuse(e)
             values = [line if c is notice else gr.skip() for c in every]
         else:
-            values = [] if not outs else [got] if len(outs) == 1 else list(got)
+            shown = shape(got) if shape is not None else got
+            values = [] if not outs else [shown] if len(outs) == 1 else list(shown)
             values += list(after(got)) if after is not None else []
             values += [gr.skip()] * (len(every) - len(values))
         return None if not values else values[0] if len(values) == 1 else tuple(values)
@@ -92,12 +96,12 @@ def _list(outputs) -> list:
 
 
 def wire(trigger: gr.Button, fn, inputs, outputs, *, api_name: str | None, after=None, after_outputs=(),
-         notice=None, **kw):
+         notice=None, shape=None, **kw):
     """The page's event for ``trigger`` (``page_event``: refusals are warnings, their reason in
     ``notice``; ``after(result)`` fills ``after_outputs`` once ``fn`` succeeded) and, on a hidden
     twin with the same inputs and outputs, the API endpoint ``api_name`` (refusals raise, as an
-    API client expects; none when ``api_name`` is None)."""
-    run, every = page_event(fn, _list(outputs), after, _list(after_outputs), notice)
+    API client expects; none when ``api_name`` is None). ``shape``: see ``page_event``."""
+    run, every = page_event(fn, _list(outputs), after, _list(after_outputs), notice, shape)
     event = trigger.click(run, inputs, every or None, api_visibility="private", **kw)
     if api_name is not None:
         twin = gr.Button(visible=False, elem_classes=["api-twin"])
@@ -304,7 +308,7 @@ def build(ctx: Context, header_md: gr.Markdown | None = None):
         from engines.servers import api_server_command
 
         if not (model or "").strip():
-            raise gr.Error("Give the model the server should serve.", title="No model", print_exception=False)
+            raise Refusal("Give the model the server should serve.", title="No model")
         try:
             s.load_policy().check(model.strip())
             port = int(port)
