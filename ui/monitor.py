@@ -13,13 +13,10 @@ import gradio as gr
 
 from engines import telemetry
 
-from .common import Context, may_manage, redact_paths, sees_own, user_of
+from .common import Context, Refusal, may_manage, model_label, redact_paths, sees_own, user_of
 
 WINDOW_S = 600   # plots show the last ten minutes
-
-
-def _gib(n) -> str:
-    return "?" if n is None else f"{n / 2**30:.1f} GiB"
+_gib = telemetry.human_bytes     # every size on the page in the unit a person reads
 
 
 def own_replies(ctx: Context, request: gr.Request | None) -> list[telemetry.ReplyMetrics]:
@@ -41,7 +38,7 @@ def _panel(ctx: Context) -> str:
     lines = []
     info = ctx.manager.info()
     if info:
-        lines.append(f"**Model:** {info.model} on {info.backend} ({info.device}, {info.dtype})")
+        lines.append(f"**Model:** {model_label(info)} on {info.backend} ({info.device}, {info.dtype})")
     if gpus:
         procs = telemetry.gpu_processes()
         mine = telemetry.own_pids() if procs else set()
@@ -55,14 +52,15 @@ def _panel(ctx: Context) -> str:
                                           mine, info, len(gpus)))
     else:
         c = telemetry.cpu_status()
-        lines.append(f"*{why}: showing CPU and RAM.*")
+        lines.append(f"*{why}: showing CPU and RAM.*")     # "No NVIDIA GPU: showing CPU and RAM."
         lines.append(f"**CPU** {c['cores']} cores, {c['cpu_percent'] if c['cpu_percent'] is not None else '?'}% busy · "
                      f"**RAM** {_gib(c['ram_used'])} of {_gib(c['ram_total'])} · this process {_gib(c['rss'])}")
     # the server's load, all users together (counts only; the per-reply figures are per user)
     items = [m for m in ctx.manager.metrics.items() if m.time > time.time() - 60]
     rate = sum(m.tokens for m in items) / 60 if items else 0
-    lines.append(f"**Now:** {ctx.manager.running} streams running · last minute {len(items)} replies, "
-                 f"{rate:.1f} tokens/s on average")
+    n = ctx.manager.running
+    lines.append(f"**Now:** {n} stream{'' if n == 1 else 's'} running · last minute {len(items)} "
+                 f"repl{'y' if len(items) == 1 else 'ies'}, {rate:.1f} tokens/s on average")
     return "\n\n".join(lines)
 
 
@@ -100,6 +98,13 @@ def load_frame(ctx: Context):
     return pd.DataFrame(rows or [{"seconds ago": 0.0, "requests": 0, "series": "running"}])
 
 
+def load_plot(ctx: Context, **kw):
+    """The running-and-queued plot, its y axis from 0 to at least 4 (an idle server's flat zero
+    line would otherwise get an axis labelled "0.000000")."""
+    df = load_frame(ctx)
+    return gr.LinePlot(df, y_lim=[0, max(4, int(df["requests"].max()) + 1)], **kw)
+
+
 def recent_frame(items: list[telemetry.ReplyMetrics]):
     """Speed and first-token latency of ``items`` (the caller's replies, ``own_replies``)."""
     import pandas as pd
@@ -108,7 +113,10 @@ def recent_frame(items: list[telemetry.ReplyMetrics]):
     rows = [{"seconds ago": round(m.time - now, 1), "tokens/s": round(m.tokens_per_s, 2),
              "first token (s)": round(m.ttft, 3) if m.ttft is not None else None}
             for m in items if m.time > now - WINDOW_S]
-    return pd.DataFrame(rows or [{"seconds ago": 0.0, "tokens/s": 0.0, "first token (s)": 0.0}])
+    cols = ["seconds ago", "tokens/s", "first token (s)"]
+    if not rows:        # none yet: an empty plot, its columns numbers (not categories) from the start
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in cols})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _write(rows: list[dict], summary: dict | None, stem: str) -> tuple[str, str]:
@@ -168,69 +176,150 @@ class Runs:
         mine = [r for r in runs if may_manage(settings, request, r.owner)]
         if runs and not mine:
             kinds = " and ".join(sorted({r.kind for r in runs}))
-            raise gr.Error(f"The {kinds} running now was started by another user; only they or an "
-                           "administrator may cancel it.", title="Not allowed")
+            raise Refusal(f"The {kinds} running now was started by another user; only they or an "
+                          "administrator may cancel it.", title="Not allowed")
         for r in mine:
             r.cancel.set()
         return mine
 
 
 def _fmt_ms(v) -> str:
-    return "–" if v is None else f"{v * 1000:.0f} ms"
+    """Seconds as a person reads a latency: "85 ms", "2.47 s"."""
+    if v is None:
+        return "–"
+    return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def spread_text(res: dict, key: str, what: str) -> str:
+    """A percentile with the samples it rests on: "p50 120 ms, p99 300 ms (1,234 gaps)", or below
+    ``loadtest.P99_MIN_SAMPLES`` "p50 120 ms, max 300 ms (3 replies: too few for a p99)"."""
+    n = res.get(f"{key}_samples") or 0
+    if not n:
+        return f"no {what}"
+    if n == 1:
+        what = {"replies": "reply", "gaps": "gap"}.get(what, what)
+    if res.get(f"{key}_p99") is not None:
+        return f"p50 {_fmt_ms(res[f'{key}_p50'])}, p99 {_fmt_ms(res[f'{key}_p99'])} ({n:,} {what})"
+    return (f"p50 {_fmt_ms(res[f'{key}_p50'])}, max {_fmt_ms(res[f'{key}_max'])} "
+            f"({n:,} {what}: too few for a p99)")
+
+
+def load_test_text(res: dict) -> str:
+    """A load test's summary in words."""
+    first = f"; first error: {res['first_error']}" if res.get("first_error") else ""
+    return (f"**{res['requests']} replies** from {res['users']} users in {res['seconds']:.1f} s"
+            f"{' (cancelled)' if res['cancelled'] else ''}: **{res['tokens_per_s']:.1f} tokens/s** "
+            f"aggregate ({res['tokens']:,} tokens), {res['words_per_s']:.1f} words/s · errors {res['errors']}"
+            f"{first}\n\nFirst token: {spread_text(res, 'ttft', 'replies')} · "
+            f"between tokens: {spread_text(res, 'itl', 'gaps')}")
+
+
+def results_frame(rows: list[dict], first: str = "engine"):
+    """Comparison or sweep rows as the page shows them: named columns, human units, no raw keys
+    (the JSON and CSV files keep every raw figure)."""
+    import pandas as pd
+
+    out = []
+    for r in rows:
+        row = {first: r.get(first), "batch": r.get("batch")}
+        if "requests" in r:
+            row.update({"replies": r["requests"], "errors": r["errors"],
+                        "tokens/s": round(r["tokens_per_s"], 1), "words/s": round(r["words_per_s"], 1),
+                        "first token": spread_text(r, "ttft", "replies"),
+                        "GPU memory": "–" if r.get("gpu_mem_gib") is None else
+                        telemetry.human_bytes(r["gpu_mem_gib"] * 2**30)})
+        row["error"] = r.get("error") or r.get("first_error") or ""
+        out.append(row)
+    df = pd.DataFrame(out)
+    if "error" in df and not df["error"].astype(bool).any():
+        df = df.drop(columns="error")
+    if not any((r.get("gpu_mem_gib") or 0) > 0 for r in rows) and "GPU memory" in df:
+        df = df.drop(columns="GPU memory")           # no GPU memory taken (a CPU machine): no column of zeros
+    return df
+
+
+def _plot_frame(rows: list[dict], x: str, key: str, label: str, where=lambda r: True):
+    """The points of a result plot: ``x`` and the rows' ``key`` figure, named ``label``."""
+    import pandas as pd
+
+    pts = [{x: r.get(x), label: r[key]} for r in rows if r.get(key) is not None and where(r)]
+    return pd.DataFrame(pts, columns=[x, label])
 
 
 def build_benchmarks(ctx: Context):
-    """The load test and the engine comparison (the tutorial's speed script, made real). Starting
-    one is an operator control (``require_admin``); each run belongs to the user who started it
-    (its requests carry that owner) and only they or an administrator may cancel it (``Runs``)."""
+    """The load test, the engine comparison and the KV-cache sweep. Starting one is an operator
+    control (``require_admin``); each run belongs to the user who started it (its requests carry
+    that owner) and only they or an administrator may cancel it (``Runs``). What this machine cannot
+    run is offered disabled, with the reason (``ui.engines.machine``). In the page a refusal is a
+    warning and a line in the result; the named API endpoints raise it."""
     from engines import loadtest
     from engines.base import GenParams
 
     from .common import require_admin, user_error
+    from .engines import machine, wire
 
+    m = machine()
     runs = Runs()
     with gr.Accordion("Load test: N simulated users against the loaded engine", open=False):
         gr.Markdown("Runs for the time you set (then lets running replies finish); chat users share the "
                     "engine meanwhile and are batched with the simulated ones.")
         with gr.Row():
-            users = gr.Slider(1, 64, value=4, step=1, label="users")
-            seconds = gr.Slider(2, 300, value=10, step=1, label="seconds")
-            lt_tokens = gr.Slider(1, 1024, value=64, step=1, label="max_new_tokens")
+            users = gr.Slider(1, 64, value=4, step=1, label="users", elem_id="loadtest-users")
+            seconds = gr.Slider(2, 300, value=10, step=1, label="seconds", elem_id="loadtest-seconds")
+            lt_tokens = gr.Slider(1, 1024, value=64, step=1, label="max_new_tokens", elem_id="loadtest-tokens")
         with gr.Row():
-            run_lt = gr.Button("Run load test", variant="primary")
-            stop_lt = gr.Button("Cancel")
-        lt_out = gr.Markdown(elem_id="loadtest-result")
+            run_lt = gr.Button("Run load test", variant="primary", elem_id="loadtest-run")
+            stop_lt = gr.Button("Cancel", elem_id="loadtest-cancel")
+        # the progress (replies done of replies expected) is drawn here only, not over the files
+        lt_out = gr.Markdown("*No load test run yet.*", elem_id="loadtest-result", min_height=72)
         with gr.Row():
-            lt_json = gr.File(label="results (JSON)")
-            lt_csv = gr.File(label="results (CSV)")
+            lt_json = gr.File(label="results (JSON)", visible=False, height=80, elem_id="loadtest-json")
+            lt_csv = gr.File(label="results (CSV)", visible=False, height=80, elem_id="loadtest-csv")
+    gpu_names = {"turbomind": "TurboMind", "pytorch": "LMDeploy-PyTorch"}
+    offered = ["transformers"] + ([*gpu_names] if m.gpu_engines else [])
     with gr.Accordion("Engine comparison (TurboMind vs LMDeploy-PyTorch vs Transformers)", open=False):
         gr.Markdown("Loads each chosen engine beside the serving model (GPU memory permitting), warms it "
                     "up, and runs the same prompts; reports tokens/s, the tutorial's words/s, first-token "
                     "latency and GPU memory.")
+        if not m.gpu_engines:
+            gr.Markdown(f"*TurboMind and LMDeploy-PyTorch are not offered on this machine: {m.no_gpu_engines}.*",
+                        elem_id="compare-gpu-note")
         with gr.Row():
-            choices = gr.CheckboxGroup(["turbomind", "pytorch", "transformers"], value=["transformers"],
-                                       label="engines")
+            # the engines this machine runs (the API takes the others and answers with the reason)
+            choices = gr.Dropdown(offered, value=["transformers"], multiselect=True, allow_custom_value=True,
+                                  label="engines", elem_id="compare-engines",
+                                  info=None if m.gpu_engines else "TurboMind, LMDeploy-PyTorch: need a CUDA GPU")
             cmp_model = gr.Textbox(label="model (empty: the loaded one)")
             cmp_tokens = gr.Slider(1, 1024, value=64, step=1, label="max_new_tokens")
             repeats = gr.Slider(1, 10, value=2, step=1, label="repeats")
             batch = gr.Slider(1, 64, value=1, step=1, label="concurrent streams")
         with gr.Row():
-            run_cmp = gr.Button("Run comparison", variant="primary")
+            run_cmp = gr.Button("Run comparison", variant="primary", elem_id="compare-run")
             stop_cmp = gr.Button("Cancel")
-        cmp_table = gr.Dataframe(interactive=False, elem_id="compare-table")
-        cmp_plot = gr.BarPlot(x="engine", y="tokens_per_s", title="tokens/s", height=240)
+        cmp_note = gr.Markdown("*No comparison run yet.*", elem_id="compare-note", min_height=48)
+        # tables and plots appear with their first results (an empty one would show made-up headers)
+        cmp_table = gr.Dataframe(interactive=False, elem_id="compare-table", visible=False)
+        cmp_plot = gr.BarPlot(x="engine", y="tokens/s", title="tokens/s", height=240, visible=False,
+                              y_lim=[0, None])
         with gr.Row():
-            cmp_json = gr.File(label="results (JSON)")
-            cmp_csv = gr.File(label="results (CSV)")
+            cmp_json = gr.File(label="results (JSON)", visible=False, height=80)
+            cmp_csv = gr.File(label="results (CSV)", visible=False, height=80)
     with gr.Accordion("KV-cache sweep (TurboMind): cache_max_entry_count 0.8 / 0.5 / 0.01", open=False):
         gr.Markdown("The tutorial's experiment: the same model on TurboMind with each cache size, the GPU "
                     "memory it takes and the speed at batch 1 and 16.")
+        if not m.gpu_engines:
+            gr.Markdown(f"*Needs TurboMind, which cannot run on this machine: {m.no_gpu_engines}.*",
+                        elem_id="sweep-gpu-note")
         with gr.Row():
-            sweep_qp = gr.Dropdown([0, 8, 4], value=0, label="quant_policy (KV int8 = 8, int4 = 4)")
-            sweep_tokens = gr.Slider(1, 1024, value=128, step=1, label="max_new_tokens")
-            run_sweep = gr.Button("Run sweep", variant="primary")
-        sweep_table = gr.Dataframe(interactive=False, elem_id="sweep-table")
-        sweep_plot = gr.BarPlot(x="setting", y="gpu_mem_gib", title="GPU memory (GiB)", height=240)
+            sweep_qp = gr.Dropdown([0, 8, 4], value=0, label="quant_policy (KV int8 = 8, int4 = 4)",
+                                   interactive=m.gpu_engines)
+            sweep_tokens = gr.Slider(1, 1024, value=128, step=1, label="max_new_tokens", interactive=m.gpu_engines)
+            run_sweep = gr.Button("Run sweep" if m.gpu_engines else "Run sweep (needs a CUDA GPU and LMDeploy)",
+                                  variant="primary", interactive=m.gpu_engines, elem_id="sweep-run")
+        sweep_note = gr.Markdown("", elem_id="sweep-note", min_height=48)
+        sweep_table = gr.Dataframe(interactive=False, elem_id="sweep-table", visible=False)
+        sweep_plot = gr.BarPlot(x="setting", y="GPU memory (GiB)", title="GPU memory (GiB)", height=240,
+                                visible=False, y_lim=[0, None])
 
     def do_load_test(n, secs, max_tokens, request: gr.Request = None, progress=gr.Progress()):
         require_admin(ctx.settings, request, "run load tests")
@@ -244,24 +333,17 @@ def build_benchmarks(ctx: Context):
             res = loadtest.load_test(ctx.manager.submit, users=int(n), seconds=float(secs), params=params,
                                      owner=owner, cancel=run.cancel, progress=lambda f, m: progress(f, desc=m))
         rows = res.pop("rows")
-        text = (f"**{res['requests']} replies** from {res['users']} users in {res['seconds']:.1f} s"
-                f"{' (cancelled)' if res['cancelled'] else ''}: **{res['tokens_per_s']:.1f} tokens/s** "
-                f"aggregate ({res['tokens']} tokens), {res['words_per_s']:.1f} words/s · first token p50 "
-                f"{_fmt_ms(res['ttft_p50'])}, p99 {_fmt_ms(res['ttft_p99'])} · inter-token p50 "
-                f"{_fmt_ms(res['itl_p50'])}, p99 {_fmt_ms(res['itl_p99'])} · errors {res['errors']}")
         j, c = _write(rows, res, "loadtest")
-        return text, j, c
+        return load_test_text(res), j, c
 
     def do_compare(picked, model, max_tokens, reps, n, request: gr.Request = None, progress=gr.Progress()):
-        import pandas as pd
-
         require_admin(ctx.settings, request, "run engine comparisons")
         if not picked:
-            raise gr.Error("Choose at least one engine.", title="Nothing to compare")
+            raise Refusal("Choose at least one engine.", title="Nothing to compare")
         info = ctx.manager.info()
-        spec = model.strip() or (info.model_path if info else None)
+        spec = (model or "").strip() or (info.model_path if info else None)
         try:
-            ctx.settings.load_policy().check(model.strip() or None)
+            ctx.settings.load_policy().check((model or "").strip() or None)
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
         opts = ctx.settings.engine_options()
@@ -278,14 +360,10 @@ def build_benchmarks(ctx: Context):
                                             params=GenParams(temperature=0, max_new_tokens=int(max_tokens)),
                                             repeats=int(reps), batch=int(n), owner=owner, cancel=run.cancel,
                                             progress=lambda f, m: progress(f, desc=m))
-        df = pd.DataFrame(rows)
         j, c = _write(rows, None, "engine-comparison")
-        plot = df[["engine", "tokens_per_s"]] if "tokens_per_s" in df else pd.DataFrame({"engine": [], "tokens_per_s": []})
-        return df, plot, j, c
+        return results_frame(rows), _plot_frame(rows, "engine", "tokens_per_s", "tokens/s"), j, c
 
     def do_sweep(qp, max_tokens, request: gr.Request = None, progress=gr.Progress()):
-        import pandas as pd
-
         require_admin(ctx.settings, request, "run the KV-cache sweep")
         info = ctx.manager.info()
         spec = info.model_path if info else None
@@ -307,24 +385,35 @@ def build_benchmarks(ctx: Context):
                                                   cancel=run.cancel,
                                                   progress=lambda f, m, label=label: progress(f, desc=f"{label}: {m}")):
                     rows.append({"setting": label, **r})
-        df = pd.DataFrame(rows)
-        plot = df[df["batch"] == 1][["setting", "gpu_mem_gib"]] if "gpu_mem_gib" in df else \
-            pd.DataFrame({"setting": [], "gpu_mem_gib": []})
-        return df, plot
+        return (results_frame(rows, first="setting"),
+                _plot_frame(rows, "setting", "gpu_mem_gib", "GPU memory (GiB)", where=lambda r: r.get("batch") == 1))
 
     def do_cancel(request: gr.Request = None):
         """Cancel the benchmarks the caller may cancel: their own, or any for an administrator;
         refused (gr.Error) when what runs is someone else's, and it goes on."""
         runs.cancel(ctx.settings, request)
 
-    run_sweep.click(do_sweep, [sweep_qp, sweep_tokens], [sweep_table, sweep_plot], api_name="kv_sweep",
-                    concurrency_id="bench", concurrency_limit=1)
-    run_lt.click(do_load_test, [users, seconds, lt_tokens], [lt_out, lt_json, lt_csv], api_name="load_test",
-                 concurrency_id="bench", concurrency_limit=1)
-    stop_lt.click(do_cancel, None, None, api_name="cancel_benchmark", queue=False)
-    run_cmp.click(do_compare, [choices, cmp_model, cmp_tokens, repeats, batch], [cmp_table, cmp_plot, cmp_json, cmp_csv],
-                  api_name="compare_engines", concurrency_id="bench", concurrency_limit=1)
-    stop_cmp.click(do_cancel, None, None, api_visibility="private", queue=False)
+    def finished(_result=None):
+        return [f"Finished at {time.strftime('%H:%M:%S')}."]
+
+    # what the page shows of a result: its boxes appear with it (a plot only with points to draw)
+    def files(j, c):
+        return gr.File(j, visible=True), gr.File(c, visible=True)
+
+    def table_and_plot(df, plot):
+        return gr.Dataframe(df, visible=True), gr.BarPlot(plot, visible=not plot.empty)
+
+    bench = dict(concurrency_id="bench", concurrency_limit=1)
+    # progress is drawn on the run's own line (lt_out, cmp_note, sweep_note), never over the results
+    wire(run_sweep, do_sweep, [sweep_qp, sweep_tokens], [sweep_table, sweep_plot], api_name="kv_sweep",
+         shape=lambda r: table_and_plot(*r), after=finished, after_outputs=sweep_note, notice=sweep_note, show_progress_on=[sweep_note], **bench)
+    wire(run_lt, do_load_test, [users, seconds, lt_tokens], [lt_out, lt_json, lt_csv], api_name="load_test",
+         shape=lambda r: (r[0], *files(*r[1:])), notice=lt_out, show_progress_on=[lt_out], **bench)
+    wire(stop_lt, do_cancel, None, None, api_name="cancel_benchmark", notice=lt_out, queue=False)
+    wire(run_cmp, do_compare, [choices, cmp_model, cmp_tokens, repeats, batch], [cmp_table, cmp_plot, cmp_json, cmp_csv],
+         api_name="compare_engines", shape=lambda r: (*table_and_plot(*r[:2]), *files(*r[2:])), after=finished, after_outputs=cmp_note, notice=cmp_note,
+         show_progress_on=[cmp_note], **bench)
+    wire(stop_cmp, do_cancel, None, None, api_name=None, notice=cmp_note, queue=False)
 
 
 def build(ctx: Context, tab: gr.Tab):
@@ -332,12 +421,13 @@ def build(ctx: Context, tab: gr.Tab):
     status = gr.Markdown(panel(ctx), elem_id="monitor-panel")
     with gr.Row():
         first = recent_frame(own_replies(ctx, None))
+        window = [-WINDOW_S, 0]          # the last ten minutes, also while there is no reply yet
         speed = gr.LinePlot(first, x="seconds ago", y="tokens/s", title="Tokens/s per reply (yours)",
-                            height=220)
+                            height=220, x_lim=window, y_lim=[0, None])
         ttft = gr.LinePlot(first, x="seconds ago", y="first token (s)", title="First token (yours)",
-                           height=220)
-    load = gr.LinePlot(load_frame(ctx), x="seconds ago", y="requests", color="series",
-                       title="Running and queued requests", height=220)
+                           height=220, x_lim=window, y_lim=[0, None])
+    load = load_plot(ctx, x="seconds ago", y="requests", color="series", title="Running and queued requests",
+                     height=220)
     download = gr.DownloadButton("Download reply metrics (CSV)", size="sm")
     timer = gr.Timer(1.0, active=False)
 
@@ -359,7 +449,7 @@ def build(ctx: Context, tab: gr.Tab):
         else:
             outs += [gr.skip(), gr.skip()]
         if time.time() - last.get("load", 0) >= 5:
-            outs.append(load_frame(ctx))
+            outs.append(load_plot(ctx))
             last["load"] = time.time()
         else:
             outs.append(gr.skip())

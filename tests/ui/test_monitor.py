@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sys
+import time
 import types
 
 import pytest
@@ -13,7 +15,7 @@ from engines import telemetry
 
 def test_without_a_gpu_the_panel_shows_cpu_and_says_why(monkeypatch):
     gpus, why = telemetry.gpu_status()
-    assert gpus == [] and "no GPU" in why          # this machine has none
+    assert gpus == [] and why == "No NVIDIA GPU"    # this machine has none; said in words, no NVML jargon
     c = telemetry.cpu_status()
     assert c["cores"] >= 1 and c["rss"] > 0
 
@@ -52,7 +54,8 @@ def test_monitor_panel_and_csv_through_the_app(app_server):
     c = app_server.client()
     c.predict([{"role": "user", "content": "Say hi."}], {"temperature": 0, "max_new_tokens": 6}, api_name="/chat")
     text = c.predict(api_name="/monitor_panel")
-    assert "SmolLM2-135M-Instruct" in text and "no GPU found" in text and "RAM" in text
+    assert "SmolLM2-135M-Instruct" in text and "No NVIDIA GPU: showing CPU and RAM" in text
+    assert "NVML" not in text
     path = c.predict(api_name="/metrics_csv")
     rows = list(csv.DictReader(open(path)))
     done = [r for r in rows if r["finish_reason"] in ("stop", "length")]   # not stopped before a token
@@ -71,9 +74,14 @@ def test_load_test_through_the_app(app_server):
     assert s["users"] == 3 and s["errors"] == 0 and s["requests"] == len(rows) >= 3
     assert s["tokens"] == sum(r["tokens"] for r in rows), "tokens counted equal tokens generated"
     assert all(1 <= r["tokens"] <= 16 for r in rows)
-    assert 0 < s["ttft_p50"] <= s["ttft_p99"] < 30 and 0 < s["itl_p50"] <= s["itl_p99"]
+    assert s["ttft_samples"] == s["requests"] and 0 < s["ttft_p50"] <= s["ttft_max"] < 30
+    assert s["itl_samples"] > 0 and 0 < s["itl_p50"] <= s["itl_max"]
+    for key in ("ttft", "itl"):      # a p99 only where it rests on enough samples
+        p99 = s[f"{key}_p99"]
+        assert (p99 is None) == (s[f"{key}_samples"] < 100) and (p99 is None or s[f"{key}_p50"] <= p99)
     assert abs(s["tokens_per_s"] - s["tokens"] / s["seconds"]) < 0.1
-    assert "tokens/s" in text and "p99" in text
+    assert "tokens/s" in text and f"({s['requests']} replies" in text
+    assert "too few for a p99" in text or "p99" in text
     assert len(list(csv.DictReader(open(cpath)))) == len(rows)
 
 
@@ -138,3 +146,107 @@ def test_running_requests_are_sampled_for_the_plot(app_server):
     assert seen >= 1, "the 1 Hz sampler saw the running request"
     samples = c.predict(api_name="/monitor_load")
     assert len(samples) >= 2 and all(s[0] <= 0 for s in samples)
+
+
+def test_percentiles_say_how_many_samples_they_rest_on():
+    from engines.loadtest import P99_MIN_SAMPLES, RequestResult, summarize
+    from ui.monitor import load_test_text
+
+    few = [RequestResult(ttft=0.1 * (i + 1), seconds=1.0, tokens=5, words=3, gaps=[0.02] * 4) for i in range(2)]
+    s = summarize(few, 2.0)
+    assert s["ttft_samples"] == 2 and s["ttft_p99"] is None and s["ttft_max"] == pytest.approx(0.2)
+    assert s["itl_samples"] == 8 and s["itl_p99"] is None
+    text = load_test_text({**s, "users": 2, "cancelled": False})
+    assert "max 200 ms (2 replies: too few for a p99)" in text and "(8 gaps: too few for a p99)" in text
+    many = [RequestResult(ttft=0.001 * i, seconds=1.0, tokens=2, words=1, gaps=[0.01]) for i in range(P99_MIN_SAMPLES)]
+    s = summarize(many, 2.0)
+    assert s["ttft_samples"] == P99_MIN_SAMPLES and s["ttft_p99"] == pytest.approx(0.098)
+    assert f"({P99_MIN_SAMPLES} replies)" in load_test_text({**s, "users": 1, "cancelled": False})
+
+
+def test_load_test_progress_counts_replies_done_of_expected():
+    from engines.loadtest import expected_replies, progress_line
+
+    # before any reply ended there is no pace: nothing is made up, the replies under way are said
+    assert expected_replies(0, 2, 2, 1.0, 3.0) is None
+    frac, words = progress_line(0, None, 2, 1.0, 3.0)
+    assert frac == 0.0 and words == "0 replies done, 2 under way · 1 of 3 s"
+    # 3 done in 2 s by 2 users: ~1.3 s a reply, so ~2 more starts in the last second
+    assert expected_replies(3, 2, 2, 2.0, 3.0) == 7
+    assert progress_line(3, 7, 2, 2.0, 3.0)[1] == "3 of ~7 replies · 2 of 3 s"
+    # time is up: exactly the done and the running ones, never 100% while replies still run
+    assert expected_replies(5, 2, 2, 4.0, 3.0) == 7
+    frac, words = progress_line(5, 7, 2, 4.0, 3.0)
+    assert frac == pytest.approx(5 / 7) and words == "5 of 7 replies: time is up, the last 2 finishing"
+    assert progress_line(7, 7, 0, 5.0, 3.0) == (1.0, "7 of 7 replies")
+
+
+def test_load_test_reports_progress_in_replies():
+    import threading
+
+    from engines.base import Delta, GenParams
+    from engines.loadtest import load_test
+
+    class Sub:
+        def __init__(self):
+            time.sleep(0.05)
+
+        def __iter__(self):
+            yield Delta("hi ", 1)
+            time.sleep(0.2)
+            yield Delta("there", 2, finish_reason="stop")
+
+        def abort(self):
+            pass
+
+    calls = []
+    res = load_test(lambda req: Sub(), users=2, seconds=0.6, params=GenParams(max_new_tokens=2),
+                    cancel=threading.Event(), progress=lambda f, m: calls.append((f, m)))
+    assert res["requests"] >= 2 and res["errors"] == 0
+    assert all(0.0 <= f <= 1.0 for f, _ in calls)
+    assert all("replies" in m for _, m in calls) and not any("so far" in m for _, m in calls)
+    done = [m for _, m in calls if "time is up" in m]
+    assert not done or all(re.match(r"\d+ of \d+ replies", m) for m in done)
+
+
+def test_engine_facts_in_human_units():
+    from engines.telemetry import human_bytes
+    from ui.engines import context_tokens, details
+
+    assert human_bytes(538060032) == "513 MiB" and human_bytes(3 * 2**30) == "3.0 GiB"
+    line = details({"weights_bytes": 538060032, "load_seconds": 1.43, "architecture": "LlamaForCausalLM",
+                    "quant_policy": 8, "cache_max_entry_count": 0.5, "tp": 2})
+    assert "weights 513 MiB" in line and "loaded in 1.4 s" in line and "KV cache int8" in line
+    assert "50% of free GPU memory" in line and "on 2 GPUs" in line and "_" not in line
+    assert context_tokens("") is None and context_tokens(None) is None and context_tokens("4096") == 4096
+    with pytest.raises(ValueError, match="whole number"):
+        context_tokens("abc")
+
+
+def test_a_page_refusal_is_a_warning_and_the_page_stays(recwarn):
+    """The page's own events (ui.engines.page_event): a refusal gives a warning, its reason in the
+    page's notice line and every other output skipped (as it was); a fault stays an error; the
+    API twin of the same function raises (tested through the app in test_ownership and test_app)."""
+    import gradio as gr
+
+    from ui.common import Refusal
+    from ui.engines import page_event
+
+    a, b, note = object(), object(), object()
+
+    def refused():
+        raise Refusal("Give the model the server should serve.", title="No model")
+
+    run, every = page_event(refused, [a, b], notice=note)
+    assert every == [a, b, note]
+    out = run()
+    assert out[0] == gr.skip() and out[1] == gr.skip() and out[2].startswith("⚠") and "Give the model" in out[2]
+
+    def fault():
+        raise gr.Error("Internal error (KeyError): 'x'")      # a fault: its traceback is logged
+
+    with pytest.raises(gr.Error):
+        page_event(fault, [a])[0]()
+    run, every = page_event(lambda: ("x", "y"), [a, b], after=lambda got: ["then"], after_outputs=[note],
+                            shape=lambda got: (got[0].upper(), got[1]))
+    assert run() == ("X", "y", "then")
