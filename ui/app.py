@@ -70,8 +70,10 @@ def build_app(ctx: Context) -> gr.Blocks:
         # the sampling controls start at the model's own defaults: the model loaded now (a switch)
         demo.load(lambda: SamplingControls.refresh(manager.info()), None, sampling.defaults_outputs,
                   api_visibility="private", queue=False, show_progress="hidden")
-        demo.load(lambda: (_header(ctx), engines.describe(ctx)), None, [header, status],
-                  api_visibility="private")
+        def on_page_load(request: gr.Request):
+            return _header(ctx), engines.describe(ctx, request)   # the caller's view (paths for admins)
+
+        demo.load(on_page_load, None, [header, status], api_visibility="private")
         if ctx.vision is not None:
             # the vision model loads in the background: its status line is refreshed at every page
             # load (the page's copy dates from when the app was built) and every 2 s while loading
