@@ -7,15 +7,24 @@
 * The worker (``engines.quantize_worker``) writes into ``<output>.partial`` and renames at the end;
   the runner removes the ``.partial`` of a cancelled or failed job, so nothing half-written is left
   and nothing unfinished is ever offered for loading.
-* Progress lines ``PROGRESS done total stage`` give a progress bar and an estimate of time left.
+* Progress lines ``PROGRESS done total stage`` give a progress bar and an estimate of time left,
+  measured from the step's own pace (never from the worker's start-up, which can be most of a
+  small job) and shown only once it rests on enough of the step. The log has a line per step with
+  the seconds since the job started, and how it ended.
 * Requests are checked before they are queued (``validate``): the source must be a model of an
   architecture the job supports, the group size must divide the model's dimensions, the output
   must be new and inside the app's data folder, a GPU must be there (AWQ) with enough free memory.
+  The GPU is asked about first: on a machine without one, that is the answer, whatever else is asked.
+* ``model_facts`` and ``awq_unavailable`` give the page its defaults before anything is asked: a
+  job that can run on this machine, a group size that divides the model's dimensions, and why AWQ
+  cannot run here where it cannot.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,16 +69,31 @@ class Job:
     error: str = ""
     log: str = ""
     owner: str | None = None   # the user who started it (None in an app without users)
+    stage_started: float | None = None   # when the worker reported the current step's first progress
+    stage_from: int = 0                  # ``done`` at that moment (the pace is measured from there)
 
     @property
     def fraction(self) -> float:
         return self.done / self.total if self.total else 0.0
 
-    def eta_seconds(self) -> float | None:
-        if self.state != "running" or not self.started or not self.done or not self.total:
+    def eta_seconds(self, now: float | None = None) -> float | None:
+        """Seconds left in the current step, from the pace measured since the step began; None
+        until that rests on enough: 5% of the step (at least 3 units) and a second of it. (Measured
+        from the job's start instead, the worker's start-up, seconds of imports before the first
+        tensor, once gave "~3068 s left" for a 21 s job.)"""
+        if self.state != "running" or not self.total or self.stage_started is None:
             return None
-        spent = time.time() - self.started
-        return spent / self.done * (self.total - self.done)
+        now = time.time() if now is None else now
+        moved, spent = self.done - self.stage_from, now - self.stage_started
+        if moved < max(3, 0.05 * self.total) or spent < 1.0:
+            return None
+        return spent / moved * (self.total - self.done)
+
+    def elapsed(self, now: float | None = None) -> float | None:
+        """Seconds the job has run (so far, or in all once finished)."""
+        if not self.started:
+            return None
+        return (self.finished or (time.time() if now is None else now)) - self.started
 
 
 def _model_config(path: str) -> dict:
@@ -96,6 +120,92 @@ def awq_memory_estimate(cfg: dict, samples: int, seqlen: int, batch_size: int = 
     return 2 * layer + embed + acts + 2**30
 
 
+CAST_DTYPES = ("bfloat16", "float16", "float32")
+GROUP_SIZES = (128, 64, 32, 16)     # offered AWQ group sizes, the usual first; TurboMind loads 128 only
+
+
+def awq_unavailable(free_gpu_bytes: int | None, *, lmdeploy: bool = True) -> str | None:
+    """Why an AWQ job cannot run on this machine (None when it can): it needs a CUDA GPU
+    (``free_gpu_bytes`` None: none visible) and, with ``lmdeploy``, LMDeploy installed (its
+    ``auto_awq`` does the work)."""
+    if free_gpu_bytes is None:
+        return ("AWQ needs a CUDA GPU; none is visible on this machine. A dtype cast runs here "
+                "(e.g. float32 -> bfloat16 halves the size).")
+    if lmdeploy and importlib.util.find_spec("lmdeploy") is None:
+        return "AWQ runs LMDeploy's auto_awq, and LMDeploy is not installed (pip install lmdeploy)."
+    return None
+
+
+def kv_quant_unavailable(gpu: bool) -> str | None:
+    """Why KV cache int8/int4 (TurboMind's ``quant_policy`` 8 and 4) cannot be measured here."""
+    if not gpu:
+        return "KV cache int8/int4 is TurboMind's and needs a CUDA GPU; none is visible on this machine."
+    if importlib.util.find_spec("lmdeploy") is None:
+        return "KV cache int8/int4 is TurboMind's, and LMDeploy is not installed."
+    return None
+
+
+def checkpoint_dtype(cfg: dict) -> str | None:
+    """The dtype the checkpoint's config says its weights are stored in (``torch_dtype``, or
+    ``dtype`` as Transformers 5 writes it), if it is one we know."""
+    text = cfg.get("text_config") or {}
+    for d in (cfg.get("torch_dtype"), cfg.get("dtype"), text.get("torch_dtype"), text.get("dtype")):
+        if isinstance(d, str) and d.replace("torch.", "") in CAST_DTYPES:
+            return d.replace("torch.", "")
+    return None
+
+
+def _dims(cfg: dict) -> dict:
+    """The widths an AWQ group must divide: the linears' input sizes (hidden and MLP widths)."""
+    text = cfg.get("text_config", cfg)
+    names = {"hidden_size": "hidden size", "intermediate_size": "intermediate (MLP) size"}
+    return {label: int(text[k]) for k, label in names.items() if isinstance(text.get(k), int) and text[k] > 0}
+
+
+def group_sizes(cfg: dict) -> list[int]:
+    """The offered group sizes that divide every width of the model, largest first."""
+    return [g for g in GROUP_SIZES if all(d % g == 0 for d in _dims(cfg).values())]
+
+
+def group_size_problem(cfg: dict, g) -> str:
+    """Why group size ``g`` does not suit the model, in words, with the sizes that would."""
+    dims = _dims(cfg)
+    if not isinstance(g, int) or g < 1:
+        return f"The group size must be a whole number of at least 1; got {g!r}."
+    bad = [f"its {k} {d}" for k, d in dims.items() if d % g]
+    ok = group_sizes(cfg)
+    shape = " and ".join(f"{k} {d}" for k, d in dims.items())
+    return (f"The group size must divide the model's widths; {g} does not divide {' or '.join(bad)}. "
+            + (f"Group sizes that divide its {shape}: {', '.join(map(str, ok))}." if ok else
+               f"None of {', '.join(map(str, GROUP_SIZES))} divides its {shape}."))
+
+
+def model_facts(path: str) -> dict:
+    """What the Quantize page needs to know of a model folder to offer defaults that work: its
+    architecture, whether AWQ supports it, the dtype it is stored in, the group sizes that divide
+    its widths. ``error`` says why not where ``path`` is no model folder."""
+    try:
+        cfg = _model_config(path)
+    except JobError as e:
+        return {"error": e.message}
+    arch = (cfg.get("architectures") or ["?"])[0]
+    sizes = group_sizes(cfg)
+    return {"architecture": arch, "awq_supported": arch in AWQ_ARCHS, "dtype": checkpoint_dtype(cfg),
+            "dims": _dims(cfg), "group_sizes": sizes,
+            "group_size": 128 if 128 in sizes else (sizes[0] if sizes else 128)}
+
+
+def result_load_options(job: "Job", gpu: bool) -> dict:
+    """The engine options that load a finished job's result as what it is: an AWQ folder as AWQ,
+    a cast in the dtype it was cast to (the engines' "auto" means float32 on a CPU, which would
+    load a bfloat16 cast at twice its size). On a GPU a float32 result is left to "auto": the GPU
+    engines run 16-bit."""
+    if job.kind == "awq":
+        return {"model_format": "awq"}
+    dtype = job.params.get("dtype", "bfloat16")
+    return {} if gpu and dtype == "float32" else {"dtype": dtype}
+
+
 def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *,
              free_gpu_bytes: int | None, hub_offline: bool = False,
              hub_endpoint: str = "https://huggingface.co") -> dict:
@@ -103,6 +213,10 @@ def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *
     ``hub_endpoint`` (``Settings.hub_offline``/``hub_endpoint``) say whether a hub dataset can be had."""
     if kind not in ("awq", "cast"):
         raise JobError(f"unknown job kind {kind!r}")
+    if kind == "awq":
+        why = awq_unavailable(free_gpu_bytes, lmdeploy=False)    # the runner asks about LMDeploy
+        if why:
+            raise JobError(why)
     cfg = _model_config(source)
     arch = (cfg.get("architectures") or ["?"])[0]
     out = os.path.realpath(output)
@@ -116,17 +230,18 @@ def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *
     if not os.access(parent, os.W_OK):
         raise JobError(f"Cannot write to {parent!r}.")
     if kind == "cast":
-        if params.get("dtype", "bfloat16") not in ("float16", "bfloat16", "float32"):
-            raise JobError("dtype must be float16, bfloat16 or float32")
+        dtype = params.get("dtype", "bfloat16")
+        if dtype not in CAST_DTYPES:
+            raise JobError(f"dtype must be one of {', '.join(CAST_DTYPES)}; got {dtype!r}")
+        if checkpoint_dtype(cfg) == dtype:
+            raise JobError(f"The source is already stored in {dtype}: choose another dtype.")
         return cfg
     if arch not in AWQ_ARCHS:
         raise JobError(f"AWQ does not support the architecture {arch} (LMDeploy supports: "
                        f"{', '.join(sorted(AWQ_ARCHS))}).")
     g = params.get("group_size", 128)
-    text = cfg.get("text_config", cfg)
-    dims = {"hidden_size": text.get("hidden_size"), "intermediate_size": text.get("intermediate_size")}
-    if not isinstance(g, int) or g < 1 or any(d and d % g for d in dims.values()):
-        raise JobError(f"group_size {g} must divide the model's dimensions ({dims}).")
+    if not isinstance(g, int) or g < 1 or any(d % g for d in _dims(cfg).values()):
+        raise JobError(group_size_problem(cfg, g))
     if params.get("bits", 4) != 4:
         raise JobError("W4A16 only: bits must be 4")
     for k, lo, hi in (("samples", 1, 4096), ("seqlen", 16, 32768)):
@@ -146,8 +261,6 @@ def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *
         calib = params.get("calib_file") or DEFAULT_CALIB
         if not os.path.isfile(calib):
             raise JobError(f"calibration file {calib!r} not found")
-    if free_gpu_bytes is None:
-        raise JobError("AWQ needs a CUDA GPU; none is visible on this machine.")
     need = awq_memory_estimate(cfg, params["samples"], params["seqlen"], params.get("batch_size", 1))
     if need > free_gpu_bytes:
         raise JobError(f"Not enough GPU memory: this job needs about {need / 2**30:.1f} GiB, "
@@ -218,7 +331,12 @@ class JobRunner:
             params = {"samples": 128, "seqlen": 512, "group_size": 128, "bits": 4, **params}
             params["calib_file"] = params.get("calib_file") or DEFAULT_CALIB
         free = self.gpu_free() if kind == "awq" else None
+        if kind == "awq" and awq_unavailable(free):
+            raise JobError(awq_unavailable(free))
         validate(kind, source, output, params, self.data_dir, free_gpu_bytes=free, **self.hub)
+        out = os.path.realpath(output)
+        if any(j.output == out for j in self.jobs() if j.state in ("queued", "running")):
+            raise JobError(f"A job that writes {output!r} is already queued or running; choose another name.")
         job = Job(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], kind=kind,
                   source=os.path.realpath(source), output=os.path.realpath(output), params=params,
                   owner=owner)
@@ -289,10 +407,19 @@ class JobRunner:
                 return
             self._current = job
         job.state, job.started = "running", time.time()
+        job.stage, job.done, job.total, job.stage_started, job.stage_from = "starting the worker", 0, 0, None, 0
         self._save(job)
         spec = os.path.join(self.folder, f"{job.id}.spec.json")
         json.dump(asdict(job), open(spec, "w"))
         with open(job.log, "a") as log:
+            def note(text: str) -> None:
+                """A log line with the seconds since the job started."""
+                log.write(f"[{time.time() - job.started:6.1f} s] {text.rstrip()}\n")
+                log.flush()
+
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {job.id}"
+                      + (f", started by {job.owner}" if job.owner else "") + "\n")
+            note(f"{describe(job)}")
             proc = subprocess.Popen([self.python, "-u", "-m", "engines.quantize_worker", spec], cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
@@ -300,36 +427,49 @@ class JobRunner:
                 self._proc = proc
                 if job.id in self._cancel:      # a cancel that came while the worker was starting
                     _kill(proc)
+            note(f"worker process {proc.pid} started (it loads torch first: a few seconds)")
             last_save = 0.0
             for line in proc.stdout:
                 if line.startswith("PROGRESS "):
                     parts = line.split(maxsplit=3)
                     try:
-                        job.done, job.total = int(parts[1]), int(parts[2])
-                        job.stage = parts[3].strip() if len(parts) > 3 else ""
+                        done, total = int(parts[1]), int(parts[2])
+                        stage = parts[3].strip() if len(parts) > 3 else ""
                     except (IndexError, ValueError):
-                        log.write(line)
-                    if time.time() - last_save > 0.5:
+                        note(line)
+                        continue
+                    now = time.time()
+                    if stage != job.stage or total != job.total or job.stage_started is None:
+                        # a new step: its pace is measured from here (the ETA's base)
+                        job.stage_started, job.stage_from = now, done
+                        note(f"{stage}: {total} step{'s' if total != 1 else ''}")
+                    job.done, job.total, job.stage = done, total, stage
+                    if now - last_save > 0.5 or done == total:
                         self._save(job)
-                        last_save = time.time()
+                        last_save = now
                 else:
-                    log.write(line)
-                    log.flush()
+                    note(line)
             rc = proc.wait()
-        with self._lock:
-            cancelled = job.id in self._cancel
-            self._cancel.discard(job.id)
-            self._proc, self._current = None, None
-        job.finished = time.time()
-        if rc == 0 and not cancelled and os.path.isdir(job.output):
-            job.state = "done"
-        else:
-            shutil.rmtree(job.output + ".partial", ignore_errors=True)
-            if cancelled:
-                job.state, job.error = "cancelled", "cancelled by the user"
+            with self._lock:
+                cancelled = job.id in self._cancel
+                self._cancel.discard(job.id)
+                self._proc, self._current = None, None
+            job.finished = time.time()
+            if rc == 0 and not cancelled and os.path.isdir(job.output):
+                job.state = "done"
+                note(f"done in {job.finished - job.started:.1f} s: {job.output} "
+                     f"({folder_size(job.source) / 2**30:.2f} GiB -> {folder_size(job.output) / 2**30:.2f} GiB)"
+                     ", ready to load")
             else:
-                job.state = "failed"
-                job.error = _last_error(job.log) or f"the worker exited with code {rc}"
+                shutil.rmtree(job.output + ".partial", ignore_errors=True)
+                if cancelled:
+                    job.state, job.error = "cancelled", "cancelled by the user"
+                    note("cancelled by the user; the partial output was removed")
+                else:
+                    job.state = "failed"
+                    log.flush()
+                    job.error = _last_error(job.log) or f"the worker exited with code {rc}"
+                    note(f"failed (exit code {rc}): {job.error}; the partial output was removed")
         os.remove(spec)
         self._save(job)
         if job.state == "done" and self.on_done:
@@ -337,6 +477,19 @@ class JobRunner:
                 self.on_done(job)
             except Exception:  # noqa: BLE001
                 pass
+
+
+def describe(job: Job) -> str:
+    """What a job does, in a line: kind, source, output and the parameters that matter."""
+    p = job.params
+    if job.kind == "cast":
+        what = f"cast to {p.get('dtype', 'bfloat16')}"
+    else:
+        calib = p.get("dataset") or ("the shipped text" if p.get("calib_file") in (None, "", DEFAULT_CALIB)
+                                     else os.path.basename(p["calib_file"]))
+        what = (f"AWQ W{p.get('bits', 4)}A16, group size {p.get('group_size')}, calibrated on "
+                f"{p.get('samples')} samples of {p.get('seqlen')} tokens from {calib}")
+    return f"{what}: {job.source} -> {job.output}"
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -350,9 +503,12 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
+_STAMP = re.compile(r"^\[\s*[0-9.]+ s\] ")
+
+
 def _last_error(log_path: str) -> str:
     try:
-        lines = [ln.strip() for ln in open(log_path, errors="replace") if ln.strip()]
+        lines = [_STAMP.sub("", ln.strip()) for ln in open(log_path, errors="replace") if ln.strip()]
     except OSError:
         return ""
     for ln in reversed(lines):
@@ -392,12 +548,21 @@ class _Borrowed:
 def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = "hf", quant_policy: int = 0,
                   cache_max_entry_count: float = 0.01, prompt: str | None = None, batches=(1, 16),
                   new_tokens: int = 128, kv_capacity: bool = False, device: str = "auto",
-                  engine: str = "auto", manager=None, owner: str | None = None) -> dict:
+                  engine: str = "auto", manager=None, owner: str | None = None, dtype: str | None = None) -> dict:
     """Load one model the way the app would (TurboMind where it can) and measure what the Quantize
-    page's card shows: size on disk, the GPU memory the load took (NVML, the load's increase; the
-    process's resident memory on a CPU), tokens/s at each batch size (concurrent streams, greedy,
-    ``new_tokens`` each), the greedy answer to ``prompt``, and, with ``kv_capacity``, the tokens the
-    KV cache holds (TurboMind's own count, see ``lmdeploy.measure_kv_capacity``).
+    page's card shows: size on disk; the dtype it runs in and its weights' bytes in memory (the
+    engine's own count: the parameters Transformers holds, the checkpoint TurboMind loads); on a GPU
+    the GPU memory the load took (NVML's increase: weights, the KV cache at
+    ``cache_max_entry_count`` and workspace); tokens/s at each batch size (concurrent streams,
+    greedy, ``new_tokens`` each); the greedy answer to ``prompt``; and, with ``kv_capacity``, the
+    tokens the KV cache holds (TurboMind's own count, see ``lmdeploy.measure_kv_capacity``).
+
+    Transformers loads the model in ``dtype``, by default the dtype its checkpoint is stored in
+    (the engine's "auto" would make a bfloat16 result float32 on a CPU, the size of its source).
+    On a CPU there is no "memory at load": the process's resident-memory increase that stood for it
+    measured whether the load copied the weights or mapped the file, and what the allocator kept
+    from the previous load (seen: 0.485 GiB for a float32 model, 0.054 for its bfloat16 cast loaded
+    as float32 right after it), not the model.
 
     The model loads through the engine manager (``manager.scratch``: the app's manager where one is
     given, so its options and limits apply; else a fresh one on ``cache_dir``) and every request
@@ -406,7 +571,7 @@ def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = 
     from .base import ChatMessage, ChatRequest, GenParams
     from .manager import EngineManager
 
-    base_gpu, base_rss = telemetry.snapshot()["gpu_used"], telemetry.process_rss()
+    base_gpu = telemetry.snapshot()["gpu_used"]
     resolved = models.resolve(path, cache_dir)
     backend, _ = registry.choose(resolved, engine, device=device)
     if backend == "turbomind" and resolved.local:
@@ -419,19 +584,25 @@ def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = 
         need = min_cache_ratio(resolved.path, resolved.config, 4096, quant_policy, 1, torch.cuda.mem_get_info()[0])
         if need:
             cache_max_entry_count = max(cache_max_entry_count, suggested_cache_ratio(need))
-    opts = ({"device": device} if backend == "transformers" else
+    if backend == "transformers":
+        dtype = dtype or checkpoint_dtype(resolved.config or {}) or "auto"
+    opts = ({"device": device, "dtype": dtype} if backend == "transformers" else
             {"cache_max_entry_count": cache_max_entry_count, "session_len": 4096, "model_format": model_format,
              "quant_policy": quant_policy})
     base = manager if manager is not None else EngineManager(cache_dir)
     t0 = time.perf_counter()
     mgr = base.scratch(resolved.path, backend, **opts)
-    row = {"model": label, "backend": backend, "quant_policy": quant_policy,
+    info = mgr.info()
+    weights = info.extra.get("weights_bytes")
+    row = {"model": label, "backend": backend, "dtype": info.dtype, "quant_policy": quant_policy,
            "cache_max_entry_count": cache_max_entry_count if backend != "transformers" else None,
-           "size on disk (GiB)": round(folder_size(path) / 2**30, 3), "load (s)": round(time.perf_counter() - t0, 1)}
+           "size on disk (GiB)": round(folder_size(path) / 2**30, 3),
+           "weights in memory (GiB)": round(weights / 2**30, 3) if weights else None,
+           "load (s)": round(time.perf_counter() - t0, 1)}
     try:
         snap = telemetry.snapshot()
-        mem = snap["gpu_used"] - base_gpu if snap["gpus"] else telemetry.process_rss() - base_rss
-        row["memory at load (GiB)"] = round(mem / 2**30, 3)
+        if snap["gpus"]:
+            row["memory at load (GiB)"] = round((snap["gpu_used"] - base_gpu) / 2**30, 3)   # GPU memory
         if kv_capacity and backend in ("turbomind", "pytorch"):
             from .lmdeploy import measure_kv_capacity
 

@@ -26,11 +26,19 @@ def progress(done: int, total: int, stage: str) -> None:
     print(f"PROGRESS {done} {total} {stage}", flush=True)
 
 
-def copy_side_files(src: str, dst: str) -> None:
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer, configs and templates beside the weights; the names copied."""
+    copied = []
     for name in os.listdir(src):
         p = os.path.join(src, name)
         if os.path.isfile(p) and name.endswith(COPY_EXTS) and not name.endswith(".safetensors.index.json"):
             shutil.copy(p, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 def run_cast(job: dict, out: str) -> None:
@@ -38,32 +46,53 @@ def run_cast(job: dict, out: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    src, dtype = job["source"], getattr(torch, job["params"].get("dtype", "bfloat16"))
+    src, name = job["source"], job["params"].get("dtype", "bfloat16")
+    dtype = getattr(torch, name)
     files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     if not files:
         raise SystemExit(f"{src} has no .safetensors files")
     names = []
     for f in files:
-        with safe_open(os.path.join(src, f), "pt") as st:
-            names += [(f, k) for k in st.keys()]
-    total, done = len(names), 0
+        try:
+            with safe_open(os.path.join(src, f), "pt") as st:
+                names += [(f, k) for k in st.keys()]
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which, in a line
+            raise SystemExit(f"error: {f} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    size = sum(os.path.getsize(os.path.join(src, f)) for f in files)
+    print(f"reading {len(files)} file{'s' if len(files) > 1 else ''} ({_mb(size)}, {len(names)} tensors)",
+          flush=True)
+    total, done, kept, stored = len(names), 0, 0, {}
     os.makedirs(out, exist_ok=True)
+    progress(0, total, "casting tensors")
     for f in files:
         tensors = {}
         with safe_open(os.path.join(src, f), "pt") as st:
             for k in st.keys():
                 t = st.get_tensor(k)
-                tensors[k] = t.to(dtype) if t.is_floating_point() else t
+                stored[str(t.dtype).replace("torch.", "")] = stored.get(str(t.dtype).replace("torch.", ""), 0) + 1
+                if t.is_floating_point():
+                    tensors[k] = t.to(dtype)
+                else:
+                    tensors[k] = t
+                    kept += 1
                 done += 1
                 progress(done, total, "casting tensors")
         save_file(tensors, os.path.join(out, f), metadata={"format": "pt"})
-    copy_side_files(src, out)
+        print(f"wrote {f} ({_mb(os.path.getsize(os.path.join(out, f)))})", flush=True)
+    was = ", ".join(f"{n} {d}" for d, n in sorted(stored.items()))
+    print(f"cast {total - kept} floating-point tensors to {name} (the source had {was})"
+          + (f"; {kept} integer tensors kept as they were" if kept else ""), flush=True)
+    copied = copy_side_files(src, out)
     if os.path.exists(os.path.join(src, "model.safetensors.index.json")):
         shutil.copy(os.path.join(src, "model.safetensors.index.json"), out)
+        copied.append("model.safetensors.index.json")
+    print(f"copied {', '.join(sorted(copied))}", flush=True)
     cfg_path = os.path.join(out, "config.json")
     cfg = json.load(open(cfg_path))
-    cfg["torch_dtype"] = cfg["dtype"] = job["params"].get("dtype", "bfloat16")
+    before = cfg.get("torch_dtype") or cfg.get("dtype") or "unset"
+    cfg["torch_dtype"] = cfg["dtype"] = name
     json.dump(cfg, open(cfg_path, "w"), indent=2)
+    print(f"config.json: dtype {before} -> {name}", flush=True)
 
 
 class _Counting(dict):
@@ -107,14 +136,18 @@ def run_awq(job: dict, out: str) -> None:
             if isinstance(layers_or_model, dict):   # smooth_layers / awq_layers(layers, ...)
                 n = len(layers_or_model)
                 state["layers"] = n
+                progress(0, n, stage)              # the step begins (its pace is measured from here)
                 return fn(_Counting(layers_or_model, stage, 0, n), fcs_or_more, *a, **k)
             n = len(fcs_or_more)                   # quant_weights(model, fcs, ...)
+            progress(0, n, stage)
             return fn(layers_or_model, _Counting(fcs_or_more, stage, 0, n), *a, **k)
         return inner
 
     awq_mod.smooth_layers = wrap(awq_mod.smooth_layers, "smoothing layers")
     awq_mod.awq_layers = wrap(awq_mod.awq_layers, "searching scales")
     awq_mod.quant_weights = wrap(awq_mod.quant_weights, "quantizing linears")
+    print(f"loading {job['source']} and calibrating: {p['samples']} samples of {p['seqlen']} tokens "
+          "through every layer (no progress is reported inside this step)", flush=True)
     progress(0, 1, "calibrating")
     # calibrate() asserts the dataset is one of its hub names; offline, our loader above replaces the
     # hub loader, so any listed name will do
@@ -130,7 +163,7 @@ def main(argv=None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     {"cast": run_cast, "awq": run_awq}[job["kind"]](job, out)
     os.replace(out, job["output"])
-    print(f"DONE {job['output']}", flush=True)
+    print(f"saved as {job['output']}", flush=True)
     return 0
 
 
