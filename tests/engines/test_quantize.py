@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from engines.quantize import JobError, JobRunner, awq_memory_estimate, validate
+from engines.quantize import (Job, JobError, JobRunner, awq_memory_estimate, group_size_problem, model_facts,
+                              result_load_options, validate)
 
 
 @pytest.fixture
@@ -32,6 +33,11 @@ def test_cast_job_runs_with_progress_and_the_result_loads(smollm2, data_dir):
             time.sleep(0.05)
         assert j.state == "done", runner.read_log(job.id)
         assert j.total == 272 and j.done == 272 and j.stage == "casting tensors"
+        log = runner.read_log(job.id)
+        for step in ("worker process", "reading 1 file", "casting tensors: 272 steps", "wrote model.safetensors",
+                     "config.json: dtype float32 -> bfloat16", "done in"):
+            assert step in log, (step, log)
+        assert all(line.startswith("[") for line in log.splitlines()[1:]), "every step has its time"
         assert os.path.isfile(os.path.join(out, "tokenizer.json"))
         assert not os.path.exists(out + ".partial")
         size = lambda p: sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p) if f.endswith(".safetensors"))
@@ -45,6 +51,9 @@ def test_cast_job_runs_with_progress_and_the_result_loads(smollm2, data_dir):
                             batches=(1, 2), new_tokens=12, device="cpu", engine="transformers", manager=app,
                             owner="ann")
         assert "Paris" in row["answer"] and row["backend"] == "transformers", row
+        # loaded in its own dtype (the engine's "auto" is float32 on a CPU), its weights counted by the engine
+        assert row["dtype"] == "bfloat16" and row["weights in memory (GiB)"] < 0.26, row
+        assert "memory at load (GiB)" not in row, "no GPU: no GPU memory figure (nor an RSS delta in its place)"
         assert row["tok/s batch 1"] > 0 and row["tok/s batch 2"] > 0 and "error" not in row
         assert app.info() is None, "the measurement loads beside the app's model, not into it"
     finally:
@@ -154,6 +163,44 @@ def test_bad_requests_are_refused_before_start(tmp_path, data_dir, tiny_llama, c
         validate("awq", src, out, params, data_dir, free_gpu_bytes=free, **hub)
 
 
+def test_group_size_refusal_is_words_with_the_sizes_that_work(smollm2):
+    msg = group_size_problem(smollm2.config, 128)
+    assert "{" not in msg and "hidden size 576" in msg and "64, 32, 16" in msg, msg
+    facts = model_facts(smollm2.path)
+    assert facts["group_size"] == 64 and facts["dtype"] == "float32" and facts["awq_supported"], facts
+
+
+def test_a_cast_to_the_dtype_the_source_has_is_refused(smollm2, data_dir):
+    with pytest.raises(JobError, match="already stored in float32"):
+        validate("cast", smollm2.path, os.path.join(data_dir, "models", "y"), {"dtype": "float32"}, data_dir,
+                 free_gpu_bytes=None)
+
+
+def test_awq_without_a_gpu_is_refused_first(tmp_path, data_dir):
+    """On a machine without a GPU that is the answer, before the folder or group size is looked at."""
+    with pytest.raises(JobError, match="needs a CUDA GPU"):
+        validate("awq", str(tmp_path), os.path.join(data_dir, "models", "z"), {"group_size": 7}, data_dir,
+                 free_gpu_bytes=None)
+
+
+def test_the_estimate_waits_for_the_steps_own_pace():
+    """The first estimate once said "~3068 s left" for a 21 s job: measured from the job's start,
+    the worker's seconds of imports were charged to its first tensor."""
+    now = 1000.0
+    job = Job(id="j", kind="cast", source="s", output="o", params={}, state="running", started=now - 11.3,
+              done=1, total=272, stage="casting tensors", stage_started=now - 0.01, stage_from=0)
+    assert job.eta_seconds(now) is None, "one tensor in: too little to go on"
+    job.done, now = 60, now + 1.0          # 60 tensors in the step's first second
+    assert job.eta_seconds(now) == pytest.approx(212 / 60 * 1.01, rel=0.01)
+
+
+def test_a_result_loads_as_what_it_is():
+    cast = Job(id="c", kind="cast", source="s", output="o", params={"dtype": "bfloat16"})
+    assert result_load_options(cast, gpu=False) == {"dtype": "bfloat16"}
+    assert result_load_options(Job(id="a", kind="awq", source="s", output="o", params={}), gpu=True) == \
+        {"model_format": "awq"}
+
+
 def test_memory_estimate_grows_with_the_model_and_the_calibration():
     small = {"hidden_size": 2048, "intermediate_size": 8192, "vocab_size": 92544}
     big = {"hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32000}
@@ -193,7 +240,8 @@ def test_quantize_page_through_the_app(app_server, smollm2, cache_dir):
         assert all(r[headers.index(col)] > 0 for r in rows.values())
     assert answers.count("Paris") == 2, answers
     msg = c.predict(job_id, api_name="/quantize_load")
-    assert "Loaded" in msg and name in msg
-    assert c.predict(api_name="/engine_info")["model"].endswith(name)
+    assert "Loaded" in msg and name in msg and "bfloat16" in msg
+    info = c.predict(api_name="/engine_info")
+    assert info["model"].endswith(name) and info["dtype"] == "bfloat16", info
     c.predict("", "auto", "auto", "auto", "hf", 0, 0.8, None, 1, api_name="/load_model")   # back to the default
     shutil.rmtree(os.path.join(cache_dir, "models", name), ignore_errors=True)
