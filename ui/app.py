@@ -25,7 +25,7 @@ def build_app(ctx: Context) -> gr.Blocks:
                 timers[vision_tab] = None
             if ctx.jobs is not None:
                 with gr.Tab("Quantize", id="quantize") as quantize_tab:
-                    timers[quantize_tab] = quantize.build(ctx, ctx.jobs, quantize_tab)
+                    timers[quantize_tab] = quantize.build(ctx, ctx.jobs, quantize_tab, header)
             with gr.Tab("Monitor", id="monitor") as monitor_tab:
                 timers[monitor_tab] = monitor.build(ctx, monitor_tab)
             with gr.Tab("Engines", id="engines") as engines_tab:

@@ -97,7 +97,7 @@ def test_other_pages_open(page):
                         ("Monitor", "#monitor-panel")):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_selector(marker, state="visible", timeout=20000)
-        shot(page, tab.lower())
+        shot(page, f"{tab.lower()}-opened")
     assert "SmolLM2-135M-Instruct" in page.inner_text("#engine-status") or \
         "transformers" in page.inner_text("#engine-status")
     page.get_by_role("tab", name="Chat").click()
