@@ -208,3 +208,11 @@ def test_developer_role_and_usage_in_the_stream(oai):
 def test_unknown_route_and_method_answer_in_shape(http):
     assert_openai_error(http.get("/nope"), 404)
     assert_openai_error(http.get("/chat/completions"), 405)
+
+
+def test_the_shared_v1_checks_on_transformers(api_app):
+    """The checks the GPU test runs on TurboMind (tests/v1_checks.py), here on Transformers."""
+    from tests.v1_checks import check_disconnects, check_parity
+
+    check_parity(api_app, MODEL)
+    check_disconnects(api_app, n=20)
