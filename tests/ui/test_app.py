@@ -105,7 +105,7 @@ def test_out_of_range_parameters_are_refused_with_the_range(app_server, params, 
 
 @pytest.mark.parametrize("messages, fragment", [
     ([], "non-empty list"),
-    ([{"role": "user", "content": "   "}], "non-empty user message"),
+    ([{"role": "user", "content": "   "}], "The last message is empty"),
     ([{"role": "robot", "content": "hi"}], "role must be"),
     ("not json", "JSON list"),
 ])
@@ -133,10 +133,14 @@ def test_ui_send_streams_into_the_chatbot(app_server):
 
 
 def test_ui_out_of_range_slider_value_is_refused(app_server):
-    """A refusal leaves the page as it was (the message in the box, no turn) and says why."""
-    box, chat, status = app_server.client().predict("hi", "", 10**6, 0, 0.9, 40, 1.0, "", api_name="/send")
+    """Past the slider's range Gradio itself refuses (the page's slider cannot go there); a value
+    the slider allows but the app does not is refused by the page, which stays as it was."""
+    c = app_server.client()
+    with pytest.raises(AppError, match="4096"):
+        c.predict("hi", "", 10**6, 0, 0.9, 40, 1.0, "", api_name="/send")
+    box, chat, status = c.predict("hi", "", 16, 0, 0.9, 40, 1.0, "seven", api_name="/send")
     assert box == "hi" and chat == []
-    assert "4096" in status, "the message names the allowed maximum"
+    assert "seed must be a whole number" in status, "the page says why"
 
 
 def test_overlong_history_drops_oldest_turns(app_server):
@@ -226,8 +230,8 @@ def test_regenerate_undo_and_edit_last(app_server):
     _, chat, _ = c.predict("", 12, 0, 0.9, 40, 1.0, None, api_name="/regenerate")
     assert [m["role"] for m in chat] == ["user", "assistant"], "regenerate replaces the reply, not appends"
     assert str(chat[-1]["content"]).split("<sub>")[0] == first.split("<sub>")[0], "greedy: same reply again"
-    box, chat = c.predict(api_name="/edit_last")
-    assert box == "What is the capital of France?" and chat == []
+    box, chat, status = c.predict(api_name="/edit_last")
+    assert box == "What is the capital of France?" and chat == [] and status == ""
     c.predict("Hello there", "", 8, 0, 0.9, 40, 1.0, None, api_name="/send")
-    chat = c.predict(api_name="/undo")
+    chat, status = c.predict(api_name="/undo")
     assert chat == []
