@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engines.base import EngineError
     from engines.manager import EngineManager
-    from ui.app import build_app
+    from ui.app import CSS, build_app
     from ui.common import Context
 
     manager = EngineManager(s.cache_dir, s.engine_options(), s.limits())
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,
                 auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads],
                 max_threads=max(40, concurrency + 16), prevent_thread_lock=True,
-                max_file_size=f"{s.max_upload_mb}mb", app_kwargs=app_kwargs,
+                max_file_size=f"{s.max_upload_mb}mb", app_kwargs=app_kwargs, css=CSS,
                 quiet=True)   # Gradio's own banner says "set share=True in launch()": ours names --share
     local = f"http://{'127.0.0.1' if s.server_name == '0.0.0.0' else s.server_name}:{s.server_port}"
     print(f"TurboStudio is running at {local}{s.root_path or ''}/", flush=True)

@@ -10,6 +10,18 @@ from .common import Context, SamplingControls, session_id
 
 
 
+# The page's own styles (Gradio 6 takes them at launch): the Vision examples as cards of one width
+# (each sized to its text before, so they were uneven), the caption text in one line.
+CSS = """
+#vision-examples .gallery { display: grid; grid-template-columns: 1fr; gap: 8px; }
+#vision-examples .gallery-item { width: 100%; }
+#vision-examples .gallery-item .container { width: 100%; display: flex; align-items: center;
+                                             justify-content: space-between; gap: 12px; }
+#vision-examples .gallery-item img { max-height: 56px; width: auto; }
+#vision-examples .gallery-item p { text-align: left; }
+"""
+
+
 def build_app(ctx: Context) -> gr.Blocks:
     settings, manager = ctx.settings, ctx.manager
     with gr.Blocks(title="TurboStudio") as demo:

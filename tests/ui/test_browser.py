@@ -110,6 +110,10 @@ def test_vision_page_takes_an_uploaded_image_and_answers(browser, vision_app):
     try:
         pg.get_by_role("tab", name="Vision").click()
         pg.wait_for_selector("#vision-input textarea", state="visible", timeout=20000)
+        pg.wait_for_selector("#vision-examples .gallery-item", state="visible", timeout=20000)
+        widths = {round(pg.locator("#vision-examples .gallery-item").nth(i).bounding_box()["width"])
+                  for i in range(pg.locator("#vision-examples .gallery-item").count())}
+        assert len(widths) == 1, f"the example cards have uneven widths: {widths}"
         pg.set_input_files("#vision-input input[type=file]", SHAPES)
         pg.wait_for_selector("#vision-input img, #vision-input .thumbnail-item", timeout=20000)
         pg.fill("#vision-input textarea", "What shapes are here?")
