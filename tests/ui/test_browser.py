@@ -7,40 +7,15 @@ Skipped where Chromium or Playwright is missing; `.ci/run` installs both.
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.ui.browser import open_page, shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = os.environ.get("TURBOSTUDIO_ARTIFACTS") or os.path.join(ROOT, "artifacts", "screenshots")
+pytest.importorskip("playwright.sync_api")
 SHAPES = os.path.join(ROOT, "assets", "examples", "shapes.png")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM:
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
-
-
-def open_page(browser, url):
-    pg = browser.new_page(viewport={"width": 1280, "height": 900})
-    pg.goto(url, wait_until="load")
-    return pg
-
-
-def shot(pg, name):
-    pg.screenshot(path=os.path.join(ARTIFACTS, f"{name}.png"), full_page=True)
 
 
 @pytest.fixture(scope="module")

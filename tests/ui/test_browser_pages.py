@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 
 import pytest
 
-from tests.conftest import ROOT, AppProcess
+from tests.conftest import AppProcess
+from tests.ui.browser import ARTIFACTS, open_page, shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = os.environ.get("TURBOSTUDIO_ARTIFACTS") or os.path.join(ROOT, "artifacts", "screenshots")
+pytest.importorskip("playwright.sync_api")
 
 
 def _gpu_machine() -> bool:
@@ -35,19 +33,6 @@ cpu_only = pytest.mark.skipif("_gpu_machine()", reason="this machine runs the GP
 
 
 @pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM:
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
 def app(cache_dir, smollm2):
     """An app of this module's own: the tests switch its model."""
     a = AppProcess(["--cache-dir", cache_dir])
@@ -57,15 +42,10 @@ def app(cache_dir, smollm2):
 
 @pytest.fixture
 def page(browser, app):
-    pg = browser.new_page(viewport={"width": 1400, "height": 900})
-    pg.goto(app.url, wait_until="load")
+    pg = open_page(browser, app.url, width=1400)
     pg.wait_for_selector("#header", timeout=30000)
     yield pg
     pg.close()
-
-
-def shot(pg, name):
-    pg.screenshot(path=os.path.join(ARTIFACTS, f"{name}.png"), full_page=True)
 
 
 def open_tab(pg, name, marker):

@@ -15,12 +15,11 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, _cuda
+from tests.conftest import _cuda
+from tests.ui.browser import open_page, shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = os.environ.get("TURBOSTUDIO_ARTIFACTS") or os.path.join(ROOT, "artifacts", "screenshots")
+pytest.importorskip("playwright.sync_api")
 RESULT: dict = {}      # the output the default job wrote, for the load test
 
 
@@ -33,26 +32,16 @@ def cpu_machine():
 
 
 @pytest.fixture(scope="module")
-def page(app_server):
-    if not CHROMIUM:
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        pg = b.new_page(viewport={"width": 1400, "height": 900})
-        pg.goto(app_server.url, wait_until="load")
-        pg.get_by_role("tab", name="Quantize").click()
-        pg.wait_for_selector("#jobs-table", state="visible", timeout=30000)
-        pg.wait_for_function("() => document.querySelector('#quantize-name textarea').value !== ''",
-                             timeout=20000)
-        yield pg
-        b.close()
+def page(browser, app_server):
+    pg = open_page(browser, app_server.url, width=1400)
+    pg.get_by_role("tab", name="Quantize").click()
+    pg.wait_for_selector("#jobs-table", state="visible", timeout=30000)
+    pg.wait_for_function("() => document.querySelector('#quantize-name textarea').value !== ''",
+                         timeout=20000)
+    yield pg
+    pg.close()
 
 
-def shot(pg, name):
-    pg.screenshot(path=os.path.join(ARTIFACTS, f"{name}.png"), full_page=True)
 
 
 def test_the_gpu_requirement_comes_first_and_awq_cannot_be_started(page, cpu_machine):

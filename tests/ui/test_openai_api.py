@@ -108,7 +108,6 @@ def test_a_thousand_malformed_requests_then_a_normal_one_answers(api_app, http, 
 
 
 def _one_reply_speed(oai) -> float:
-    t0 = time.perf_counter()
     stream = oai.chat.completions.create(model=MODEL, messages=LONG, temperature=0, max_tokens=64, stream=True,
                                          stream_options={"include_usage": True})
     first, tokens = None, 0
@@ -121,28 +120,12 @@ def _one_reply_speed(oai) -> float:
 
 
 def test_fifty_vanished_streaming_clients_leave_nothing_running(api_app, oai):
-    import httpx
+    """The orphaned-generations case: 50 streaming clients gone after their first text leave nothing
+    running, each place free within 1 s of its abort, and the next user decodes at full speed."""
+    from tests.v1_checks import check_disconnects
 
     before = sorted(_one_reply_speed(oai) for _ in range(3))[1]
-    seen = len(api_app.client().predict(api_name="/engine_info")["abort_release_s"])
-    body = {"messages": LONG, "max_tokens": 2048, "temperature": 0.8, "stream": True}
-    for wave in range(5):           # 50 clients, 10 at a time, each gone after its first text
-        clients = [httpx.Client(base_url=api_app.url + "v1", timeout=60) for _ in range(10)]
-        streams = [c.stream("POST", "/chat/completions", json=body) for c in clients]
-        for s in streams:
-            r = s.__enter__()
-            for line in r.iter_lines():
-                if '"content": "' in line and '"content": ""' not in line:
-                    break
-        for s, c in zip(streams, clients):
-            s.__exit__(None, None, None)
-            c.close()
-    deadline = time.time() + 2.0
-    while running(api_app) and time.time() < deadline:
-        time.sleep(0.1)
-    assert running(api_app) == 0, "a vanished client's request kept running"
-    freed = api_app.client().predict(api_name="/engine_info")["abort_release_s"][seen:]
-    assert len(freed) == 50 and max(freed) < 1.0, f"places free after an abort: max {max(freed):.3f} s"
+    check_disconnects(api_app, n=50)
     after = sorted(_one_reply_speed(oai) for _ in range(3))[1]
     assert after >= 0.8 * before, f"decode speed after the disconnects {after:.1f} vs {before:.1f} tok/s before"
 
@@ -211,8 +194,8 @@ def test_unknown_route_and_method_answer_in_shape(http):
 
 
 def test_the_shared_v1_checks_on_transformers(api_app):
-    """The checks the GPU test runs on TurboMind (tests/v1_checks.py), here on Transformers."""
-    from tests.v1_checks import check_disconnects, check_parity
+    """The parity checks the GPU test runs on TurboMind (tests/v1_checks.py), here on Transformers
+    (the disconnect check runs in the fifty-clients test above)."""
+    from tests.v1_checks import check_parity
 
     check_parity(api_app, MODEL)
-    check_disconnects(api_app, n=20)

@@ -10,7 +10,6 @@ import pytest
 
 pytest.importorskip("gradio_client")
 from gradio_client import handle_file
-from gradio_client.exceptions import AppError
 
 from engines.base import ChatMessage, ChatRequest, GenParams
 from engines.images import ImageError, prepare
