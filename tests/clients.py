@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import sys
 import time
 
@@ -51,3 +52,29 @@ def wait_released(client, timeout: float) -> float:
     while client.predict(api_name="/engine_info")["running"] and time.time() - t0 < timeout:
         time.sleep(0.2)
     return time.time() - t0
+
+
+class Reader:
+    """Reads a stream in its own thread; ``ended`` is set at its end, ``last`` is its last delta."""
+
+    def __init__(self, it):
+        self.deltas, self.first, self.ended = [], threading.Event(), threading.Event()
+        threading.Thread(target=self._run, args=(it,), daemon=True).start()
+
+    def _run(self, it):
+        for d in it:
+            self.deltas.append(d)
+            self.first.set()
+        self.ended.set()
+
+    @property
+    def last(self):
+        return self.deltas[-1] if self.deltas else None
+
+
+def wait_until(cond, timeout=2.0):
+    """Whether ``cond()`` became true within ``timeout`` seconds (polled every 10 ms)."""
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.01)
+    return cond()

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from engines.base import ChatMessage, ChatRequest, GenParams
+from tests.clients import Reader, wait_until
 
 pytestmark = pytest.mark.slow       # generates with a model
 
@@ -32,31 +33,6 @@ def engine(tiny_llama):
     eng.close()
 
 
-class Reader:
-    """Reads a stream in its own thread; ``ended`` is set at its end, ``last`` is its last delta."""
-
-    def __init__(self, it):
-        self.deltas, self.first, self.ended = [], threading.Event(), threading.Event()
-        threading.Thread(target=self._run, args=(it,), daemon=True).start()
-
-    def _run(self, it):
-        for d in it:
-            self.deltas.append(d)
-            self.first.set()
-        self.ended.set()
-
-    @property
-    def last(self):
-        return self.deltas[-1] if self.deltas else None
-
-
-def _wait(cond, timeout=2.0):
-    deadline = time.time() + timeout
-    while not cond() and time.time() < deadline:
-        time.sleep(0.01)
-    return cond()
-
-
 def _aborted_within_a_second(eng, req, reader):
     t0 = time.perf_counter()
     eng.abort(req.request_id)
@@ -71,15 +47,15 @@ def test_abort_while_queued_behind_a_full_batch(engine):
     assert a.first.wait(30)
     queued = ask()
     b = Reader(engine.stream(queued))
-    assert _wait(lambda: engine.scheduler().waiting == 1)
+    assert wait_until(lambda: engine.scheduler().waiting == 1)
     assert engine.live_requests() == 2
     _aborted_within_a_second(engine, queued, b)
     assert b.last.tokens == 0
     # it leaves the queue at once (it needs no place in the batch), while the other one decodes
-    assert _wait(lambda: engine.live_requests() == 1 and engine.scheduler().waiting == 0, 1.0)
+    assert wait_until(lambda: engine.live_requests() == 1 and engine.scheduler().waiting == 0, 1.0)
     assert not a.ended.is_set(), "the running request must go on"
     _aborted_within_a_second(engine, running, a)
-    assert _wait(lambda: engine.live_requests() == 0)
+    assert wait_until(lambda: engine.live_requests() == 0)
 
 
 def test_abort_while_prefilling(engine):
@@ -106,7 +82,7 @@ def test_abort_while_prefilling(engine):
         assert engine.live_requests() == 1, "the prefill is still running: the engine holds it"
     finally:
         release.set()
-    assert _wait(lambda: engine.live_requests() == 0)
+    assert wait_until(lambda: engine.live_requests() == 0)
     engine.model.forward = real
     deltas = list(engine.stream(ask(4)))
     assert deltas[-1].finish_reason == "length" and deltas[-1].tokens == 4
@@ -115,10 +91,10 @@ def test_abort_while_prefilling(engine):
 def test_abort_while_decoding(engine):
     req = ask()
     r = Reader(engine.stream(req))
-    assert _wait(lambda: len(r.deltas) >= 3, 30)
+    assert wait_until(lambda: len(r.deltas) >= 3, 30)
     _aborted_within_a_second(engine, req, r)
     assert 0 < r.last.tokens < 400
-    assert _wait(lambda: engine.live_requests() == 0)
+    assert wait_until(lambda: engine.live_requests() == 0)
 
 
 def test_abort_is_by_request_id_and_unknown_ids_are_ignored(engine):
@@ -156,7 +132,7 @@ def test_prefilling_request_aborted_through_the_manager_gives_its_place_back(tin
         t0 = time.perf_counter()
         assert mgr.abort(sub.request_id)
         assert r.ended.wait(1.0) and r.last.finish_reason == "abort"
-        assert _wait(lambda: mgr.places_taken == 0 and mgr.running == 0, 1.0 - (time.perf_counter() - t0))
+        assert wait_until(lambda: mgr.places_taken == 0 and mgr.running == 0, 1.0 - (time.perf_counter() - t0))
     finally:
         release.set()
         eng.model.forward = real
@@ -262,14 +238,14 @@ def test_lmdeploy_abort_in_every_state(backend, tiny_llama):
         assert not b.deltas, "the second request should wait for LMDeploy's only place"
         _aborted_within_a_second(eng, waiting, b)
         assert not a.ended.is_set(), "the running request must go on"
-        assert _wait(lambda: len(a.deltas) >= 5, 30)
+        assert wait_until(lambda: len(a.deltas) >= 5, 30)
         _aborted_within_a_second(eng, running, a)
         assert a.last.tokens < 3000
-        assert _wait(lambda: eng.live_requests() == 0 and eng.lmdeploy_sessions() == 0, 5), \
+        assert wait_until(lambda: eng.live_requests() == 0 and eng.lmdeploy_sessions() == 0, 5), \
             (eng.live_requests(), eng.lmdeploy_sessions())
         # and it serves again, the place given back
         deltas = list(eng.stream(ChatRequest(PROMPT, GenParams(temperature=0, max_new_tokens=8))))
         assert deltas[-1].finish_reason == "length" and deltas[-1].tokens == 8
-        assert _wait(lambda: eng.live_requests() == 0 and eng.lmdeploy_sessions() == 0, 5)
+        assert wait_until(lambda: eng.live_requests() == 0 and eng.lmdeploy_sessions() == 0, 5)
     finally:
         eng.close()

@@ -21,6 +21,7 @@ import pytest
 
 from engines.base import ChatMessage, ChatRequest, GenParams
 from engines.lmdeploy import LMDeployEngine, _use_own_image_token
+from tests.clients import Reader, wait_until
 
 
 # ---------------------------------------------------------------- a fake LMDeploy 0.18
@@ -191,36 +192,13 @@ def ask(n=200) -> ChatRequest:
     return ChatRequest((ChatMessage("user", "hello there"),), GenParams(max_new_tokens=n))
 
 
-class Reader:
-    def __init__(self, it):
-        self.deltas, self.first, self.ended = [], threading.Event(), threading.Event()
-        threading.Thread(target=self._run, args=(it,), daemon=True).start()
-
-    def _run(self, it):
-        for d in it:
-            self.deltas.append(d)
-            self.first.set()
-        self.ended.set()
-
-    @property
-    def last(self):
-        return self.deltas[-1] if self.deltas else None
-
-
-def _wait(cond, timeout=2.0):
-    deadline = time.time() + timeout
-    while not cond() and time.time() < deadline:
-        time.sleep(0.01)
-    return cond()
-
-
 def _nothing_left(eng, pipe):
     """No request of ours, no LMDeploy session, every handle back in the pool."""
     def check():
         pool = pipe.session_mgr._pool
         return (eng.live_requests() == 0 and eng.lmdeploy_sessions() == 0
                 and (pool is None or pool.qsize() == len(pipe.session_mgr.handles)))
-    return _wait(check)
+    return wait_until(check)
 
 
 # ---------------------------------------------------------------- the contract's states
@@ -253,7 +231,7 @@ def test_wait_end_ends_the_stream_when_lmdeploy_has_let_go(fake_lmdeploy, tiny_l
         pipe = fake_lmdeploy[0]
         pipe.async_engine.hold_end = threading.Event()
         r = Reader(eng.stream(ask(3)))
-        assert _wait(lambda: r.deltas and r.deltas[-1].finish_reason == "length")
+        assert wait_until(lambda: r.deltas and r.deltas[-1].finish_reason == "length")
         time.sleep(0.1)
         assert not r.ended.is_set()
         pipe.async_engine.hold_end.set()
@@ -303,7 +281,7 @@ def test_abort_while_waiting_for_a_place_in_lmdeploy(engine, fake_lmdeploy):
     a = Reader(engine.stream(first))
     assert a.first.wait(5)
     b = Reader(engine.stream(second))
-    assert _wait(lambda: pipe.async_engine.preprocessed == 2)
+    assert wait_until(lambda: pipe.async_engine.preprocessed == 2)
     time.sleep(0.05)
     assert not b.deltas, "the second request should be waiting for a handle"
     t0 = time.perf_counter()
@@ -319,7 +297,7 @@ def test_abort_while_decoding_is_an_engine_cancel(engine, fake_lmdeploy):
     pipe = fake_lmdeploy[0]
     req = ask(1000)
     r = Reader(engine.stream(req))
-    assert _wait(lambda: len(r.deltas) >= 3)
+    assert wait_until(lambda: len(r.deltas) >= 3)
     t0 = time.perf_counter()
     engine.abort(req.request_id)
     assert r.ended.wait(1.0) and r.last.finish_reason == "abort"
