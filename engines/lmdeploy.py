@@ -506,9 +506,11 @@ class LMDeployEngine:
         call.aborted.set()
         call.out.put(_ABORT)
         if call.future is not None and not self._closed:
+            stop = self._stop(call)
             try:
-                asyncio.run_coroutine_threadsafe(self._stop(call), self._loop())
+                asyncio.run_coroutine_threadsafe(stop, self._loop())
             except Exception:  # noqa: BLE001 - the loop has stopped: nothing runs there any more
+                stop.close()     # never scheduled: closed here rather than warned about at collection
                 log.debug("abort of %s could not reach LMDeploy's loop", request_id, exc_info=True)
 
     def _forget(self, call: _Call) -> None:
