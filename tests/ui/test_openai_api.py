@@ -125,8 +125,10 @@ def test_fifty_vanished_streaming_clients_leave_nothing_running(api_app, oai):
     from tests.v1_checks import check_disconnects
 
     before = sorted(_one_reply_speed(oai) for _ in range(3))[1]
-    check_disconnects(api_app, n=50)
+    freed = check_disconnects(api_app, n=50)
     after = sorted(_one_reply_speed(oai) for _ in range(3))[1]
+    print(f"50 vanished clients: places free {min(freed):.3f}-{max(freed):.3f} s after the abort; decode "
+          f"{before:.1f} tok/s before, {after:.1f} after ({after / before:.2f})")
     assert after >= 0.8 * before, f"decode speed after the disconnects {after:.1f} vs {before:.1f} tok/s before"
 
 
@@ -146,7 +148,9 @@ def test_ten_thousand_messages_are_refused_within_two_seconds(http):
     msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(9999)]
     t0 = time.perf_counter()
     r = http.post("/chat/completions", json={"messages": msgs, "max_tokens": 4})
-    assert time.perf_counter() - t0 < 2.0
+    took = time.perf_counter() - t0
+    print(f"9 999 messages refused in {took:.3f} s")
+    assert took < 2.0
     err = assert_openai_error(r, 400, "messages")
     assert "1024" in err["message"]
 
