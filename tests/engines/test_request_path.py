@@ -169,6 +169,8 @@ def test_history_fitting_is_linear_in_the_number_of_messages(smollm2, tmp_path):
         assert fit.dropped > 9000 and fit.messages[-1] == msgs[-1]
         assert fit.prompt_tokens + 64 <= eng.info.context_length
         assert calls["count"] <= 3 and calls["messages"] < 3 * len(fit.messages), calls
+        print(f"fitting 9 999 messages: {took:.3f} s, {calls['count']} exact counts over {calls['messages']} "
+              f"messages, {fit.dropped} turns left out")
         assert took < 2.0, f"fitting 10 000 messages took {took:.2f} s"
         with pytest.raises(ContextTooLong):
             m.fit([ChatMessage("user", "word " * 20000)], GenParams(max_new_tokens=64))
