@@ -5,6 +5,7 @@ Parse settings, load the model, build the Blocks app, launch; nothing else.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import sys
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
     info = manager.info()
     concurrency = s.concurrency or (info.max_batch if info else 16)
     demo.queue(default_concurrency_limit=concurrency, max_size=s.max_queue)
+    # the manager admits as many as Gradio serves at once plus its queue (every entry point, /v1
+    # included, shares these places); sized from the engine like Gradio's limit, not a fixed 16
+    manager.limits = dataclasses.replace(manager.limits, max_pending=s.max_queue + concurrency)
     # A full queue is answered by Gradio itself: the browser says "This application is currently
     # busy. Please try again." and gradio_client raises QueueError; both ignore a server's own text
     # (checked in Gradio 6.31's frontend), while queued users see their place in the queue.
