@@ -141,10 +141,10 @@ class EngineManager:
         with self._lock:
             return len(self._live)
 
-    def live(self, owner: str | None = None, *, everyone: bool = True) -> list[LiveRequest]:
+    def live(self) -> list[LiveRequest]:
+        """The requests running now; who may see which is the UI's rule (``ui.common.sees_own``)."""
         with self._lock:
-            items = list(self._live.values())
-        return items if everyone else [r for r in items if r.owner == owner]
+            return list(self._live.values())
 
     def health(self) -> str | None:
         """Why the loaded engine cannot serve (None when it can, or when none is loaded)."""

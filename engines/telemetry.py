@@ -48,11 +48,10 @@ class MetricsLog:
         with self._lock:
             self._items.append(m)
 
-    def items(self, owner: str | None = None, *, everyone: bool = True) -> list[ReplyMetrics]:
-        """Every reply (``everyone``), or only ``owner``'s: a user sees their own metrics, an admin all."""
+    def items(self) -> list[ReplyMetrics]:
+        """Every reply kept; who may see which is the UI's rule (``ui.common.sees_own``)."""
         with self._lock:
-            items = list(self._items)
-        return items if everyone else [m for m in items if m.owner == owner]
+            return list(self._items)
 
 
 def gpu_memory() -> list[dict]:

@@ -22,10 +22,7 @@ _gib = telemetry.human_bytes     # every size on the page in the unit a person r
 def own_replies(ctx: Context, request: gr.Request | None) -> list[telemetry.ReplyMetrics]:
     """The reply metrics the caller may see: their own (an administrator's: everyone's). An
     anonymous visitor of a public app (no --auth) sees their own browser session's."""
-    s = ctx.settings
-    everyone = s.oversees(user_of(request))
-    return [m for m in ctx.manager.metrics.items(user_of(request), everyone=everyone)
-            if everyone or sees_own(s, request, m.owner, m.session)]
+    return [m for m in ctx.manager.metrics.items() if sees_own(ctx.settings, request, m.owner, m.session)]
 
 
 def panel(ctx: Context, request: gr.Request | None = None) -> str:
