@@ -1,0 +1,1 @@
+"""What the app keeps on disk for its users: conversations (``storage.conversations``)."""

@@ -1,0 +1,638 @@
+"""Conversations kept on the server: one SQLite file under the app's cache folder.
+
+Why SQLite through the standard library and no ORM: the data is two tables, the queries are a
+handful (a recursive CTE walks a branch), and stdlib ``sqlite3`` is already on every machine the
+app runs on; an ORM (SQLAlchemy) would add a dependency, a session model to reason about across
+Gradio's threads, and nothing we use. The database is embedded: no server to start.
+
+Storage choices, each for a reason:
+
+* **WAL mode, synchronous=NORMAL**: readers never wait for the writer, and a commit is durable
+  against the *process* dying (SIGKILL, a crash): the WAL is in the OS's page cache, which survives
+  the process. Only a power cut may lose the last commits; a streamed reply's last second is not
+  worth an fsync per update.
+* **One connection and one lock** (not one connection per thread): Gradio runs handlers on a pool
+  of 40+ worker threads and on the event loop; SQLite serializes writers anyway, each call here is
+  short (well under a millisecond, measured in tests/storage), and per-thread connections would be
+  left open on threads that Gradio recycles. ``check_same_thread=False`` plus an ``RLock`` around
+  every use is the documented way to share one connection.
+* **Search with LIKE, not FTS5** (though this SQLite has FTS5): a streaming reply is rewritten
+  about once a second, and an FTS index would rewrite its postings at every update; LIKE scans
+  only the caller's own conversations (indexed by owner), which is fast at the sizes one person
+  produces (tests/storage measures 20 000 messages).
+* The schema is versioned with ``PRAGMA user_version``; a newer file than this code knows is refused
+  with a clear message instead of being misread.
+
+Writing as it happens: :class:`ReplyWriter` creates an assistant message at its first token and
+rewrites it at most every ``interval`` seconds and at the end, so a reply cut by a crash keeps what
+had streamed (up to the last interval).
+
+Ownership: every call takes ``owner`` (an opaque key: ``user:<name>`` under --auth, a browser's
+own id without; see ``ui.chat.owner_key``). A conversation id that is someone else's gets exactly
+the same :class:`NotFound` as one that does not exist, so ids cannot be probed.
+
+The API, for the Chat and Vision pages and for Compare (a comparison is one conversation whose user
+message has two assistant children, one per model)::
+
+    store = ConversationStore.open(cache_dir)
+    cid = store.create(owner, kind="compare", system="Be brief.")
+    u = store.append(owner, cid, "user", "What is AWQ?")               # child of the current leaf
+    a = store.append(owner, cid, "assistant", text_a, parent=u, meta={"model": ..., "ttft": ...})
+    b = store.append(owner, cid, "assistant", text_b, parent=u, meta={...})   # a sibling of a
+    store.path(owner, cid)       # root..leaf (b now), each Message with .siblings = [a, b]
+    store.switch(owner, cid, a)  # show branch a (the leaf becomes a's newest descendant)
+
+or, while streaming, ``w = ReplyWriter(store, owner, cid, parent=u, meta=...)``, ``w.feed(text)``
+per update and ``w.finish(text, stats)`` at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+SCHEMA_VERSION = 1
+KINDS = ("chat", "vision", "compare")
+ROLES = ("user", "assistant")
+TITLE_CHARS = 60
+EXPORT_FORMAT = "turbostudio-chat"
+EXPORT_VERSION = 2
+MAX_IMPORT_MESSAGES = 100_000
+
+
+class _Leaf:
+    def __repr__(self) -> str:
+        return "LEAF"
+
+
+LEAF = _Leaf()
+"""``append``'s default parent: the conversation's current leaf (the end of the branch shown)."""
+
+
+class NotFound(KeyError):
+    """No such conversation or message *for this owner* (someone else's reads the same)."""
+
+    def __init__(self, what: str, ident: str):
+        self.message = f"No {what} with id {ident!r}."
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_SCHEMA = [
+    """CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        title TEXT NOT NULL DEFAULT '',
+        kind TEXT NOT NULL CHECK (kind IN ('chat', 'vision', 'compare')),
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        system TEXT NOT NULL DEFAULT '',
+        leaf TEXT)""",
+    "CREATE INDEX conversations_owner ON conversations (owner, kind, updated DESC)",
+    "CREATE INDEX conversations_updated ON conversations (updated)",
+    """CREATE TABLE messages (
+        id TEXT PRIMARY KEY,
+        conversation TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+        parent TEXT REFERENCES messages (id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT NOT NULL DEFAULT '',
+        images TEXT NOT NULL DEFAULT '[]',
+        meta TEXT NOT NULL DEFAULT '{}',
+        created REAL NOT NULL,
+        updated REAL NOT NULL)""",
+    "CREATE INDEX messages_conversation ON messages (conversation, created)",
+    "CREATE INDEX messages_parent ON messages (parent)",
+]
+
+
+@dataclass
+class Message:
+    """One message of a conversation's tree. ``parent`` None: a first message (several first
+    messages are branches too). ``meta`` (assistant replies): model, backend, device, dtype, format,
+    kv_quant, params (sampling), ttft, tokens, tokens_per_s, seconds, finish_reason, ... ``siblings``
+    (filled by ``path``): the ids of every child of ``parent`` in creation order, this one included."""
+
+    id: str
+    conversation: str
+    parent: str | None
+    role: str
+    content: str
+    images: list[str]
+    meta: dict
+    created: float
+    updated: float
+    siblings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Summary:
+    """A conversation as the side list shows it."""
+
+    id: str
+    title: str
+    kind: str
+    created: float
+    updated: float
+    messages: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def title_from(text: str) -> str:
+    """A title from a first message: its words on one line, cut at ``TITLE_CHARS``."""
+    line = " ".join((text or "").split())
+    return line if len(line) <= TITLE_CHARS else line[:TITLE_CHARS - 1].rstrip() + "…"
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex        # random: an id says nothing about another owner's ids
+
+
+def _like(text: str) -> str:
+    return "%" + re.sub(r"([%_\\])", r"\\\1", text) + "%"
+
+
+class ConversationStore:
+    """Conversations and their message trees in one SQLite file (see the module's docstring)."""
+
+    def __init__(self, path: str):
+        """``path``: the database file (created with its folder), or ":memory:"."""
+        self.file = path
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+        self._stop = threading.Event()
+        self._retention: threading.Thread | None = None
+
+    @classmethod
+    def open(cls, cache_dir: str) -> "ConversationStore":
+        """The app's store: ``<cache_dir>/history/conversations.sqlite3``."""
+        return cls(os.path.join(cache_dir, "history", "conversations.sqlite3"))
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.file} has conversation schema {version}, newer than this "
+                                   f"TurboStudio's {SCHEMA_VERSION}: update the app or start with another "
+                                   "--cache-dir (or --no-history)")
+            if version < 1:
+                for stmt in _SCHEMA:
+                    db.execute(stmt)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction under the lock; rolled back if the block raises."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            try:
+                self._db.close()
+            except sqlite3.ProgrammingError:
+                pass
+
+    # ------------------------------------------------------------------ ownership
+    def _own(self, db, owner: str, cid: str) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM conversations WHERE id = ? AND owner = ?",
+                         (str(cid or ""), owner)).fetchone()
+        if row is None:
+            raise NotFound("conversation", str(cid))
+        return row
+
+    def _own_message(self, db, owner: str, mid: str) -> sqlite3.Row:
+        row = db.execute("SELECT m.* FROM messages m JOIN conversations c ON c.id = m.conversation "
+                         "WHERE m.id = ? AND c.owner = ?", (str(mid or ""), owner)).fetchone()
+        if row is None:
+            raise NotFound("message", str(mid))
+        return row
+
+    def owns(self, owner: str, cid: str) -> bool:
+        with self._lock:
+            try:
+                self._own(self._db, owner, cid)
+                return True
+            except NotFound:
+                return False
+
+    # ------------------------------------------------------------------ conversations
+    def create(self, owner: str, kind: str = "chat", title: str = "", system: str = "") -> str:
+        """A new, empty conversation of ``kind`` (chat | vision | compare); returns its id."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        cid, now = _new_id(), time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO conversations (id, owner, title, kind, created, updated, system) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (cid, owner, title_from(title), kind, now, now, system or ""))
+        return cid
+
+    def list(self, owner: str, kind: str | None = None, query: str = "", limit: int = 200) -> list[Summary]:
+        """The owner's conversations, newest (last updated) first; ``query`` matches the title or
+        any message's text (case-insensitive for ASCII, SQLite's LIKE)."""
+        args: list = [owner]
+        where = "c.owner = ?"
+        if kind:
+            where += " AND c.kind = ?"
+            args.append(kind)
+        query = (query or "").strip()
+        if query:
+            pat = _like(query)
+            where += (" AND (c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages s WHERE "
+                      "s.conversation = c.id AND s.content LIKE ? ESCAPE '\\'))")
+            args += [pat, pat]
+        rows = self._read(f"SELECT c.id, c.title, c.kind, c.created, c.updated, (SELECT COUNT(*) FROM messages m "
+                          f"WHERE m.conversation = c.id) AS n FROM conversations c WHERE {where} "
+                          f"ORDER BY c.updated DESC LIMIT ?", (*args, int(limit)))
+        return [Summary(r["id"], r["title"] or "New conversation", r["kind"], r["created"], r["updated"], r["n"])
+                for r in rows]
+
+    def get(self, owner: str, cid: str) -> dict:
+        """A conversation whole: its fields, every message (the tree: each has its ``parent``), the
+        current ``leaf`` and the ``path`` of ids from the first message to it (the branch shown)."""
+        with self._lock:
+            row = self._own(self._db, owner, cid)
+            msgs = [self._message(r) for r in self._db.execute(
+                "SELECT * FROM messages WHERE conversation = ? ORDER BY created, rowid", (cid,))]
+        path = [m.id for m in self._path_of(msgs, row["leaf"])]
+        return {"id": row["id"], "title": row["title"], "kind": row["kind"], "system": row["system"],
+                "created": row["created"], "updated": row["updated"], "leaf": row["leaf"], "path": path,
+                "messages": [m.to_dict() for m in msgs]}
+
+    def summary(self, owner: str, cid: str) -> Summary:
+        with self._lock:
+            r = self._own(self._db, owner, cid)
+            n = self._db.execute("SELECT COUNT(*) FROM messages WHERE conversation = ?", (cid,)).fetchone()[0]
+        return Summary(r["id"], r["title"] or "New conversation", r["kind"], r["created"], r["updated"], n)
+
+    def rename(self, owner: str, cid: str, title: str) -> None:
+        title = " ".join((title or "").split())
+        if not title:
+            raise ValueError("A title cannot be empty.")
+        with self._tx() as db:
+            self._own(db, owner, cid)
+            db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title[:200], cid))
+
+    def set_system(self, owner: str, cid: str, system: str) -> None:
+        with self._tx() as db:
+            row = self._own(db, owner, cid)
+            if row["system"] != (system or ""):
+                db.execute("UPDATE conversations SET system = ? WHERE id = ?", (system or "", cid))
+
+    def delete(self, owner: str, cid: str) -> None:
+        """Delete a conversation and all its messages (cascade)."""
+        with self._tx() as db:
+            self._own(db, owner, cid)
+            db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+
+    def purge(self, days: float, now: float | None = None) -> int:
+        """Delete every conversation (any owner's) not updated in ``days`` days; returns how many."""
+        cutoff = (time.time() if now is None else now) - days * 86400
+        with self._tx() as db:
+            return db.execute("DELETE FROM conversations WHERE updated < ?", (cutoff,)).rowcount
+
+    def start_retention(self, days: float | None, every: float = 86400) -> None:
+        """Purge now and then every ``every`` seconds (daily) in a daemon thread; None/0: keep all."""
+        if not days or self._retention is not None:
+            return
+        self.purge(days)
+
+        def loop():
+            while not self._stop.wait(every):
+                try:
+                    self.purge(days)
+                except sqlite3.Error:
+                    pass
+
+        self._retention = threading.Thread(target=loop, daemon=True, name="history-retention")
+        self._retention.start()
+
+    # ------------------------------------------------------------------ messages
+    def append(self, owner: str, cid: str, role: str, content: str, *, parent=LEAF, images=(),
+               meta: dict | None = None) -> str:
+        """Add a message and make it the conversation's leaf; returns its id.
+
+        ``parent``: ``LEAF`` (the default) continues the branch shown; a message id adds a child
+        of that message (a sibling of its other children: regenerate and edit); None adds a first
+        message. The first user message gives an untitled conversation its title."""
+        if role not in ROLES:
+            raise ValueError(f"role must be user or assistant, got {role!r}")
+        mid, now = _new_id(), time.time()
+        with self._tx() as db:
+            conv = self._own(db, owner, cid)
+            if parent is LEAF:
+                parent = conv["leaf"]
+            elif parent is not None:
+                p = db.execute("SELECT conversation FROM messages WHERE id = ?", (parent,)).fetchone()
+                if p is None or p["conversation"] != cid:
+                    raise NotFound("message", str(parent))
+            db.execute("INSERT INTO messages (id, conversation, parent, role, content, images, meta, created, "
+                       "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (mid, cid, parent, role, content or "", json.dumps(list(images or ())),
+                        json.dumps(meta or {}, default=str), now, now))
+            title = conv["title"] or (title_from(content) if role == "user" else "")
+            db.execute("UPDATE conversations SET leaf = ?, updated = ?, title = ? WHERE id = ?",
+                       (mid, now, title, cid))
+        return mid
+
+    def update(self, owner: str, mid: str, content: str | None = None, meta: dict | None = None) -> None:
+        """Rewrite a message's text and/or merge ``meta`` into its metadata (a streaming reply)."""
+        now = time.time()
+        with self._tx() as db:
+            row = self._own_message(db, owner, mid)
+            merged = {**json.loads(row["meta"] or "{}"), **(meta or {})} if meta else None
+            db.execute("UPDATE messages SET content = COALESCE(?, content), meta = COALESCE(?, meta), "
+                       "updated = ? WHERE id = ?",
+                       (content, json.dumps(merged, default=str) if merged is not None else None, now, mid))
+            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, row["conversation"]))
+
+    def delete_message(self, owner: str, mid: str) -> None:
+        """Delete a message and its descendants; the leaf moves to its parent's newest branch."""
+        with self._tx() as db:
+            row = self._own_message(db, owner, mid)
+            db.execute("DELETE FROM messages WHERE id = ?", (mid,))
+            cid, parent = row["conversation"], row["parent"]
+            leaf = self._newest_descendant(db, cid, parent)
+            db.execute("UPDATE conversations SET leaf = ?, updated = ? WHERE id = ?", (leaf, time.time(), cid))
+
+    def _newest_descendant(self, db, cid: str, mid: str | None) -> str | None:
+        """Follow the newest child from ``mid`` (None: the newest first message) down to a leaf."""
+        cur = mid
+        while True:
+            if cur is None:
+                r = db.execute("SELECT id FROM messages WHERE conversation = ? AND parent IS NULL "
+                               "ORDER BY created DESC, rowid DESC LIMIT 1", (cid,)).fetchone()
+            else:
+                r = db.execute("SELECT id FROM messages WHERE parent = ? ORDER BY created DESC, rowid DESC "
+                               "LIMIT 1", (cur,)).fetchone()
+            if r is None:
+                return cur
+            cur = r["id"]
+
+    def switch(self, owner: str, cid: str, mid: str) -> str:
+        """Show the branch through message ``mid``: the leaf becomes its newest descendant (or
+        ``mid`` itself); returns the new leaf."""
+        with self._tx() as db:
+            self._own(db, owner, cid)
+            row = db.execute("SELECT conversation FROM messages WHERE id = ?", (mid,)).fetchone()
+            if row is None or row["conversation"] != cid:
+                raise NotFound("message", str(mid))
+            leaf = self._newest_descendant(db, cid, mid)
+            db.execute("UPDATE conversations SET leaf = ? WHERE id = ?", (leaf, cid))
+        return leaf
+
+    def set_leaf(self, owner: str, cid: str, mid: str | None) -> None:
+        """Make ``mid`` the end of the branch shown (None: an empty branch, before any message)."""
+        with self._tx() as db:
+            self._own(db, owner, cid)
+            if mid is not None:
+                row = db.execute("SELECT conversation FROM messages WHERE id = ?", (mid,)).fetchone()
+                if row is None or row["conversation"] != cid:
+                    raise NotFound("message", str(mid))
+            db.execute("UPDATE conversations SET leaf = ? WHERE id = ?", (mid, cid))
+
+    def path(self, owner: str, cid: str, leaf=LEAF) -> list[Message]:
+        """The branch from the first message to ``leaf`` (default: the conversation's), each
+        message with its ``siblings``."""
+        with self._lock:
+            conv = self._own(self._db, owner, cid)
+            leaf = conv["leaf"] if leaf is LEAF else leaf
+            if leaf is None:
+                return []
+            rows = self._db.execute(
+                "WITH RECURSIVE up(id, depth) AS (SELECT id, 0 FROM messages WHERE id = ? AND conversation = ? "
+                "UNION ALL SELECT m.parent, up.depth + 1 FROM messages m JOIN up ON m.id = up.id "
+                "WHERE m.parent IS NOT NULL) "
+                "SELECT m.* FROM up JOIN messages m ON m.id = up.id ORDER BY up.depth DESC", (leaf, cid)).fetchall()
+            if not rows:
+                raise NotFound("message", str(leaf))
+            parents = {r["parent"] for r in rows}
+            kids: dict[str | None, list[str]] = {}
+            q = "SELECT id, parent FROM messages WHERE conversation = ? AND (parent IS NULL"
+            args: list = [cid]
+            named = [p for p in parents if p is not None]
+            if len(named) > 500:          # a long branch: every message's parent, in one scan
+                q, args, named = "SELECT id, parent FROM messages WHERE conversation = ? AND (1", [cid], []
+            if named:
+                q += f" OR parent IN ({','.join('?' * len(named))})"
+                args += named
+            for r in self._db.execute(q + ") ORDER BY created, rowid", args):
+                kids.setdefault(r["parent"], []).append(r["id"])
+        out = []
+        for r in rows:
+            m = self._message(r)
+            m.siblings = kids.get(m.parent, [m.id])
+            out.append(m)
+        return out
+
+    @staticmethod
+    def _message(r: sqlite3.Row) -> Message:
+        return Message(r["id"], r["conversation"], r["parent"], r["role"], r["content"],
+                       json.loads(r["images"] or "[]"), json.loads(r["meta"] or "{}"), r["created"], r["updated"])
+
+    @staticmethod
+    def _path_of(msgs: list[Message], leaf: str | None) -> list[Message]:
+        by_id = {m.id: m for m in msgs}
+        out = []
+        while leaf is not None and leaf in by_id:
+            out.append(by_id[leaf])
+            leaf = by_id[leaf].parent
+        return out[::-1]
+
+    # ------------------------------------------------------------------ export / import
+    def export(self, owner: str, cid: str) -> dict:
+        """The conversation as JSON (format ``turbostudio-chat`` version 2): ``messages`` is the
+        branch shown in version 1's shape (role, content, stats: a version-1 reader still reads
+        it), ``tree`` every message with its parent, images and metadata, ``leaf`` the branch shown."""
+        data = self.get(owner, cid)
+        by_id = {m["id"]: m for m in data["messages"]}
+        shown = [by_id[i] for i in data["path"]]
+        return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "title": data["title"], "kind": data["kind"],
+                "system": data["system"], "created": data["created"], "updated": data["updated"],
+                "messages": [{"role": m["role"], "content": m["content"],
+                              **({"images": m["images"]} if m["images"] else {}),
+                              **({"stats": m["meta"]} if m["meta"] else {})} for m in shown],
+                "tree": [{k: m[k] for k in ("id", "parent", "role", "content", "images", "meta", "created")}
+                         for m in data["messages"]],
+                "leaf": data["leaf"]}
+
+    def import_data(self, owner: str, data, kind: str | None = None) -> str:
+        """A new conversation from an export: version 2 (the whole tree), version 1 or a bare list
+        of OpenAI-style messages (one branch). Raises ValueError saying what is wrong."""
+        tree, leaf = parse_export(data)
+        meta = data if isinstance(data, dict) else {}
+        kind = kind or (meta.get("kind") if meta.get("kind") in KINDS else "chat")
+        cid = self.create(owner, kind, title=str(meta.get("title") or ""), system=str(meta.get("system") or ""))
+        ids: dict[str, str] = {}
+        now = time.time()
+        with self._tx() as db:
+            for i, m in enumerate(tree):      # parents come before children (parse_export checks)
+                new = _new_id()
+                ids[m["id"]] = new
+                created = float(m.get("created") or now) if isinstance(m.get("created"), (int, float)) else now
+                db.execute("INSERT INTO messages (id, conversation, parent, role, content, images, meta, created, "
+                           "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (new, cid, ids.get(m["parent"]) if m["parent"] is not None else None, m["role"],
+                            m["content"], json.dumps(m["images"]), json.dumps(m["meta"], default=str),
+                            created + i * 1e-6, now))
+            title = str(meta.get("title") or "") or next(
+                (title_from(m["content"]) for m in tree if m["role"] == "user"), "")
+            db.execute("UPDATE conversations SET leaf = ?, title = ? WHERE id = ?",
+                       (ids.get(leaf) if leaf is not None else None, title_from(title), cid))
+        return cid
+
+
+def parse_export(data) -> tuple[list[dict], str | None]:
+    """(tree in parent-first order, leaf id) from an export of any version; ValueError if malformed."""
+    if isinstance(data, dict) and data.get("version", 1) not in (1, 2):
+        raise ValueError(f"unknown export version {data.get('version')!r} (this app reads 1 and 2)")
+    if isinstance(data, dict) and data.get("version") == 2 and "tree" in data:
+        raw = data["tree"]
+        if not isinstance(raw, list):
+            raise ValueError("'tree' must be a list of messages")
+        if len(raw) > MAX_IMPORT_MESSAGES:
+            raise ValueError(f"{len(raw)} messages; at most {MAX_IMPORT_MESSAGES} may be imported")
+        seen: set = set()
+        tree = []
+        for m in raw:
+            if not isinstance(m, dict) or not isinstance(m.get("id"), str):
+                raise ValueError("each message of 'tree' needs a string id")
+            if m.get("parent") is not None and m["parent"] not in seen:
+                raise ValueError(f"message {m['id']!r} comes before its parent {m['parent']!r}")
+            tree.append(_checked(m, m["id"], m.get("parent")))
+            seen.add(m["id"])
+        leaf = data.get("leaf")
+        if leaf is not None and leaf not in seen:
+            raise ValueError(f"leaf {leaf!r} is not one of the messages")
+        return tree, leaf
+    msgs = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(msgs, list):
+        raise ValueError("expected a list of messages")
+    if len(msgs) > MAX_IMPORT_MESSAGES:
+        raise ValueError(f"{len(msgs)} messages; at most {MAX_IMPORT_MESSAGES} may be imported")
+    tree, parent = [], None
+    for i, m in enumerate(msgs):
+        t = _checked(m, str(i), parent)
+        tree.append(t)
+        parent = t["id"]
+    return tree, parent
+
+
+def _checked(m, mid: str, parent) -> dict:
+    if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        raise ValueError("each message needs role user/assistant and text content")
+    images = m.get("images") or []
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError("a message's images must be a list of file names")
+    meta = m.get("meta") if isinstance(m.get("meta"), dict) else m.get("stats")
+    return {"id": mid, "parent": parent, "role": m["role"], "content": m["content"], "images": images,
+            "meta": meta if isinstance(meta, dict) and m["role"] == "assistant" else {},
+            "created": m.get("created")}
+
+
+def to_markdown(export: dict, details=None) -> str:
+    """Markdown of an export's branch shown (``export`` from ``ConversationStore.export``), each
+    reply followed by its details line (``details(meta) -> str``), and a note where a message has
+    other versions."""
+    lines = [f"# {export.get('title') or 'Conversation'}", ""]
+    if export.get("system"):
+        lines += [f"> **System:** {export['system']}", ""]
+    tree = export.get("tree") or []
+    kids: dict = {}
+    for m in tree:
+        kids.setdefault(m["parent"], []).append(m["id"])
+    by_id = {m["id"]: m for m in tree}
+    path, cur = [], export.get("leaf")
+    while cur is not None and cur in by_id:
+        path.append(by_id[cur])
+        cur = by_id[cur]["parent"]
+    for m in path[::-1]:
+        sibs = kids.get(m["parent"], [m["id"]])
+        head = "**User**" if m["role"] == "user" else "**Assistant**"
+        if len(sibs) > 1:
+            head += f" (version {sibs.index(m['id']) + 1} of {len(sibs)})"
+        lines += [head, ""]
+        lines += [f"![image]({os.path.basename(p)})" for p in m.get("images") or []]
+        lines += [m["content"], ""]
+        if m["role"] == "assistant" and m.get("meta") and details is not None:
+            d = details(m["meta"])
+            if d:
+                lines += [f"<sub>{d}</sub>", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+class ReplyWriter:
+    """Writes one streaming assistant reply as it happens: created at its first text, rewritten at
+    most every ``interval`` seconds while it streams, and once more at the end with its stats, so a
+    crash keeps what streamed up to the last interval. A reply without any text is never written."""
+
+    def __init__(self, store: ConversationStore, owner: str, cid: str, parent, meta: dict | None = None,
+                 interval: float = 0.5):
+        """``parent``: the user message replied to (or LEAF); ``meta``: what produced the reply
+        (model, backend, params, ...), merged with the stats at ``finish``."""
+        self.store, self.owner, self.cid, self.parent = store, owner, cid, parent
+        self.meta = dict(meta or {})
+        self.interval = interval
+        self.id: str | None = None
+        self._last = 0.0
+        self._written = ""
+
+    def feed(self, text: str) -> None:
+        """The reply so far (the whole text, not a delta)."""
+        if not text:
+            return
+        now = time.monotonic()
+        if self.id is None:
+            self.id = self.store.append(self.owner, self.cid, "assistant", text, parent=self.parent,
+                                        meta={**self.meta, "finish_reason": "streaming"})
+        elif now - self._last >= self.interval and text != self._written:
+            self.store.update(self.owner, self.id, content=text)
+        else:
+            return
+        self._last, self._written = now, text
+
+    def finish(self, text: str, stats: dict | None = None) -> str | None:
+        """The final text and its stats; returns the message id (None when nothing was written)."""
+        if not text and self.id is None:
+            return None
+        meta = {**self.meta, **(stats or {})}
+        if self.id is None:
+            self.id = self.store.append(self.owner, self.cid, "assistant", text, parent=self.parent, meta=meta)
+        else:
+            self.store.update(self.owner, self.id, content=text, meta=meta)
+        return self.id
+
+
+__all__ = ["ConversationStore", "Message", "Summary", "NotFound", "ReplyWriter", "LEAF", "KINDS",
+           "parse_export", "to_markdown", "title_from", "SCHEMA_VERSION"]
