@@ -49,6 +49,12 @@ def main(argv=None) -> int:
     from ui.vision import VisionSlot
 
     ctx = Context(settings=s, manager=manager)
+    if not s.no_history:     # conversations kept on the server (ui/chat.py); retention at start and daily
+        from storage.conversations import ConversationStore
+
+        ctx.store = ConversationStore.open(s.cache_dir)
+        atexit.register(ctx.store.close)
+        ctx.store.start_retention(s.history_days)
     ctx.vision = VisionSlot(ctx)
     atexit.register(ctx.vision.manager.close)
     ctx.vision.start()

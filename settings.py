@@ -66,6 +66,8 @@ class Settings:
     max_upload_mb: int = 20           # largest file a browser may upload
     max_images_per_turn: int = 4
     max_images: int = 8               # per conversation
+    no_history: bool = False          # keep no conversations on the server (the page keeps them in the tab)
+    history_days: int | None = None   # delete conversations not updated in this many days; None: keep
     # Set from the environment only (no command-line flag): where the app runs and diagnostics.
     hosted: bool = False              # SPACE_ID is set: a public hosted demo (Hugging Face Spaces)
     hub_offline: bool = False         # HF_HUB_OFFLINE: never try the model hub
@@ -96,6 +98,8 @@ class Settings:
             raise ValueError("--switch-interval is in seconds, in (0, 1] (Python's own is 0.005)")
         if not 0 < self.server_port < 65536:
             raise ValueError("--server-port must be in 1..65535")
+        if self.history_days is not None and self.history_days < 1:
+            raise ValueError("--history-days must be at least 1 (leave it out to keep conversations)")
         if self.max_messages < 1 or self.max_input_chars < 1:
             raise ValueError("--max-messages and --max-input-chars must be at least 1")
         if self.share and not self.auth and not self.share_without_auth:
@@ -231,6 +235,9 @@ _HELP = {
     "max_upload_mb": "largest file a user may upload, in MB",
     "max_images_per_turn": "images one message may carry",
     "max_images": "images one vision conversation may hold",
+    "no_history": "keep no conversations on the server: each chat lives in its browser tab only",
+    "history_days": "delete conversations not updated in this many days (at start-up and daily; "
+                    "default: keep them)",
 }
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _CHOICES = {"engine": ENGINES, "vision_engine": ENGINES, "device": DEVICES, "model_format": MODEL_FORMATS,
@@ -244,6 +251,7 @@ _GROUPS = {
                              "root_path", "api", "model_roots", "allowed_models"),
     "limits": ("max_input_chars", "max_messages", "max_new_tokens_limit", "max_images_per_turn", "max_images",
                "max_upload_mb", "max_queue", "concurrency"),
+    "conversations": ("no_history", "history_days"),
 }
 _EPILOG = """Every option can also be set as an environment variable TURBOSTUDIO_<OPTION> (for example
 TURBOSTUDIO_MODEL or TURBOSTUDIO_MAX_QUEUE; handy on a hosted Space); a flag on the command line wins.

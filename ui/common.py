@@ -25,6 +25,7 @@ class Context:
     jobs: object = None        # engines.quantize.JobRunner, when the Quantize page is on
     servers: object = None     # engines.servers.ServerManager (api_server / proxy launcher)
     load: object = None        # engines.telemetry.LoadSampler: running and queued, once a second
+    store: object = None       # storage.conversations.ConversationStore; None with --no-history
 
 
 class Refusal(gr.Error):
