@@ -240,6 +240,7 @@ class Delta:
     tokens: int
     finish_reason: FinishReason | None = None
     error: str | None = None  # with finish_reason "error": what went wrong, for the user
+    prompt_tokens: int | None = None  # the prompt's tokens in the model's context, where the engine knows
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ _ARCH = (
 # (pattern on the lower-cased device name, peak memory bandwidth in TB/s, datasheet row).
 # Order matters: the first match wins, so the more specific names come first.
 PEAK_BANDWIDTH: tuple[tuple[str, float, str], ...] = (
-    (r"h200", 4.8, "H200 SXM 141 GB"),
+    (r"(?<!g)h200", 4.8, "H200 SXM 141 GB"),     # not "GH200", which has its own row
     (r"h100.*(nvl)", 3.9, "H100 NVL"),
     (r"h100.*(pcie)", 2.0, "H100 PCIe"),
     (r"h100", 3.35, "H100 SXM"),

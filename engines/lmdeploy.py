@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 from .base import (Capabilities, ChatMessage, ChatRequest, ContextTooLong, Delta, EngineError, EngineInfo,
                    EngineUnavailable, GenParams, ModelLoadError, SchedulerView, token_upper_bound)
+from . import bandwidth
 from .configs import LMDeployConfig
 from .models import read_generation_defaults
 
@@ -248,7 +249,10 @@ class LMDeployEngine:
             defaults=read_generation_defaults(resolved.path) if resolved.local else None,
             extra={"tp": config.tp, "quant_policy": config.quant_policy, "model_format": config.model_format,
                    "cache_max_entry_count": config.cache_max_entry_count,
-                   "cache_block_seq_len": int(getattr(bc, "cache_block_seq_len", 0) or 64)})
+                   "cache_block_seq_len": int(getattr(bc, "cache_block_seq_len", 0) or 64),
+                   # the Monitor's bandwidth meter: KV bytes per token, weights a step does not read, the GPU
+                   **bandwidth.lmdeploy_facts(cfg, config.quant_policy, config.model_format),
+                   **bandwidth.gpu_facts(0)})
 
     # ------------------------------------------------------------------ loading
     @staticmethod
@@ -481,7 +485,8 @@ class LMDeployEngine:
                     return
                 if finished:                 # wait_end: what follows the finish carries nothing new
                     continue
-                yield Delta(item.response or "", tokens, reason)
+                prompt = (getattr(item, "history_token_len", 0) or 0) + (getattr(item, "input_token_len", 0) or 0)
+                yield Delta(item.response or "", tokens, reason, prompt_tokens=prompt or None)
                 if reason:
                     finished = True
                     if not self._wait_end:

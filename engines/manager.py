@@ -86,6 +86,7 @@ class LiveRequest:
     tokens: int = 0
     aborted: bool = False
     aborted_at: float | None = None     # perf_counter() of the first abort
+    prompt_tokens: int = 0              # as the engine counted them (Delta.prompt_tokens), once it says
 
     def to_dict(self) -> dict:
         return {"request_id": self.request_id, "owner": self.owner, "source": self.source,
@@ -514,6 +515,8 @@ class Submission:
         try:
             for d in self._it:
                 tokens = live.tokens = d.tokens
+                if d.prompt_tokens:
+                    live.prompt_tokens = d.prompt_tokens
                 if ttft is None and (d.text or d.tokens):
                     ttft = time.perf_counter() - self._t0
                 text, hit = stops.push(d.text)
@@ -539,7 +542,7 @@ class Submission:
             _settle(self.manager, eng, req.request_id, self._it, self._place, live, abort=reason == "abort")
             self.manager.metrics.add(telemetry.ReplyMetrics(
                 time=time.time(), session=req.session, backend=self.info.backend, model=self.info.model,
-                prompt_tokens=self.fit.prompt_tokens, tokens=tokens, ttft=ttft,
+                prompt_tokens=live.prompt_tokens or self.fit.prompt_tokens, tokens=tokens, ttft=ttft,
                 seconds=time.perf_counter() - self._t0, finish_reason=reason, owner=req.owner,
                 source=req.source))
 

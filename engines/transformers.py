@@ -162,7 +162,8 @@ class TransformersEngine:
             defaults=self._model_defaults(),
             extra={"batching": "continuous" if self.batchable else "round-robin",
                    "load_seconds": round(self.load_seconds, 2),
-                   "architecture": (getattr(mcfg, "architectures", None) or ["?"])[0]})
+                   "architecture": (getattr(mcfg, "architectures", None) or ["?"])[0],
+                   **self._bandwidth_facts()})
         self._dead: str | None = None   # why the scheduler thread ended, if it did
         self._give_back = False         # release the allocator's cache at the scheduler's next turn
         self._lock = threading.Lock()   # guards _requests, _pending, _admitting and _active membership
@@ -190,6 +191,37 @@ class TransformersEngine:
             self.tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             self.model = tf.AutoModelForCausalLM.from_pretrained(path, **kw)
         self.model.to(self.device).eval()
+
+    def _bandwidth_facts(self) -> dict:
+        """The Monitor's bandwidth meter's figures (``engines/bandwidth.py``): the KV cache's bytes per
+        token (Transformers keeps it in the model's dtype), the weight bytes a decode step does not
+        read (an input embedding not tied to the head, a vision tower), and the GPU. {} on failure:
+        the meter then says it has no figure."""
+        from . import bandwidth
+
+        try:
+            model, elem = self.model, self.dtype.itemsize
+            cfg = self.model.config.to_dict()
+            unread, what = 0, []
+            emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+            if emb is not None and (head is None or head.weight.data_ptr() != emb.weight.data_ptr()):
+                unread += emb.weight.numel() * emb.weight.element_size()
+                what.append("the input embedding table")
+            vision = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                         if any(k in n for k in ("vision_tower", "vision_model", "multi_modal_projector", "visual.")))
+            if vision:
+                unread += vision
+                what.append("the vision tower")
+            facts = {"kv_bytes_per_token": bandwidth.kv_bytes_from_config(cfg, 0, elem),
+                     "kv_format": bandwidth.kv_format(0, elem), "weights_unread_bytes": int(unread),
+                     "weights_unread_what": " and ".join(what) or None,
+                     "moe_experts": bandwidth.moe_experts(cfg)}
+            if self.device.type == "cuda":
+                facts.update(bandwidth.gpu_facts(self.device.index or 0))
+            return {k: v for k, v in facts.items() if v is not None}
+        except Exception:  # noqa: BLE001 - a figure for the Monitor, never a reason to fail a load
+            log.debug("no bandwidth figures for this model", exc_info=True)
+            return {}
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -303,9 +335,9 @@ class TransformersEngine:
             self._requests[req.request_id] = req
             self._pending.append(req)
         self._wake.set()
-        return self._drain(req)
+        return self._drain(req, n_prompt)
 
-    def _drain(self, req: _Request) -> Iterator[Delta]:
+    def _drain(self, req: _Request, n_prompt: int | None = None) -> Iterator[Delta]:
         try:
             while True:
                 item = req.out.get()
@@ -318,7 +350,7 @@ class TransformersEngine:
                         break
                 text = "".join(d.text for d in items)
                 last = items[-1]
-                yield Delta(text, last.tokens, last.finish_reason, last.error)
+                yield Delta(text, last.tokens, last.finish_reason, last.error, prompt_tokens=n_prompt)
                 if last.finish_reason is not None:
                     return
         finally:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from engines import telemetry
+from engines import bandwidth, telemetry
 
 from .common import Context, Refusal, may_manage, model_label, redact_paths, sees_own, user_of
 
@@ -52,6 +52,9 @@ def _panel(ctx: Context) -> str:
         lines.append(f"*{why}: showing CPU and RAM.*")     # "No NVIDIA GPU: showing CPU and RAM."
         lines.append(f"**CPU** {c['cores']} cores, {c['cpu_percent'] if c['cpu_percent'] is not None else '?'}% busy · "
                      f"**RAM** {_gib(c['ram_used'])} of {_gib(c['ram_total'])} · this process {_gib(c['rss'])}")
+    # the memory-bandwidth meter: the server's, from every user's replies (engines/bandwidth.py)
+    lines.append(bandwidth.meter_text(info, ctx.manager.metrics.items(), ctx.manager.live(),
+                                      gpu_name=gpus[0]["name"] if gpus else ""))
     # the server's load, all users together (counts only; the per-reply figures are per user)
     items = [m for m in ctx.manager.metrics.items() if m.time > time.time() - 60]
     rate = sum(m.tokens for m in items) / 60 if items else 0
