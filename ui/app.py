@@ -28,12 +28,13 @@ def build_app(ctx: Context) -> gr.Blocks:
         header = gr.Markdown(_header(ctx), elem_id="header")
         with gr.Tabs():
             timers = {}   # tab -> its refresh timer: a timer runs only while its tab is open
+            who = chat.identity(ctx, demo)   # the browser's own id (conversations without --auth)
             with gr.Tab("Chat", id="chat") as chat_tab:
-                sampling = chat.build(ctx)
+                sampling = chat.build(ctx, demo, who)
             timers[chat_tab] = None
             if ctx.vision is not None:
                 with gr.Tab("Vision", id="vision") as vision_tab:
-                    vstatus, vcontrols = vision.build(ctx, ctx.vision)
+                    vstatus, vcontrols = vision.build(ctx, ctx.vision, who)
                 timers[vision_tab] = None
             if ctx.jobs is not None:
                 with gr.Tab("Quantize", id="quantize") as quantize_tab:
@@ -48,9 +49,10 @@ def build_app(ctx: Context) -> gr.Blocks:
             if others:
                 tab.select(_stop_timers(len(others)), None, others, api_visibility="private", queue=False)
 
-        async def api_chat(messages: list, params: dict | None = None,
+        async def api_chat(messages: list, params: dict | None = None, conversation_id: str | None = None,
                            request: gr.Request = None) -> AsyncIterator[str]:
-            async for text in chat.api_chat(manager, settings, messages, params or {}, request):
+            async for text in chat.api_chat(manager, settings, messages, params or {}, request, ctx.store,
+                                            conversation_id):
                 yield text
 
         def engine_info(request: gr.Request = None) -> dict:
@@ -59,7 +61,26 @@ def build_app(ctx: Context) -> gr.Blocks:
         gr.api(api_chat, api_name="chat", concurrency_id="generate", concurrency_limit="default",
                api_description="Stream a reply: messages [{role, content}], params {max_new_tokens, "
                                "temperature, top_p, top_k, repetition_penalty, seed}. Each update is "
-                               "the reply so far.")
+                               "the reply so far. conversation_id (optional, one of /conversations): the "
+                               "last (user) message and the reply are appended to it.")
+
+        def conversations(query: str = "", request: gr.Request = None) -> list:
+            return chat.api_conversations(ctx.store, request, query)
+
+        def conversation_get(conversation_id: str, request: gr.Request = None) -> dict:
+            return chat.api_conversation_get(ctx.store, conversation_id, request)
+
+        def conversation_delete(conversation_id: str, request: gr.Request = None) -> str:
+            return chat.api_conversation_delete(ctx.store, conversation_id, request)
+
+        gr.api(conversations, api_name="conversations",
+               api_description="The caller's conversations, newest first: id, title, kind, updated, messages "
+                               "(query: text to search for).")
+        gr.api(conversation_get, api_name="conversation_get",
+               api_description="One of the caller's conversations: every message (a tree: parent, images, "
+                               "metadata) and path, the branch shown.")
+        gr.api(conversation_delete, api_name="conversation_delete",
+               api_description="Delete one of the caller's conversations.")
         gr.api(engine_info, api_name="engine_info", api_description="What engine and model are loaded.")
 
         def monitor_panel(request: gr.Request = None) -> str:

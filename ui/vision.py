@@ -21,9 +21,10 @@ from engines.base import ChatMessage, GenParams
 from engines.images import ImageError, prepare
 from engines.manager import EngineManager
 
-from .chat import chat_request, drop_reply, stream_reply, to_messages
-from .common import (Context, Refusal, SamplingControls, fmt_stats, make_params, model_label, refuse,
-                     require_admin, session_id)
+from .chat import (Conversation, ConversationPanel, branch_mark, chat_request, details, drop_reply, owner_key,
+                   reply_meta, stream_reply, to_messages)
+from .common import (Context, Refusal, SamplingControls, make_params, model_label, refuse, require_admin,
+                     session_id)
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "examples")
 EXAMPLES = [("shapes.png", "What shapes do you see, and what colours are they?"),
@@ -149,19 +150,24 @@ def display(turns: list[dict]) -> list[dict]:
         for p in t.get("images") or ():
             out.append({"role": t["role"], "content": {"path": p}})
         content = t["content"]
-        stats = fmt_stats(t.get("stats"))
-        if t["role"] == "assistant" and stats:
-            content = f"{content}\n\n<sub>{stats}</sub>"
+        line = " · ".join(x for x in (branch_mark(t), details(t.get("stats")) if t["role"] == "assistant" else "")
+                          if x)
+        if line:
+            content = f"{content}\n\n<sub>{line}</sub>"
         if content or t["role"] == "assistant":
             out.append({"role": t["role"], "content": content})
     return out
 
 
-def build(ctx: Context, slot: VisionSlot):
-    settings = ctx.settings
+def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
+    """The page; ``who``: the browser's id (``ui.chat.identity``) its conversations are kept under."""
+    settings, store = ctx.settings, ctx.store
+    who = who if who is not None else gr.State(None)
     conv = gr.State([])
     status = gr.Markdown(slot.describe(), elem_id="vision-status")
     with gr.Row():
+        with gr.Column(scale=1, min_width=200, elem_id="vision-conversations"):
+            panel = ConversationPanel(ctx, "vision", "vconv", who)
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="Vision chat", height=480, elem_id="vision-chatbot", feedback_options=None)
             box = gr.MultimodalTextbox(placeholder="Attach or paste images and ask about them",
@@ -221,7 +227,7 @@ def build(ctx: Context, slot: VisionSlot):
             line += " **Warning: the context is nearly full; old turns will be dropped.**"
         return line
 
-    async def respond(message, turns, snapshot, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request: gr.Request = None):
+    async def respond(message, turns, snapshot, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, cid_value, who_id, request: gr.Request = None):
         message = message or {}
         text = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
@@ -230,13 +236,13 @@ def build(ctx: Context, slot: VisionSlot):
             files.append(snapshot)
         if not text and not files:
             gr.Info("Type a question (and attach images) first: nothing was sent.")
-            yield gr.update(), turns, display(turns), gr.update(), gr.update()
+            yield gr.update(), turns, display(turns), gr.update(), gr.update(), cid_value
             return
         try:
             params = check_message(text, files, turns, (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed))
         except gr.Error as e:
             # a warning toast; the message stays in the box, the page as it was
-            yield gr.update(), turns, display(turns), gr.update(), refuse(e)
+            yield gr.update(), turns, display(turns), gr.update(), refuse(e), cid_value
             return
         def prepare_uploads():      # decoding and resizing images: off the event loop
             saved, notes = [], []
@@ -253,19 +259,25 @@ def build(ctx: Context, slot: VisionSlot):
         try:
             saved, notes, costs = await asyncio.to_thread(prepare_uploads)
         except gr.Error as e:
-            yield gr.update(), turns, display(turns), gr.update(), refuse(e)
+            yield gr.update(), turns, display(turns), gr.update(), refuse(e), cid_value
             return
         for n in notes:
             gr.Warning(n)
-        turns = list(turns) + [{"role": "user", "content": text or "Describe the image.", "images": saved}]
-        async for out in _run(turns, params, request, costs):
+        turns = [dict(t) for t in turns] + [{"role": "user", "content": text or "Describe the image.",
+                                              "images": saved}]
+        c = Conversation(store, "vision", owner_key(request, who_id), cid_value)
+        new_user = c.add_user(turns)
+        async for out in _run(turns, params, request, c, new_user, costs):
             yield out
 
-    async def _run(turns, params, request, costs=None):
+    async def _run(turns, params, request, c: Conversation, new_user: bool, costs=None):
         shown = turns + [{"role": "assistant", "content": ""}]
         report = await asyncio.to_thread(context_report, turns, costs)
-        yield None, turns, display(shown), None, report
+        yield None, turns, display(shown), None, report, c.cid
         text, stats = "", None
+        meta = reply_meta(slot.manager, params)
+        writer = c.writer(turns, meta)
+        ended = False
         warned = False
         req, left_out = chat_request(to_messages(turns), params, request, "vision", slot.manager.limits)
         if left_out:
@@ -276,38 +288,61 @@ def build(ctx: Context, slot: VisionSlot):
                 if notice and not warned:
                     gr.Warning(notice)
                     warned = True
+                if writer is not None:
+                    writer.feed(text)
                 shown = turns + [{"role": "assistant", "content": text}]
-                yield gr.update(), shown, display(shown), gr.update(), gr.update()
+                yield gr.update(), shown, display(shown), gr.update(), gr.update(), gr.update()
+            ended = True
         except gr.Error as e:
+            ended = True
             # the question goes back into the box; the conversation as it was
+            if writer is not None:
+                c.forget(writer.id)
             last = turns[-1]
-            back = {"text": last["content"], "files": list(last.get("images") or ())}
-            yield back, turns[:-1], display(turns[:-1]), gr.update(), refuse(e)
+            if new_user:
+                c.forget(last.get("id"))
+                back = {"text": last["content"], "files": list(last.get("images") or ())}
+                yield back, c.back_to(turns[:-1]), display(c.back_to(turns[:-1])), gr.update(), refuse(e), c.cid
+            else:
+                yield gr.update(), c.back_to(turns), display(c.back_to(turns)), gr.update(), refuse(e), c.cid
             return
+        finally:
+            if not ended and writer is not None:     # the tab closed mid-reply: keep what streamed
+                writer.finish(text, {"finish_reason": "abort"})
         if not text and stats and stats["finish_reason"] == "abort":
             # stopped before its first token: no empty reply; the question goes back into the box
             last = turns[-1]
-            yield ({"text": last["content"], "files": list(last.get("images") or ())}, turns[:-1],
-                   display(turns[:-1]), gr.update(), "")
+            if new_user:
+                c.forget(last.get("id"))
+                back = c.back_to(turns[:-1])
+                yield ({"text": last["content"], "files": list(last.get("images") or ())}, back,
+                       display(back), gr.update(), "", c.cid)
+            else:
+                back = c.back_to(turns)
+                yield gr.update(), back, display(back), gr.update(), "", c.cid
             return
-        turns = turns + [{"role": "assistant", "content": text, "stats": stats}]
+        if writer is not None:
+            writer.finish(text, stats)
+        turns = c.reload(turns + [{"role": "assistant", "content": text, "stats": {**meta, **(stats or {})}}])
         report = await asyncio.to_thread(context_report, turns, costs)
-        yield gr.update(), turns, display(turns), gr.update(), report
+        yield gr.update(), turns, display(turns), gr.update(), report, c.cid
 
-    async def regenerate(turns, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request: gr.Request = None):
+    async def regenerate(turns, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, cid_value, who_id, request: gr.Request = None):
         try:
             if slot.manager.info() is None:
                 raise Refusal(f"No vision model is loaded: {slot.status}", title="Vision model")
             params = make_params(settings, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
         except gr.Error as e:
-            yield gr.update(), turns, display(turns), gr.update(), refuse(e)
+            yield gr.update(), turns, display(turns), gr.update(), refuse(e), cid_value
             return
         turns = drop_reply(turns)
         if not turns:
             gr.Info("Nothing to regenerate yet.")
-            yield gr.update(), turns, display(turns), gr.update(), gr.update()
+            yield gr.update(), turns, display(turns), gr.update(), gr.update(), cid_value
             return
-        async for out in _run(turns, params, request):
+        # the new reply is a sibling of the old one (a branch), not a replacement
+        c = Conversation(store, "vision", owner_key(request, who_id), cid_value)
+        async for out in _run(turns, params, request, c, c.add_user(turns)):
             yield out
 
     def load_vision(model, engine, request: gr.Request = None):
@@ -325,16 +360,34 @@ def build(ctx: Context, slot: VisionSlot):
             raise Refusal(slot.status, title="Vision model")
         return slot.describe()
 
-    outputs = [box, conv, chatbot, webcam, context_md]
+    outputs = [box, conv, chatbot, webcam, context_md, panel.cid]
     common = dict(concurrency_id="generate", concurrency_limit="default")
-    box.submit(respond, [box, conv, webcam, *sampling.values], outputs, api_name="vision_send", **common)
-    regen.click(regenerate, [conv, *sampling.values], outputs, api_name="vision_regenerate", **common)
+    private = dict(api_visibility="private", queue=False, show_progress="hidden")
+
+    def after(who_id, query, cid_value, request: gr.Request = None):
+        return panel.side(owner_key(request, who_id), cid_value, query or "")
+
+    side_inputs = [who, panel.search if store is not None else gr.State(""), panel.cid]
+    sent = box.submit(respond, [box, conv, webcam, *sampling.values, panel.cid, who], outputs,
+                      api_name="vision_send", **common)
+    regenerated = regen.click(regenerate, [conv, *sampling.values, panel.cid, who], outputs,
+                              api_name="vision_regenerate", **common)
     def on_stop(request: gr.Request = None):
         slot.manager.abort_session(session_id(request))
 
     # no cancels=: the aborted stream ends normally (a cancelled one left Gradio's Error badge)
     stop.click(on_stop, None, None, api_name="vision_stop", queue=False)
-    clear.click(lambda: ([], [], ""), None, [conv, chatbot, context_md], api_name="vision_clear", queue=False)
+    cleared = clear.click(lambda: ([], [], "", None), None, [conv, chatbot, context_md, panel.cid],
+                          api_name="vision_clear", queue=False)
+    if store is not None:        # the side list follows
+        for event in (sent, regenerated, cleared):
+            event.then(after, side_inputs, panel.side_outputs, **private)
+
+    def show(turns, _system):
+        """The page for a conversation opened from the list (or a new one)."""
+        return [turns, display(turns), ""]
+
+    panel.wire([conv, chatbot, context_md], show)
     vload.click(load_vision, [vmodel, vengine], status, api_name="load_vision_model", concurrency_limit=1,
                 concurrency_id="admin")
     # without a vision model the page says what to do and its controls are off (ui.app's timer
