@@ -56,11 +56,42 @@ def test_monitor_panel_and_csv_through_the_app(app_server):
     text = c.predict(api_name="/monitor_panel")
     assert "SmolLM2-135M-Instruct" in text and "No NVIDIA GPU: showing CPU and RAM" in text
     assert "NVML" not in text
+    # the bandwidth meter has no figure on a CPU and says why, in a sentence (engines/bandwidth.py)
+    assert BANDWIDTH_ON_CPU in text.replace("**", ""), text
     path = c.predict(api_name="/metrics_csv")
     rows = list(csv.DictReader(open(path)))
     done = [r for r in rows if r["finish_reason"] in ("stop", "length")]   # not stopped before a token
     assert done and all(int(r["tokens"]) >= 1 for r in done)
+    assert all(int(r["prompt_tokens"]) > 5 for r in done), "the engine's prompt count is recorded"
     assert {"ttft", "tokens_per_s", "backend"} <= set(rows[0])
+
+
+BANDWIDTH_ON_CPU = ("Memory bandwidth: not measured on the CPU: the meter compares the bytes a decoded token "
+                    "reads (weights plus KV cache) with a GPU's datasheet memory bandwidth, and this model runs "
+                    "without a GPU.")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_bandwidth_meter_says_why_it_has_no_figure_in_the_browser(app_server, browser):
+    """On the Monitor page in Chromium, after a reply: the meter's line is the reason, not an empty box."""
+    pytest.importorskip("playwright.sync_api")
+    from tests.ui.browser import open_page, shot
+
+    app_server.client().predict([{"role": "user", "content": "Say hi."}], {"temperature": 0, "max_new_tokens": 8},
+                                api_name="/chat")
+    pg = open_page(browser, app_server.url, width=1400)
+    try:
+        pg.wait_for_selector("#header", timeout=30000)
+        pg.get_by_role("tab", name="Monitor").click()
+        pg.wait_for_function("() => document.querySelector('#monitor-panel').innerText.includes('Memory bandwidth')",
+                             timeout=20000)
+        text = pg.inner_text("#monitor-panel")
+        assert BANDWIDTH_ON_CPU in text, text       # bold markdown: the page shows the words, no asterisks
+        assert pg.get_by_text("not measured on the CPU", exact=False).first.is_visible()
+        shot(pg, "monitor-bandwidth")
+    finally:
+        pg.close()
 
 
 @pytest.mark.slow
