@@ -496,7 +496,12 @@ class Submission:
         return self._measured()
 
     def __aiter__(self) -> AsyncIterator[Delta]:
-        return relay(iter(self), on_cancel=self.abort)
+        return self.updates()
+
+    def updates(self, interval: float | Callable[[], float] = 0.0) -> AsyncIterator[Delta]:
+        """Read it on the event loop (the one relay); ``interval``: the least seconds between two
+        reads, for a consumer that coalesces updates anyway (see :func:`engines.relay.relay`)."""
+        return relay(iter(self), on_cancel=self.abort, interval=interval)
 
     def text(self) -> tuple[str, Delta | None]:
         """Read it to the end (blocking): the whole reply and its last delta."""
