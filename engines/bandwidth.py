@@ -363,15 +363,14 @@ def why_no_figure(info) -> str | None:
     return None
 
 
-def meter_text(info, replies: Sequence, running: Sequence = (), *, gpu_name: str = "",
-               now: float | None = None, window_s: float = WINDOW_S) -> str:
-    """The Monitor's bandwidth line for the loaded engine ``info``: ``replies`` are the manager's
-    metrics (``telemetry.ReplyMetrics``, every user's: the figure is the server's), ``running`` its
-    live requests (``manager.LiveRequest``). ``gpu_name`` stands in where the engine did not record
-    its GPU (NVML's first device)."""
-    why = why_no_figure(info)
-    if why:
-        return f"**Memory bandwidth:** {why}"
+def meter_reading(info, replies: Sequence, running: Sequence = (), *, gpu_name: str = "",
+                  now: float | None = None, window_s: float = WINDOW_S) -> Reading | None:
+    """The meter's reading for the loaded engine ``info``: ``replies`` are the manager's metrics
+    (``telemetry.ReplyMetrics``, every user's: the figure is the server's), ``running`` its live
+    requests (``manager.LiveRequest``). ``gpu_name`` stands in where the engine did not record its GPU
+    (NVML's first device). None where ``why_no_figure`` has a reason or no reply qualifies."""
+    if why_no_figure(info):
+        return None
     now = time.time() if now is None else now
     model = ModelBytes.from_extra(info.extra, weights_format=info.dtype)
     mine = [m for m in replies if m.backend == info.backend and m.model == info.model
@@ -381,9 +380,19 @@ def meter_text(info, replies: Sequence, running: Sequence = (), *, gpu_name: str
     live = [stream_of_running(r.started, r.tokens, getattr(r, "prompt_tokens", 0) or 0, now) for r in running
             if r.source not in SCRATCH_SOURCES]
     cap = info.extra.get("gpu_capability")
-    reading = measure(model, streams, live, gpu_name=info.extra.get("gpu_name") or gpu_name,
-                      capability=tuple(cap) if cap else None, now=now)
+    return measure(model, streams, live, gpu_name=info.extra.get("gpu_name") or gpu_name,
+                   capability=tuple(cap) if cap else None, now=now)
+
+
+def meter_text(info, replies: Sequence, running: Sequence = (), *, gpu_name: str = "",
+               now: float | None = None, window_s: float = WINDOW_S) -> str:
+    """The Monitor's bandwidth line (markdown): the reading of ``meter_reading``, or why there is none."""
+    why = why_no_figure(info)
+    if why:
+        return f"**Memory bandwidth:** {why}"
+    reading = meter_reading(info, replies, running, gpu_name=gpu_name, now=now, window_s=window_s)
     if reading is None:
+        model = ModelBytes.from_extra(info.extra)
         return (f"**Memory bandwidth:** no reply of {MIN_TOKENS} tokens or more in the last "
                 f"{window_s / 60:.0f} minutes to measure; it shows once one has streamed (weights "
                 f"{size_text(model.weights_read)} + KV {size_text(model.kv_per_token)} per token of context "
@@ -393,5 +402,5 @@ def meter_text(info, replies: Sequence, running: Sequence = (), *, gpu_name: str
 
 __all__ = ["GB", "KV_FORMATS", "MIN_TOKENS", "ModelBytes", "Reading", "SCRATCH_SOURCES", "Stream",
            "embedding_bytes", "gpu_facts", "kv_bytes_from_config", "kv_bytes_per_token", "kv_format", "lmdeploy_facts",
-           "measure", "meter_text", "moe_experts", "rate_text", "size_text", "stream_of_reply",
+           "measure", "meter_reading", "meter_text", "moe_experts", "rate_text", "size_text", "stream_of_reply",
            "stream_of_running", "weights_format", "why_no_figure"]
