@@ -37,7 +37,8 @@ then gives bytes per step = weights + the KV of those streams, x steps/s. Replie
 
 What it does not see: prefill (a long prompt's first step reads more), MoE models (the figure counts
 every expert's weights; a token reads only its top-k, so it is an upper bound), padding in a
-batch-padded cache, and activations. The arithmetic here is pure (no torch): tests check it against
+batch-padded cache, activations, and a VLM's vision tower on LMDeploy's engines (counted as read;
+the Transformers backend leaves it out). The arithmetic here is pure (no torch): tests check it against
 hand computations.
 """
 from __future__ import annotations
@@ -177,7 +178,7 @@ class ModelBytes:
     weights: int                  # the weights as the engine holds them
     kv_per_token: float           # KV bytes one token of context takes
     unread: int = 0               # weight bytes a step does not read (input embedding, vision tower)
-    kv_format: str = "16-bit"
+    kv_format: str = "16-bit"     # the KV cache's element format in words ("16-bit", "int8" ...)
     weights_format: str = ""      # "bfloat16", "awq", "fp8" ... for the text
     tp: int = 1                   # GPUs the model is split over (their peaks add up)
     experts: tuple[int, int] | None = None   # MoE (used, all): the weights figure is an upper bound
@@ -321,8 +322,10 @@ def measure(model: ModelBytes, streams: Sequence[Stream], running: Iterable[Stre
             gpu_name: str = "", capability: tuple[int, int] | None = None,
             now: float | None = None) -> Reading | None:
     """The reading for the latest of ``streams`` (finished replies): its decode rate as steps/s,
-    the others (finished or ``running``) that overlapped its decode as the batch, each by the share
-    of its decode they overlapped. None without a stream."""
+    the others (finished or ``running``) that overlapped its decode as the batch, each counted by the
+    share of the latest one's decode time it overlapped. ``gpu_name`` and ``capability`` pick the
+    datasheet peak (``engines/gpus.py``); ``now`` (wall clock) dates the reading. None without a
+    stream."""
     if not streams:
         return None
     last = max(streams, key=lambda s: s.end)
