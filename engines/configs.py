@@ -12,6 +12,11 @@ import dataclasses
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+WEIGHT_QUANTS = ("none", "int8")     # TransformersConfig.weight_quant
+# KV-cache quant_policy values LMDeploy 0.18 takes (lmdeploy.messages.QuantPolicy): 0 off, 4 int4,
+# 8 int8 on both engines; 16 FP8 (e4m3, a scale per tensor) on its PyTorch engine only (its
+# TurboMind asserts "FP8 quantization is not supported"). 17 (e5m2) and 42 (TurboQuant) are not offered.
+QUANT_POLICIES = (0, 4, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -23,10 +28,16 @@ class TransformersConfig:
     session_len: int | None = None  # context length; None: the model's own
     trust_remote_code: bool = False
     max_batch: int = 16             # requests decoded together
+    # none | int8: the decoder's linear weights quantized to int8 at load (torchao's int8
+    # weight-only; nothing is written to disk). Measured on a 2-core AVX2 CPU it saves memory but
+    # decodes slower (README, Quantize); it is a memory saving, not a speed-up, there.
+    weight_quant: str = "none"
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.weight_quant not in WEIGHT_QUANTS:
+            raise ValueError(f"weight_quant must be one of {', '.join(WEIGHT_QUANTS)}, got {self.weight_quant!r}")
         _check_common(self)
         if not 1 <= int(self.max_batch) <= 1024:
             raise ValueError("max_batch must be in [1, 1024]")
@@ -38,7 +49,7 @@ class LMDeployConfig:
 
     backend: str = "turbomind"      # turbomind | pytorch
     model_format: str = "hf"        # hf | awq (TurboMind reads AWQ W4A16 folders)
-    quant_policy: int = 0           # KV cache: 0 off, 8 int8, 4 int4
+    quant_policy: int = 0           # KV cache: 0 off, 8 int8, 4 int4, 16 fp8 (PyTorch engine only)
     cache_max_entry_count: float = 0.8   # share of free GPU memory for the KV cache
     session_len: int | None = None
     tp: int = 1
@@ -52,8 +63,11 @@ class LMDeployConfig:
             raise ValueError(f"backend must be turbomind or pytorch, got {self.backend!r}")
         if self.model_format not in ("hf", "awq", "fp8"):
             raise ValueError(f"model_format must be hf, awq or fp8, got {self.model_format!r}")
-        if self.quant_policy not in (0, 4, 8):
-            raise ValueError("quant_policy must be 0 (off), 4 (int4) or 8 (int8)")
+        if self.quant_policy not in QUANT_POLICIES:
+            raise ValueError("quant_policy must be 0 (off), 4 (int4), 8 (int8) or 16 (fp8, PyTorch engine)")
+        if self.quant_policy == 16 and self.backend != "pytorch":
+            raise ValueError("quant_policy 16 (FP8 KV cache) runs on LMDeploy's PyTorch engine only; "
+                             "TurboMind 0.18 does not support it (use 8 or 4, or the pytorch engine)")
         if not 0.0 < float(self.cache_max_entry_count) <= 1.0:
             raise ValueError("cache_max_entry_count must be in (0, 1]")
         if int(self.tp) < 1:

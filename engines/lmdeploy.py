@@ -119,12 +119,12 @@ def _use_own_image_token(model) -> None:
 
 
 def kv_bytes_per_token(cfg: dict, quant_policy: int = 0) -> float:
-    """Bytes one token of KV cache takes (all layers, K and V): fp16/bf16, int8 (8) or int4 (4)."""
+    """Bytes one token of KV cache takes (all layers, K and V): fp16/bf16, int8 (8), int4 (4) or fp8 (16)."""
     text = cfg.get("text_config", cfg)
     heads = text.get("num_attention_heads") or 1
     kv = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or text.get("hidden_size", 0) // heads
-    elem = {8: 1.0, 4: 0.5}.get(quant_policy, 2.0)
+    elem = {8: 1.0, 4: 0.5, 16: 1.0}.get(quant_policy, 2.0)
     return text.get("num_hidden_layers", 0) * 2 * kv * head_dim * elem
 
 
@@ -282,6 +282,8 @@ class LMDeployEngine:
             fmt = None if config.model_format == "hf" else config.model_format
             engine_cfg = TurbomindEngineConfig(model_format=fmt, **common)
         else:
+            # a blocked-FP8 folder says so in its config.json, which the PyTorch engine reads; its
+            # model_format="fp8" would mean "quantize a bf16 model to FP8 while loading" instead
             engine_cfg = PytorchEngineConfig(**common)
         try:
             return pipeline(resolved.path, backend_config=engine_cfg, log_level="ERROR",
@@ -330,6 +332,24 @@ class LMDeployEngine:
                 f"{floor}; TurboMind 0.18 was seen not to finish loading then. Raise "
                 f"cache_max_entry_count to at least {suggested_cache_ratio(need):.2f}, or lower the session "
                 f"length to {max(256, tokens // 2)}.")
+
+    def perplexity(self, text: str, max_tokens: int = 4096, window: int = 512) -> dict:
+        """Perplexity of ``text`` (no chat template) with LMDeploy's own ``Pipeline.get_ppl`` (its
+        mean cross-entropy per window), in the same windows as the Transformers engine
+        (``transformers.ppl_windows``). For the Quantize card on a scratch engine. Returns
+        {"perplexity", "tokens"}."""
+        import math
+
+        from .transformers import ppl_windows
+
+        ids = self.pipe.async_engine.tokenizer.encode(text, add_bos=False, add_special_tokens=False)
+        windows = ppl_windows(ids, max_tokens, window)
+        if not windows:
+            raise ValueError("the text is too short for a perplexity (fewer than 2 tokens)")
+        losses = self.pipe.get_ppl(windows)
+        nll = sum(float(loss) * (len(w) - 1) for loss, w in zip(losses, windows))
+        scored = sum(len(w) - 1 for w in windows)
+        return {"perplexity": math.exp(nll / scored), "tokens": scored}
 
     # ------------------------------------------------------------------ prompt
     def _messages(self, messages: Sequence[ChatMessage]) -> list[dict]:

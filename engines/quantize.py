@@ -1,4 +1,4 @@
-"""Quantization jobs (LMDeploy AWQ W4A16, dtype casts) as real subprocesses.
+"""Quantization jobs (LMDeploy AWQ W4A16, blocked FP8, dtype casts) as real subprocesses.
 
 * One GPU job runs at a time; the rest wait in a queue, visible with their position.
 * Each job is a JSON file under ``<cache_dir>/jobs`` (state, parameters, progress, log path), so the
@@ -17,7 +17,9 @@
   The GPU is asked about first: on a machine without one, that is the answer, whatever else is asked.
 * ``model_facts`` and ``awq_unavailable`` give the page its defaults before anything is asked: a
   job that can run on this machine, a group size that divides the model's dimensions, and why AWQ
-  cannot run here where it cannot.
+  cannot run here where it cannot. ``engines.quant_advice`` says which format pays on this GPU.
+* Quality: the shipped calibration text is split once (``CALIB_SHARE``): calibration reads the first
+  part (``calibration_text``), the card's perplexity the rest (``heldout_text``), never both.
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ AWQ_ARCHS = {"InternLM2ForCausalLM", "InternLM3ForCausalLM", "Qwen2ForCausalLM",
              "ChatGLMForConditionalGeneration", "MixtralForCausalLM", "Qwen2VLForConditionalGeneration",
              "Qwen2_5_VLForConditionalGeneration", "MistralForCausalLM"}
 FINAL = ("done", "failed", "cancelled")
+KINDS = ("cast", "fp8", "awq")
+# The shipped calibration text is split at a line boundary: the first CALIB_SHARE of its characters
+# are for calibration (AWQ's samples), the rest is held out for the card's perplexity.
+CALIB_SHARE = 0.9
 # The hub datasets LMDeploy's calibrate() knows; used only where a hub is reachable
 HUB_DATASETS = ("wikitext2", "c4", "pileval", "gsm8k", "neuralmagic_calibration", "open-platypus", "openwebtext")
 
@@ -55,7 +61,7 @@ class JobError(EngineError):
 @dataclass
 class Job:
     id: str
-    kind: str                  # awq | cast
+    kind: str                  # awq | fp8 | cast
     source: str
     output: str
     params: dict
@@ -94,6 +100,34 @@ class Job:
         if not self.started:
             return None
         return (self.finished or (time.time() if now is None else now)) - self.started
+
+
+def _split_point(text: str) -> int:
+    """Where the shipped text is cut: the first line start at or after ``CALIB_SHARE`` of it."""
+    cut = int(len(text) * CALIB_SHARE)
+    nl = text.find("\n", cut)
+    return len(text) if nl < 0 else nl + 1
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def calibration_text(path: str | None = None) -> str:
+    """The text calibration reads from ``path``: of the shipped file only the calibration part
+    (the rest is held out for perplexity); a user's own file whole."""
+    path = path or DEFAULT_CALIB
+    text = _read(path)
+    if os.path.realpath(path) == os.path.realpath(DEFAULT_CALIB):
+        return text[:_split_point(text)]
+    return text
+
+
+def heldout_text() -> str:
+    """The part of the shipped calibration text that calibration never reads (the card's perplexity)."""
+    text = _read(DEFAULT_CALIB)
+    return text[_split_point(text):]
 
 
 def _model_config(path: str) -> dict:
@@ -197,13 +231,32 @@ def model_facts(path: str) -> dict:
 
 def result_load_options(job: "Job", gpu: bool) -> dict:
     """The engine options that load a finished job's result as what it is: an AWQ folder as AWQ,
-    a cast in the dtype it was cast to (the engines' "auto" means float32 on a CPU, which would
-    load a bfloat16 cast at twice its size). On a GPU a float32 result is left to "auto": the GPU
-    engines run 16-bit."""
+    an FP8 folder as FP8 on a GPU (LMDeploy; on a CPU Transformers dequantizes it to bfloat16, its
+    stored dtype), a cast in the dtype it was cast to (the engines' "auto" means float32 on a CPU,
+    which would load a bfloat16 cast at twice its size). On a GPU a float32 result is left to
+    "auto": the GPU engines run 16-bit."""
     if job.kind == "awq":
         return {"model_format": "awq"}
+    if job.kind == "fp8":
+        return {"model_format": "fp8"} if gpu else {"dtype": "bfloat16"}
     dtype = job.params.get("dtype", "bfloat16")
     return {} if gpu and dtype == "float32" else {"dtype": dtype}
+
+
+def result_engine(job: "Job", gpus=None, backends=None) -> str:
+    """The engine a finished job's result loads on: for FP8 the one measured faster on this GPU
+    (``engines.quant_advice``; LMDeploy's PyTorch engine on Hopper), else "auto" (TurboMind where
+    it can). ``gpus`` (``engines.gpus.local_gpus()``) and ``backends`` (the engines installed) are
+    asked here when not given."""
+    if job.kind != "fp8":
+        return "auto"
+    from . import quant_advice
+
+    gpus = quant_advice.local_gpus() if gpus is None else gpus
+    if not gpus:
+        return "auto"
+    backends = quant_advice.available_backends() if backends is None else backends
+    return quant_advice.engine_for("fp8", gpus, backends) or "auto"
 
 
 def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *,
@@ -211,8 +264,8 @@ def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *
              hub_endpoint: str = "https://huggingface.co") -> dict:
     """Refuse a bad request before anything starts; returns the model config. ``hub_offline`` and
     ``hub_endpoint`` (``Settings.hub_offline``/``hub_endpoint``) say whether a hub dataset can be had."""
-    if kind not in ("awq", "cast"):
-        raise JobError(f"unknown job kind {kind!r}")
+    if kind not in KINDS:
+        raise JobError(f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
     if kind == "awq":
         why = awq_unavailable(free_gpu_bytes, lmdeploy=False)    # the runner asks about LMDeploy
         if why:
@@ -235,6 +288,14 @@ def validate(kind: str, source: str, output: str, params: dict, data_dir: str, *
             raise JobError(f"dtype must be one of {', '.join(CAST_DTYPES)}; got {dtype!r}")
         if checkpoint_dtype(cfg) == dtype:
             raise JobError(f"The source is already stored in {dtype}: choose another dtype.")
+        return cfg
+    if kind == "fp8":
+        quant = (cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config") or {})
+        if quant:
+            raise JobError(f"The source is already quantized ({quant.get('quant_method', '?')}); FP8 needs a "
+                           "bfloat16, float16 or float32 model.")
+        if not any(f.endswith(".safetensors") for f in os.listdir(source)):
+            raise JobError(f"{source!r} has no .safetensors weights; the FP8 job reads safetensors.")
         return cfg
     if arch not in AWQ_ARCHS:
         raise JobError(f"AWQ does not support the architecture {arch} (LMDeploy supports: "
@@ -484,6 +545,8 @@ def describe(job: Job) -> str:
     p = job.params
     if job.kind == "cast":
         what = f"cast to {p.get('dtype', 'bfloat16')}"
+    elif job.kind == "fp8":
+        what = "FP8 e4m3 weights, a scale per 128x128 block, no calibration"
     else:
         calib = p.get("dataset") or ("the shipped text" if p.get("calib_file") in (None, "", DEFAULT_CALIB)
                                      else os.path.basename(p["calib_file"]))
@@ -548,14 +611,20 @@ class _Borrowed:
 def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = "hf", quant_policy: int = 0,
                   cache_max_entry_count: float = 0.01, prompt: str | None = None, batches=(1, 16),
                   new_tokens: int = 128, kv_capacity: bool = False, device: str = "auto",
-                  engine: str = "auto", manager=None, owner: str | None = None, dtype: str | None = None) -> dict:
+                  engine: str = "auto", manager=None, owner: str | None = None, dtype: str | None = None,
+                  perplexity_tokens: int = 0, weight_quant: str | None = None) -> dict:
     """Load one model the way the app would (TurboMind where it can) and measure what the Quantize
     page's card shows: size on disk; the dtype it runs in and its weights' bytes in memory (the
     engine's own count: the parameters Transformers holds, the checkpoint TurboMind loads); on a GPU
     the GPU memory the load took (NVML's increase: weights, the KV cache at
     ``cache_max_entry_count`` and workspace); tokens/s at each batch size (concurrent streams,
     greedy, ``new_tokens`` each); the greedy answer to ``prompt``; and, with ``kv_capacity``, the
-    tokens the KV cache holds (TurboMind's own count, see ``lmdeploy.measure_kv_capacity``).
+    tokens the KV cache holds (TurboMind's own count, see ``lmdeploy.measure_kv_capacity``); with
+    ``perplexity_tokens`` > 0, the perplexity of the held-out part of the shipped calibration text
+    (``heldout_text``, never used by calibration) over that many tokens, computed by the engine that
+    serves the model (LMDeploy's ``get_ppl``, or Transformers' forward pass), in windows of 512
+    tokens, and the number of tokens it rests on. ``weight_quant`` ("int8") loads a Transformers
+    model with int8 weight-only quantization at load (``TransformersConfig.weight_quant``).
 
     Transformers loads the model in ``dtype``, by default the dtype its checkpoint is stored in
     (the engine's "auto" would make a bfloat16 result float32 on a CPU, the size of its source).
@@ -586,7 +655,7 @@ def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = 
             cache_max_entry_count = max(cache_max_entry_count, suggested_cache_ratio(need))
     if backend == "transformers":
         dtype = dtype or checkpoint_dtype(resolved.config or {}) or "auto"
-    opts = ({"device": device, "dtype": dtype} if backend == "transformers" else
+    opts = ({"device": device, "dtype": dtype, "weight_quant": weight_quant} if backend == "transformers" else
             {"cache_max_entry_count": cache_max_entry_count, "session_len": 4096, "model_format": model_format,
              "quant_policy": quant_policy})
     base = manager if manager is not None else EngineManager(cache_dir)
@@ -608,6 +677,14 @@ def measure_model(path: str, *, label: str, cache_dir: str, model_format: str = 
 
             cap = measure_kv_capacity(mgr)
             row["KV cache tokens"] = cap["tokens"] if cap else None
+        if perplexity_tokens:
+            ppl = getattr(mgr.require(), "perplexity", None)
+            if ppl is not None:
+                try:
+                    r = ppl(heldout_text(), max_tokens=perplexity_tokens)
+                    row["perplexity (held-out)"], row["perplexity tokens"] = round(r["perplexity"], 3), r["tokens"]
+                except Exception as e:  # noqa: BLE001 - the card shows what it could not measure, and why
+                    row["perplexity (held-out)"], row["perplexity error"] = None, str(e).splitlines()[0][:200]
         p = GenParams(temperature=0, max_new_tokens=new_tokens)
         if prompt:
             sub = mgr.submit(ChatRequest((ChatMessage("user", prompt),), p.replace(max_new_tokens=min(new_tokens, 64)),

@@ -130,7 +130,7 @@ class TransformersEngine:
         self.processor = None
         t0 = time.perf_counter()
         try:
-            self._load(path, config.trust_remote_code)
+            self._load(path, config.trust_remote_code, config.weight_quant)
         except EngineError:
             raise
         except torch.OutOfMemoryError as e:
@@ -179,10 +179,34 @@ class TransformersEngine:
         self._thread.start()
 
     # ------------------------------------------------------------------ loading
-    def _load(self, path: str, trust_remote_code: bool):
+    def _load(self, path: str, trust_remote_code: bool, weight_quant: str = "none"):
         import transformers as tf
 
         kw = dict(dtype=self.dtype, trust_remote_code=trust_remote_code)
+        fp8 = _fp8_checkpoint(path)
+        if fp8 and self.device.type == "cpu" and not self.vision:
+            # A blocked-FP8 checkpoint (engines/quantize_worker.py's, or any with weight_scale_inv) on
+            # a CPU: dequantized here, block by block, to the engine's dtype. Transformers 5 would
+            # dequantize it too on a CPU, but refuses weights whose sides are not whole blocks
+            # (SmolLM2's 576 = 4.5 x 128), which LMDeploy and the checkpoint format allow.
+            from .quantize_worker import dequantized_state_dict
+
+            cfg = tf.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            del cfg.quantization_config
+            self.tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.model = tf.AutoModelForCausalLM.from_config(cfg, dtype=self.dtype,
+                                                             trust_remote_code=trust_remote_code)
+            missing, unexpected = self.model.load_state_dict(dequantized_state_dict(path, self.dtype), strict=False)
+            tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
+            if unexpected or set(missing) - tied:
+                raise ModelLoadError(f"the FP8 checkpoint does not match its config: missing {missing[:3]}, "
+                                     f"unexpected {unexpected[:3]}")
+            self.model.tie_weights()
+            gen = os.path.join(path, "generation_config.json")
+            if os.path.isfile(gen):
+                self.model.generation_config = tf.GenerationConfig.from_pretrained(path)
+            self.model.to(self.device).eval()
+            return
         if self.vision:
             self.processor = tf.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
             self.tokenizer = self.processor.tokenizer
@@ -191,6 +215,20 @@ class TransformersEngine:
             self.tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             self.model = tf.AutoModelForCausalLM.from_pretrained(path, **kw)
         self.model.to(self.device).eval()
+        if weight_quant == "int8":
+            self._int8_weights()
+
+    def _int8_weights(self) -> None:
+        """torchao's int8 weight-only quantization of the decoder's linear layers (not lm_head, which
+        SmolLM2 ties to its embedding): a maintained library rather than our own kernels."""
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError as e:
+            raise ModelLoadError("weight_quant int8 needs torchao (pip install torchao)") from e
+        import torch
+
+        quantize_(self.model, Int8WeightOnlyConfig(),
+                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
 
     def _bandwidth_facts(self) -> dict:
         """The Monitor's bandwidth meter's figures (``engines/bandwidth.py``): the KV cache's bytes per
@@ -222,6 +260,27 @@ class TransformersEngine:
         except Exception:  # noqa: BLE001 - a figure for the Monitor, never a reason to fail a load
             log.debug("no bandwidth figures for this model", exc_info=True)
             return {}
+
+    def perplexity(self, text: str, max_tokens: int = 4096, window: int = 512) -> dict:
+        """Perplexity of ``text`` (no chat template) over its first ``max_tokens`` scored tokens, in
+        windows of ``window`` tokens (each window scored on its own: ``window - 1`` tokens), with
+        a forward pass of the loaded model. For the Quantize card on a scratch engine: it runs in
+        the caller's thread beside the scheduler (the weights are only read). Returns
+        {"perplexity", "tokens"}."""
+        import math
+
+        torch = self._torch
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        nll, scored = 0.0, 0
+        with torch.inference_mode():
+            for chunk in ppl_windows(ids, max_tokens, window):
+                x = torch.tensor([chunk], device=self.device)
+                logits = self.model(input_ids=x).logits[0, :-1].float()
+                nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+                scored += len(chunk) - 1
+        if not scored:
+            raise ValueError("the text is too short for a perplexity (fewer than 2 tokens)")
+        return {"perplexity": math.exp(nll / scored), "tokens": scored}
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -754,6 +813,34 @@ class TransformersEngine:
             msg = f"Generation failed: {_first_line(exc)}"
         self._end(req, Delta("", req.generated, "error", msg))
         self._release(req)
+
+
+def ppl_windows(ids: list[int], max_tokens: int, window: int) -> list[list[int]]:
+    """The windows a perplexity is computed over: consecutive, non-overlapping runs of ``window``
+    token ids (the last may be shorter, at least 2) until ``max_tokens`` tokens are scored (each
+    window scores all but its first). The same for every engine, so their figures compare."""
+    out, i, scored = [], 0, 0
+    while i < len(ids) - 1 and scored < max_tokens:
+        size = min(window, max_tokens - scored + 1, len(ids) - i)
+        if size < 2:
+            break
+        out.append(list(ids[i:i + size]))
+        scored += size - 1
+        i += size
+    return out
+
+
+def _fp8_checkpoint(path: str) -> bool:
+    """Whether the folder's config.json says blocked FP8 (``quantization_config.quant_method`` fp8)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False
+    q = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config") or {}
+    return isinstance(q, dict) and q.get("quant_method") == "fp8"
 
 
 def _as_image(img):
