@@ -130,11 +130,12 @@ async def relay(gen: Iterator[T], on_cancel: Callable[[], None] | None = None,
                         ended = box["done"] or box["error"] is not None
                         if not ended:
                             ready.clear()
-                    if not ended:
+                    if not ended:     # a timer handle, cheaper than wait_for's task per read
+                        timer = loop.call_later(pause, ready.set)
                         try:
-                            await asyncio.wait_for(ready.wait(), pause)
-                        except asyncio.TimeoutError:
-                            pass
+                            await ready.wait()
+                        finally:
+                            timer.cancel()
                 continue              # items that came meanwhile go out before done/error
             if error is not None:
                 finished = True

@@ -17,6 +17,15 @@ process: TurboMind's engine thread takes it once a decode step to signal Python
 can delay a GPU step; with one user that step is 2 ms. The shim wakes the loop when an event is
 pushed or a job ends (the two things it waits for), with 50 ms as a fallback, and refreshes progress
 bars 10 times a second.
+
+``call_overheads``: two costs Gradio 6.31 pays on every call of an event handler (a REST request,
+and every step of a streaming one), on the event loop: ``special_args`` asks ``typing.get_type_hints``
+of the handler each time, which evaluates its string annotations anew (this app's modules use
+``from __future__ import annotations``): ~10% of the server's time with 64 users arriving at once
+(py-spy); the hints of a function do not change, so they are kept per function. And each call
+enters ``MatplotlibBackendMananger``, whose ``import matplotlib`` searches every folder of
+``sys.path`` twice per call when matplotlib is not installed (~3%): without matplotlib it does
+nothing. Both measured side by side with ``bench/bench_web.py`` (server CPU per request).
 """
 from __future__ import annotations
 
@@ -267,4 +276,54 @@ def event_driven_queue() -> bool:
     cls.start_processing, cls.push, cls.process_events, cls.__init__ = start_processing, push, process_events, __init__
     cls._turbostudio_event_driven = True
     log.info("Gradio's queue wakes on events instead of polling every 1 ms (ui/gradio_patches.py)")
+    return True
+
+
+# Gradio 6.31's utils.get_type_hints and MatplotlibBackendMananger, the code call_overheads stands
+# in for; any other source means another Gradio, and the shim leaves it alone.
+_GET_TYPE_HINTS_SHA = "55f0d0378c39a844"
+_MATPLOTLIB_MANAGER_SHA = "de9f0baab22d8525"
+
+
+def call_overheads() -> bool:
+    """Install both (see the module's docstring); False where this Gradio's code is not the known
+    one (then nothing is changed)."""
+    import importlib.util
+    import inspect
+    import weakref
+
+    utils, real = _gradio_class("utils", "get_type_hints")
+    if real is None:
+        return False
+    if getattr(utils, "_turbostudio_calls", False):
+        return True
+    manager = getattr(utils, "MatplotlibBackendMananger", None)
+    if _source_sha(real) != _GET_TYPE_HINTS_SHA or manager is None or \
+            _source_sha(manager) != _MATPLOTLIB_MANAGER_SHA:
+        log.info("Gradio's get_type_hints / MatplotlibBackendMananger are not the known ones: left as they are")
+        return False
+    known: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get_type_hints(fn):
+        target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", None)
+        key = getattr(target, "__func__", target)      # a bound method: its function
+        try:
+            return dict(known[key])                    # a copy: a caller may change it
+        except (KeyError, TypeError):
+            pass
+        hints = real(fn)
+        if hints:                  # {} is also Gradio's answer to a failure: asked again next time
+            try:
+                known[key] = dict(hints)
+            except TypeError:      # not weak-referenceable: not kept
+                pass
+        return hints
+
+    utils.get_type_hints = get_type_hints
+    if importlib.util.find_spec("matplotlib") is None:
+        # no matplotlib: nothing to switch to "agg" and back (Gradio would look for it on every call)
+        manager.__enter__ = lambda self: None
+        manager.__exit__ = lambda self, *exc: None
+    utils._turbostudio_calls = True
+    log.info("Gradio's per-call type hints kept per handler, no matplotlib lookups (ui/gradio_patches.py)")
     return True

@@ -52,6 +52,18 @@ def _error(status: int, message: str, typ: str = "invalid_request_error", code: 
     return JSONResponse(error_body(message, typ, code, param), status_code=status)
 
 
+STREAM_PACE = 0.025     # seconds between a stream's chunks per 16 streams beyond the first 4
+
+
+def stream_pace(running: int) -> float:
+    """Least seconds between two chunks of a streamed reply while ``running`` requests run: 0 (a
+    chunk per token, as OpenAI's and LMDeploy's servers send) up to 4 streams, then growing with
+    the load (19 ms at 16 streams, 94 ms at 64), so that a busy server writes fewer, larger chunks
+    instead of falling behind on every stream (no text is dropped; measured with bench/bench_web.py
+    --path v1)."""
+    return max(0.0, STREAM_PACE * (running - 4) / 16)
+
+
 def from_engine_error(e: EngineError) -> APIError:
     """The HTTP answer for an engine-side refusal."""
     if isinstance(e, InvalidRequest):
@@ -196,19 +208,30 @@ def build_api(manager: EngineManager, settings: Settings) -> FastAPI:
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(d)}\n\n"
 
+        # a content chunk is this request's fixed text around the JSON of its piece: the same bytes
+        # as chunk({"content": piece}) without building and encoding the whole dict per token
+        head, _, tail = chunk({"content": ""}).rpartition('{"content": ""}')
+        head += '{"content": '
+        tail = "}" + tail
+
+        def content(piece: str) -> str:
+            return head + json.dumps(piece) + tail
+
         if body.stream:
             async def sse():
                 tokens = 0
                 try:
                     yield chunk({"role": "assistant", "content": ""})
-                    async for d in sub:     # the one relay; a vanished client cancels it (abort)
+                    # the one relay (a vanished client cancels it: abort); under load it reads
+                    # at a pace, so several tokens go in one chunk (see stream_pace)
+                    async for d in sub.updates(lambda: stream_pace(manager.running)):
                         tokens = d.tokens
                         if d.finish_reason == "error":
                             err = error_body(d.error or "generation failed", "server_error", "engine_error")
                             yield f"data: {json.dumps(err)}\n\n"
                             break
                         if d.text:
-                            yield chunk({"content": d.text})
+                            yield content(d.text)
                         if d.finish_reason:
                             yield chunk({}, FINISH[d.finish_reason])
                     if include_usage:

@@ -96,3 +96,93 @@ def test_deltas_that_arrive_together_are_merged_and_no_text_is_lost():
     assert "".join(d.text for d in out) == "".join(f"{i} " for i in range(300)) + "end"
     assert out[-1].tokens == 301 and out[-1].finish_reason == "stop"
     assert all(d.finish_reason is None for d in out[:-1])
+
+
+def _paced_deltas(n, step):
+    for i in range(n):
+        time.sleep(step)
+        yield Delta("x", i + 1, "length" if i == n - 1 else None)
+
+
+def test_a_paced_consumer_reads_at_its_pace_gets_all_text_and_the_end_at_once():
+    async def run():
+        got, times = [], []
+        t0 = time.perf_counter()
+        async for d in relay(_paced_deltas(200, 0.001), interval=0.05):
+            got.append(d)
+            times.append(time.perf_counter() - t0)
+        return got, times, time.perf_counter() - t0
+
+    got, times, total = asyncio.run(run())
+    assert "".join(d.text for d in got) == "x" * 200 and got[-1].finish_reason == "length"
+    assert times[0] < 0.04, "the first item is not held back by the pace"
+    gaps = [b - a for a, b in zip(times[1:], times[2:])]
+    assert len(got) <= total / 0.05 + 3, (len(got), total)
+    assert all(g >= 0.045 for g in gaps[:-1]), gaps          # the last read may come early: the end
+    # the generator ended after ~200 steps; the consumer heard it without waiting out a whole pace
+    assert total - times[-1] < 0.03
+
+
+def test_the_pump_wakes_the_loop_once_per_read_not_once_per_item():
+    """300 items while the consumer is busy: the pump appends, and schedules a wake-up only when
+    the consumer waits (counted on the real event loop's call_soon_threadsafe)."""
+    calls = []
+
+    def items():
+        for i in range(300):
+            time.sleep(0.0002)
+            yield Delta("y", i + 1)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counting(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        loop.call_soon_threadsafe = counting
+        reads, text = 0, ""
+        async for d in relay(items()):
+            reads += 1
+            text += d.text
+            await asyncio.sleep(0.01)      # a busy event loop
+        return reads, text
+
+    reads, text = asyncio.run(run())
+    assert text == "y" * 300
+    assert len(calls) <= reads + 2, (len(calls), reads)
+    assert len(calls) < 100, "not one wake-up per item"
+
+
+def test_a_paced_consumer_cancelled_while_it_waits_out_its_pace_aborts_at_once():
+    closed = threading.Event()
+
+    def endless():
+        try:
+            while True:
+                time.sleep(0.001)
+                yield Delta("z", 1)
+        finally:
+            closed.set()
+
+    async def run():
+        cancelled, got = [], []
+
+        async def consume():
+            async for d in relay(endless(), on_cancel=lambda: cancelled.append(True), interval=5.0):
+                got.append(d)
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.2)         # the first read done, now inside its 5 s pace
+        t0 = time.perf_counter()
+        task.cancel()                    # Stop, a closed tab, a vanished client
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return cancelled, got, time.perf_counter() - t0
+
+    cancelled, got, took = asyncio.run(run())
+    assert len(got) == 1 and cancelled == [True] and took < 0.5
+    assert closed.wait(5), "the pump stopped and closed the engine stream"

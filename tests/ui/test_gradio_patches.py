@@ -141,3 +141,63 @@ def test_every_handler_that_asks_for_the_request_gets_it(demo):
         if probe not in filled:
             missed.append(f"{fn.name or f.__name__} ({f.__qualname__})")
     assert not missed, f"handlers whose request is never injected: {missed}"
+
+
+_EVALUATED: list = []
+
+
+def _counted_request():
+    """An annotation with a side effect: each evaluation of the string "_counted_request()" is
+    recorded (to tell a kept type hint from one evaluated again)."""
+    import gradio as gr
+
+    _EVALUATED.append(1)
+    return gr.Request
+
+
+def test_handler_calls_keep_their_type_hints_and_do_not_look_for_a_missing_matplotlib(gr):
+    """call_overheads: Gradio evaluates a handler's string annotations on every call (special_args);
+    they are now evaluated once, the request is still injected, and a caller that changes the hints
+    it got changes nothing kept. Without matplotlib, a call no longer searches sys.path for it."""
+    import importlib.util
+    import sys
+    import typing
+
+    from gradio import utils
+    from gradio.helpers import special_args
+
+    from ui.gradio_patches import call_overheads
+
+    assert call_overheads() and call_overheads(), "installs once, idempotent"
+
+    def handler(x: "int", request: "_counted_request()" = None):  # noqa: F821 - evaluated by typing
+        return x
+
+    request = gr.Request(username="ann")
+    _EVALUATED.clear()
+    for _ in range(5):
+        args, _, _, _ = special_args(handler, [1], request)
+        assert args[1] is request, "the request is still injected"
+    assert len(_EVALUATED) == 1, f"hints evaluated {len(_EVALUATED)} times for 5 calls"
+    hints = utils.get_type_hints(handler)
+    assert hints == typing.get_type_hints(handler)
+    hints.clear()
+    assert utils.get_type_hints(handler), "what a caller does to its copy is not kept"
+
+    if importlib.util.find_spec("matplotlib") is None:
+        looked = []
+
+        class Watch:
+            @staticmethod
+            def find_spec(name, path=None, target=None):
+                if name == "matplotlib":
+                    looked.append(name)
+                return None
+
+        sys.meta_path.insert(0, Watch)
+        try:
+            with utils.MatplotlibBackendMananger():
+                pass
+        finally:
+            sys.meta_path.remove(Watch)
+        assert looked == [], "a call searched for matplotlib"
