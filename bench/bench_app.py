@@ -108,7 +108,8 @@ def http_stream(url, messages, params):
     import urllib.request
 
     t0 = time.perf_counter()
-    body = json.dumps({"data": [[m.to_dict() for m in messages], params]}).encode()
+    # Gradio's REST protocol wants every input, the optional conversation_id (None) included
+    body = json.dumps({"data": [[m.to_dict() for m in messages], params, None]}).encode()
     req = urllib.request.Request(url + "gradio_api/call/chat", data=body,
                                  headers={"Content-Type": "application/json"})
     event_id = json.load(urllib.request.urlopen(req, timeout=60))["event_id"]

@@ -1,0 +1,247 @@
+"""The app against LMDeploy itself, side by side in one run (issue #19's "benchmarks first").
+
+    python -m bench.bench_raw --model PATH --backend turbomind --users 1,16,64 --new-tokens 256 --rounds 3
+
+Every side serves the same model with the same LMDeploy engine settings, all loaded at once, and is
+timed on the same greedy request, round after round (the order rotates each round; medians reported):
+
+* ``raw``      LMDeploy's ``pipeline.stream_infer`` in this process: one call over N prompts, what
+               LMDeploy's own Python API streams at best (the reference every ratio divides by);
+* ``adapter``  TurboStudio's engine layer alone in this process (``engines/lmdeploy.py``), N threads:
+               what our adapter costs before any web layer;
+* ``chat``     the app (``python app.py --api``) through its public ``/chat`` endpoint, plain HTTP
+               server-sent events (Gradio's REST protocol);
+* ``v1``       the same app's ``/v1/chat/completions`` (OpenAI protocol, streaming);
+* ``server``   LMDeploy's own ``lmdeploy serve api_server`` (its OpenAI endpoint, streaming): the peer.
+
+The web sides' users run in a pool of load-generator processes (8 users each, all warmed first), so
+the client is never the bottleneck. Throughput compares wall times for the same work (greedy decoding
+gives every side the same text; the report says when a side's text differed); first-token latency is
+measured per user from the moment its request is sent. ``--json`` writes every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.bench_app import _users_in_process, _warm_worker, start_server, streams_at_once  # noqa: E402
+from bench.bench_engines import build_engine, one_stream, prompt_of  # noqa: E402
+from engines.base import GenParams  # noqa: E402
+
+SIDES = ("raw", "adapter", "chat", "v1", "server")
+
+
+def p99(xs):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(0.99 * (len(xs) - 1))))]
+
+
+def raw_pipeline(model: str, backend: str, cache: float, session_len: int):
+    from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig, pipeline
+
+    cfg = (TurbomindEngineConfig if backend == "turbomind" else PytorchEngineConfig)(
+        cache_max_entry_count=cache, session_len=session_len)
+    return pipeline(model, backend_config=cfg, log_level="ERROR")
+
+
+def raw_run(pipe, messages: list[dict], new_tokens: int, n: int) -> dict:
+    """``pipe.stream_infer`` over ``n`` copies of the prompt: wall time, per-prompt first token."""
+    from lmdeploy import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, top_k=1)
+    t0 = time.perf_counter()
+    ttft, texts, tokens = [None] * n, [""] * n, [0] * n
+    for out in pipe.stream_infer([messages] * n, gen_config=gen):
+        i = getattr(out, "index", 0) or 0
+        piece = getattr(out, "text", None)
+        if piece is None:
+            piece = getattr(out, "response", "") or ""
+        if piece and ttft[i] is None:
+            ttft[i] = time.perf_counter() - t0
+        texts[i] += piece
+        tokens[i] = getattr(out, "generate_token_len", tokens[i]) or tokens[i]
+    wall = time.perf_counter() - t0
+    tt = [t for t in ttft if t is not None] or [wall]
+    return {"seconds": wall, "tokens": sum(tokens), "ttft_p50": statistics.median(tt), "ttft_p99": p99(tt),
+            "texts": texts}
+
+
+def adapter_run(eng, messages, params, n) -> dict:
+    r = streams_at_once(eng, messages, params, [n])[n]
+    return {"seconds": r["seconds"], "tokens": r["tokens"], "ttft_p50": r["ttft_p50"], "ttft_p99": None,
+            "texts": r["texts"]}
+
+
+def web_run(pool, url: str, kind: str, messages, params: dict, n: int) -> dict:
+    per = [8] * (n // 8) + ([n % 8] if n % 8 else [])
+    start_at = time.time() + 2.0
+    futs = [pool.submit(_users_in_process, url, kind, messages, params, k, start_at) for k in per]
+    res = [r for f in futs for r in f.result()]
+    wall = max(r["end"] for r in res) - min(r["start"] for r in res)
+    tt = [r["ttft"] for r in res if r["ttft"] is not None]
+    return {"seconds": wall, "tokens": None, "ttft_p50": statistics.median(tt) if tt else None,
+            "ttft_p99": p99(tt) if tt else None, "texts": [r["text"] for r in res],
+            "errors": sum(1 for r in res if r["ttft"] is None)}
+
+
+def launch_app(model, backend, port, cache, session_len):
+    args = [sys.executable, os.path.join(ROOT, "app.py"), "--server-port", str(port), "--engine", backend,
+            "--model", model, "--api"]
+    if backend != "transformers":
+        args += ["--cache-max-entry-count", str(cache), "--session-len", str(session_len)]
+    return start_server(args, port)
+
+
+def launch_api_server(model, backend, port, cache, session_len):
+    code = "import sys; from lmdeploy.cli.entrypoint import run; sys.argv[0] = 'lmdeploy'; run()"
+    args = [sys.executable, "-c", code, "serve", "api_server", model, "--backend", backend,
+            "--server-port", str(port), "--cache-max-entry-count", str(cache), "--session-len",
+            str(session_len), "--log-level", "ERROR"]
+    t0 = time.perf_counter()
+    log = open(f"/tmp/bench-api-server-{port}.log", "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    import urllib.request
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(open(log.name).read()[-3000:])
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.3)
+    return proc, time.perf_counter() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="model folder")
+    ap.add_argument("--backend", default="turbomind", choices=["turbomind", "pytorch", "transformers"],
+                    help="transformers: only the adapter, chat and v1 sides (a CPU smoke run of the bench)")
+    ap.add_argument("--users", default="1,16,64")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt-words", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"a subset of {','.join(SIDES)}")
+    ap.add_argument("--cache", type=float, default=0.15, help="LMDeploy cache_max_entry_count of EACH side "
+                    "(all sides share the GPU: a fraction of the memory free when that side loads)")
+    ap.add_argument("--session-len", type=int, default=4096)
+    ap.add_argument("--port", type=int, default=7881)
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+
+    from engines import models
+
+    users = [int(u) for u in a.users.split(",")]
+    sides = [s for s in a.sides.split(",") if s]
+    msgs = prompt_of(a.prompt_words)
+    dicts = [m.to_dict() for m in msgs]
+    params = GenParams(temperature=0, max_new_tokens=a.new_tokens)
+    web_params = {"temperature": 0, "top_k": 1, "max_new_tokens": a.new_tokens}
+    resolved = models.resolve(a.model, os.path.join(os.path.expanduser("~"), ".cache", "turbostudio"))
+    procs, ready = [], {}
+    pipe = eng = None
+    try:
+        if "raw" in sides:
+            t0 = time.perf_counter()
+            pipe = raw_pipeline(a.model, a.backend, a.cache, a.session_len)
+            raw_run(pipe, dicts, 8, 1)
+            ready["raw"] = time.perf_counter() - t0
+        if "adapter" in sides:
+            t0 = time.perf_counter()
+            eng = build_engine(resolved, a.backend, {} if a.backend == "transformers" else
+                               {"cache_max_entry_count": a.cache, "session_len": a.session_len})
+            one_stream(eng, msgs, params.replace(max_new_tokens=8), "warm")
+            ready["adapter"] = time.perf_counter() - t0
+        urls = {}
+        if "chat" in sides or "v1" in sides:
+            proc, ready["app"] = launch_app(a.model, a.backend, a.port, a.cache, a.session_len)
+            procs.append(proc)
+            urls["chat"] = urls["v1"] = f"http://127.0.0.1:{a.port}/"
+        if "server" in sides:
+            proc, ready["server"] = launch_api_server(a.model, a.backend, a.port + 1, a.cache, a.session_len)
+            procs.append(proc)
+            urls["server"] = f"http://127.0.0.1:{a.port + 1}/"
+        print("ready (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ready.items()), flush=True)
+        kinds = {"chat": "http", "v1": "openai", "server": "openai"}
+        workers = max(1, (max(users) + 7) // 8)
+        rounds = []
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            for side in ("chat", "v1", "server"):       # every load-generator process warmed on every server
+                if side in sides:
+                    start_at = time.time() + 5.0
+                    fs = [pool.submit(_warm_worker, urls[side], kinds[side], msgs, {**web_params, "max_new_tokens": 8},
+                                      8, start_at) for _ in range(workers)]
+                    [f.result() for f in fs]
+            for r in range(a.rounds):
+                order = sides[r % len(sides):] + sides[:r % len(sides)]
+                res = {}
+                for side in order:
+                    res[side] = {}
+                    for n in users:
+                        if side == "raw":
+                            res[side][n] = raw_run(pipe, dicts, a.new_tokens, n)
+                        elif side == "adapter":
+                            res[side][n] = adapter_run(eng, msgs, params, n)
+                        else:
+                            res[side][n] = web_run(pool, urls[side], kinds[side], msgs, web_params, n)
+                line = []
+                for n in users:
+                    base = res.get("raw", res[sides[0]])[n]["seconds"]
+                    line.append(f"{n} users " + " ".join(f"{s} {base / res[s][n]['seconds']:.3f}" for s in sides))
+                print(f"round {r + 1} (order {','.join(order)}): " + " | ".join(line), flush=True)
+                rounds.append(res)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if eng is not None:
+            eng.close()
+        if pipe is not None:
+            pipe.close()
+
+    ref = "raw" if "raw" in sides else sides[0]
+    report = {"model": a.model, "backend": a.backend, "new_tokens": a.new_tokens, "rounds": a.rounds, "ready_s": ready,
+              "sides": {}}
+    print(f"\n{a.backend}, {a.model}, {a.new_tokens} new tokens, medians of {a.rounds} rounds "
+          f"(ratio = {ref} wall time / side wall time for the same requests):")
+    for n in users:
+        ref_tokens = rounds[0][ref][n]["tokens"]
+        parts = []
+        for s in sides:
+            ratios = [rd[ref][n]["seconds"] / rd[s][n]["seconds"] for rd in rounds]
+            ttft50 = statistics.median(rd[s][n]["ttft_p50"] for rd in rounds if rd[s][n]["ttft_p50"] is not None)
+            p99s = [rd[s][n]["ttft_p99"] for rd in rounds if rd[s][n].get("ttft_p99") is not None]
+            same = all(rd[s][n]["texts"] == rounds[0][ref][n]["texts"] for rd in rounds)
+            errors = sum(rd[s][n].get("errors", 0) for rd in rounds)
+            tok_s = ref_tokens / statistics.median(rd[s][n]["seconds"] for rd in rounds) if ref_tokens else None
+            report["sides"].setdefault(s, {})[n] = {
+                "ratio_median": statistics.median(ratios), "ratios": ratios, "ttft_p50_ms": ttft50 * 1000,
+                "ttft_p99_ms": max(p99s) * 1000 if p99s else None, "tok_s": tok_s, "same_text": same,
+                "errors": errors}
+            parts.append(f"{s} x{statistics.median(ratios):.3f} ttft {ttft50 * 1000:.0f}"
+                         + (f"/p99 {max(p99s) * 1000:.0f}" if p99s else "") + " ms"
+                         + ("" if same else " (text differs)") + (f" ERRORS {errors}" if errors else ""))
+        print(f"users {n:3d} ({ref_tokens} tokens): " + " | ".join(parts), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
