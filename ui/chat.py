@@ -89,9 +89,25 @@ def branch_mark(turn: dict) -> str:
     return f"‹ {sibs.index(turn['id']) + 1}/{len(sibs)} ›"
 
 
+DISPLAY_WINDOW = 100
+"""Messages drawn in the chatbot: a long conversation shows its last ``DISPLAY_WINDOW`` under a line
+saying how many earlier ones are not drawn (the model still sees them; the export has them all).
+Gradio's Chatbot draws every message it is given, with no virtual scrolling: 1 000 messages took
+~3-4 s to draw in Chromium on the 2-core machine (bench/bench_render.py), the last 100 well under 1 s."""
+
+
+def hidden_turns(turns: list[dict]) -> int:
+    """How many of ``turns`` (from the front) the chatbot does not draw."""
+    return max(0, len(turns) - DISPLAY_WINDOW)
+
+
 def display(turns: list[dict]) -> list[dict]:
     out = []
-    for t in turns:
+    skip = hidden_turns(turns)
+    if skip:
+        out.append({"role": "assistant", "content": f"<sub>… {skip} earlier messages are not drawn here "
+                                                    f"(the model still sees them; Export has them all).</sub>"})
+    for t in turns[skip:]:
         content = t["content"]
         line = " · ".join(x for x in (branch_mark(t), details(t.get("stats")) if t["role"] == "assistant" else "")
                           if x)
@@ -350,7 +366,7 @@ class ConversationPanel:
             owner = owner_key(request, who_id)
             try:
                 turns = turns_from(store, owner, picked)
-                system = store.get(owner, picked)["system"] if self.kind == "chat" else ""
+                system = store.conversation(owner, picked)["system"] if self.kind == "chat" else ""
             except NotFound as e:
                 gr.Warning(str(e))
                 return [None, *self.side(owner, None, query), *show([], "")]
@@ -629,6 +645,9 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
 
     def pick(turns, evt: gr.SelectData, request: gr.Request = None):
         i = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else None)
+        skip = hidden_turns(turns)
+        if i is not None and skip:
+            i += skip - 1                 # the drawn messages start with the "earlier messages" line
         fid = turns[i].get("id") if i is not None and 0 <= i < len(turns) else None
         return fid, *nav_view(turns, fid)
 
