@@ -23,11 +23,18 @@ def _run(args, tmp_path, timeout=600):
 
 
 def test_bench_web_small(tmp_path):
-    stdout, rep = _run(["bench.bench_web", "--users", "1,4", "--new-tokens", "32", "--port", "7931"], tmp_path)
-    assert stdout.count("whole text: True") == 2, stdout
+    stdout, rep = _run(["bench.bench_web", "--users", "1,4", "--new-tokens", "32", "--path", "chat,v1",
+                        "--port", "7931"], tmp_path)
+    assert stdout.count("whole text: True") == 4, stdout
+    assert "load average" in stdout
     for n in ("1", "4"):
-        assert rep["engine"][n]["tokens"] == int(n) * 32
-        assert rep["app"][n]["tokens"] == int(n) * 32 and rep["app"][n]["ttft_p99"] > 0
+        assert rep["engine"][n]["tokens"] == int(n) * 32 and rep["engine"][n]["cpu_ms_per_token"] > 0
+        for side in ("app/chat", "app/v1"):
+            got = rep["sides"][side][n]
+            assert got["tokens"] == int(n) * 32 and got["ttft_p99"] > 0 and got["whole_text"]
+            # the server's CPU per token is measured, and a token costs it something but not a second
+            assert 0 < got["server_cpu_ms_per_token"] < 1000
+    assert rep["app"] == rep["sides"]["app/chat"]
 
 
 def test_bench_app_small(tmp_path, tiny_llama):
