@@ -194,3 +194,47 @@ def test_the_advice_table_is_data_with_dates():
         for fmt in ("fp8", "w4a16"):
             assert by[(engine, fmt)].vs == pytest.approx(by[(engine, fmt)].batch1 / by[(engine, "bf16")].batch1,
                                                          abs=0.006)
+
+
+# --------------------------------------------------------------------------- the built-in model (slow)
+@pytest.mark.slow
+def test_fp8_job_on_the_builtin_model_then_the_card_with_perplexity(smollm2, tmp_path):
+    """The FP8 job through the real JobRunner (worker subprocess, progress, .partial then rename) on
+    SmolLM2-135M, then the card: the source (float32) and the FP8 result (dequantized to bfloat16 by
+    the Transformers engine on this CPU) on the held-out text, with the token count."""
+    import time
+
+    from engines.manager import EngineManager
+    from engines.quantize import measure_model
+
+    data = str(tmp_path / "data")
+    runner = JobRunner(data)
+    out = os.path.join(data, "models", "smol-fp8")
+    try:
+        job = runner.submit("fp8", smollm2.path, out, {})
+        seen = set()
+        while (j := runner.get(job.id)).state not in ("done", "failed", "cancelled"):
+            if j.state == "running" and j.total:
+                seen.add(j.stage)
+            time.sleep(0.05)
+        log = runner.read_log(job.id)
+        assert j.state == "done", log
+        assert j.done == j.total == 272 and "quantizing tensors" in seen | {j.stage}
+        for step in ("quantizing on cpu", "210 linear weights in float8_e4m3fn", "config.json: quantization_config",
+                     "done in"):
+            assert step in log, (step, log)
+        assert not os.path.exists(out + ".partial")
+    finally:
+        runner.close()
+    app = EngineManager(data)
+    kw = dict(cache_dir=data, prompt="What is the capital of France?", batches=(), new_tokens=12, device="cpu",
+              engine="transformers", manager=app, perplexity_tokens=1024)
+    src = measure_model(smollm2.path, label="source", **kw)
+    fp8 = measure_model(out, label="fp8", **{**kw, "dtype": "bfloat16"})
+    print(json.dumps([src, fp8], indent=1))
+    assert src["perplexity tokens"] == fp8["perplexity tokens"] == 1024
+    assert 1 < src["perplexity (held-out)"] < 60, src
+    # FP8 costs a little quality, not a broken model (e4m3 with block scales)
+    assert src["perplexity (held-out)"] * 0.97 < fp8["perplexity (held-out)"] < src["perplexity (held-out)"] * 1.15, fp8
+    assert "Paris" in fp8["answer"] and fp8["dtype"] == "bfloat16"
+    assert fp8["size on disk (GiB)"] < 0.4 * src["size on disk (GiB)"]
