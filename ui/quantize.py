@@ -1,6 +1,10 @@
-"""Quantize page: AWQ W4A16 (and dtype casts) as queued jobs with a progress bar, a log with times,
-cancel, and a one-click load of the result in its own dtype. The runner
+"""Quantize page: AWQ W4A16, blocked FP8 and dtype casts as queued jobs with a progress bar, a log
+with times, cancel, and a one-click load of the result as what it is. The runner
 (``engines.quantize.JobRunner``) does the work in subprocesses and keeps the job list on disk.
+
+At the top, the advice for this machine (``engines.quant_advice``: the format and engine measured
+to pay on this GPU, with the figures and their date; what runs on a CPU), and the form preselects
+that job where it runs here. The comparison card adds the held-out perplexity of each model.
 
 The form opens on what this machine can do: on one without a CUDA GPU a cast (AWQ needs a GPU,
 said at the top of the page and next to the disabled Start button when AWQ is chosen), with the
@@ -17,8 +21,9 @@ import time
 
 import gradio as gr
 
+from engines.quant_advice import advise, available_backends, local_gpus
 from engines.quantize import (CAST_DTYPES, HUB_DATASETS, JobRunner, awq_unavailable, describe, folder_size,
-                              kv_quant_unavailable, measure_model, model_facts, result_load_options)
+                              kv_quant_unavailable, measure_model, model_facts, result_engine, result_load_options)
 
 from .common import Context, may_manage, redact_paths, refuse, require_admin, user_error, user_of
 
@@ -26,6 +31,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 HEADERS = ["id", "kind", "source", "output", "state", "size", "error", "time"]
 # the card's columns as the page names them (measure_model's keys are the benches' too)
 CARD_NAMES = {"memory at load (GiB)": "GPU memory at load (GiB)"}
+PPL_TOKENS = 2048          # held-out tokens the card's perplexity rests on (a few seconds per model on a CPU)
 
 
 _SIZES: dict = {}
@@ -129,6 +135,9 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
     gpu = free is not None
     awq_why = awq_unavailable(free)           # None where AWQ can run here
     kv_why = kv_quant_unavailable(gpu)
+    gpus, backends = local_gpus(), available_backends()
+    advice = advise(gpus, backends)
+    fp8_engine = result_engine(type("J", (), {"kind": "fp8"})(), gpus, backends)   # where an FP8 result loads
 
     def visible(request: gr.Request | None) -> list[list]:
         """The caller's own jobs (an administrator's: all), paths as the caller may see them."""
@@ -157,7 +166,8 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
     def suggest(src: str, kind: str, dtype: str, group) -> str:
         """A new output name: the source's name and what the job makes of it."""
         base = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename((src or "").rstrip("/"))).strip("-.") or "model"
-        tail = dtype if kind == "cast" else ("w4a16" if group in (None, 128) else f"w4a16-g{group}")
+        tail = dtype if kind == "cast" else "fp8" if kind == "fp8" else \
+            ("w4a16" if group in (None, 128) else f"w4a16-g{group}")
         name = f"{base[:60]}-{tail}"
         taken = {os.path.basename(j.output) for j in runner.jobs() if j.state in ("queued", "running")}
         n, out = 1, name
@@ -171,9 +181,12 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
         """The form's defaults for the model at ``path``: a job this machine can run, a group size
         that divides the model's widths, a dtype it is not already in."""
         facts = model_facts(path) if path else {"error": "no model is loaded"}
-        # AWQ where it runs here and its result loads on TurboMind (group size 128), else a cast
-        kind = "awq" if awq_why is None and facts.get("awq_supported") and 128 in facts.get("group_sizes", ()) \
-            else "cast"
+        # the advised job where it runs here: FP8 anywhere (a cast with scales) unless the source is
+        # quantized already; AWQ where it runs and its result loads on TurboMind (group size 128);
+        # else a cast
+        awq_ok = awq_why is None and facts.get("awq_supported") and 128 in facts.get("group_sizes", ())
+        kind = {"fp8": "fp8" if "error" not in facts else "cast", "awq": "awq" if awq_ok else "cast"}.get(
+            advice.kind, "cast")
         dtype = "float16" if facts.get("dtype") == "bfloat16" else "bfloat16"
         return {"facts": facts, "kind": kind, "dtype": dtype, "group": facts.get("group_size", 128)}
 
@@ -206,13 +219,15 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
     # What is built into the page is every visitor's: paths on the server only where everyone may
     # see them (``redact_paths`` without a request); those who may get them when they open the tab.
     if gpu:
-        machine = (f"**This machine has a CUDA GPU** ({free / 2**30:.0f} GiB free): AWQ W4A16 and dtype casts run "
-                   "here." + (f" ⚠️ {awq_why}" if awq_why else ""))
+        machine = (f"**This machine has a CUDA GPU** ({free / 2**30:.0f} GiB free): AWQ W4A16, FP8 and dtype "
+                   "casts run here." + (f" ⚠️ {awq_why}" if awq_why else ""))
     else:
         machine = ("**This machine has no CUDA GPU: AWQ W4A16 needs one and cannot run here.** A dtype cast "
-                   "runs on the CPU (float32 → bfloat16 halves a model's size), and the comparison below runs "
-                   "on Transformers; KV cache int8/int4 needs a GPU too.")
+                   "runs on the CPU (float32 → bfloat16 halves a model's size), and so does an FP8 job (its result "
+                   "loads here dequantized; its speed needs a GPU); the comparison below runs on Transformers; "
+                   "KV cache quantization needs a GPU too.")
     gr.Markdown(machine, elem_id="quantize-machine")
+    gr.Markdown(advice.markdown(), elem_id="quantize-advice")
     gr.Markdown("Jobs run one at a time in a separate process (a crash cannot take the app down); the list "
                 "survives reloads and restarts. AWQ runs LMDeploy's `auto_awq`, calibrated offline on shipped "
                 "text unless you give your own. Results appear under "
@@ -225,8 +240,9 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
     source_note = gr.Markdown(model_note(redact_paths(s, None, build_path), first["facts"]),
                               elem_id="quantize-model-note")
     awq_label = "AWQ W4A16: 4-bit weights" + (" (needs a CUDA GPU: none here)" if not gpu else "")
-    kind = gr.Radio([("Cast: the weights in another dtype", "cast"), (awq_label, "awq")], value=first["kind"],
-                    label="Job", elem_id="quantize-kind")
+    fp8_label = "FP8: 8-bit weights, a scale per 128x128 block, no calibration"
+    kind = gr.Radio([("Cast: the weights in another dtype", "cast"), (fp8_label, "fp8"), (awq_label, "awq")],
+                    value=first["kind"], label="Job", elem_id="quantize-kind")
     with gr.Group(visible=first["kind"] == "cast", elem_id="quantize-cast") as cast_box:
         with gr.Row(equal_height=True):
             dtype = gr.Dropdown(list(CAST_DTYPES), value=first["dtype"], label="dtype to cast to", scale=1,
@@ -235,6 +251,15 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
                         "are) and the config says so. float32 → bfloat16 or float16 halves the size; bfloat16 "
                         "keeps float32's range, float16 more precision. The result loads in its own dtype.",
                         container=True, padding=True)
+    with gr.Group(visible=first["kind"] == "fp8", elem_id="quantize-fp8") as fp8_box:
+        where = ({"pytorch": "LMDeploy's PyTorch engine (measured faster with FP8 on this GPU)",
+                  "turbomind": "TurboMind", "auto": "the engine the app picks"}.get(fp8_engine, fp8_engine)
+                 if gpu else "Transformers, dequantized to bfloat16 (FP8 kernels need a GPU)")
+        gr.Markdown("The decoder's linear layers (q/k/v/o, gate/up/down) in float8 e4m3 with one scale per "
+                    "128x128 block, the rest in 16-bit: about half a 16-bit model's size. The layout LMDeploy "
+                    "loads as `model_format fp8` (TurboMind and its PyTorch engine). No calibration data: it runs "
+                    f"on a CPU or a GPU in about the time of a cast. Here the result loads on {where}.",
+                    container=True, padding=True, elem_id="quantize-fp8-note")
     with gr.Group(visible=first["kind"] == "awq", elem_id="quantize-awq") as awq_box:
         gr.Markdown(f"⚠️ **{awq_why}**" if awq_why else "", visible=bool(awq_why), padding=True,
                                elem_id="quantize-awq-note")
@@ -271,12 +296,21 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
                     "cache_max_entry_count 0.01, the tutorial's experiment), and measures size on disk, the "
                     "weights' bytes in memory (the engine's own count)" + (", the GPU memory each load takes" if gpu
                                                                              else "") +
-                    ", tokens/s at batch 1 and 16, and their greedy answers to the same prompt.")
+                    ", tokens/s at batch 1 and 16, their greedy answers to the same prompt, and their "
+                    f"perplexity on {PPL_TOKENS} tokens of held-out text (the last tenth of the shipped "
+                    "calibration text, which calibration never reads; lower is better), computed by the engine "
+                    "that serves each model.")
         cmp_prompt = gr.Textbox(value="Explain in two sentences why the sky is blue.", label="prompt")
-        cmp_kv = gr.Checkbox(False, label="also KV cache int8 and int4 (quant_policy 8 and 4): tokens the cache "
+        cmp_kv = gr.Checkbox(False, label="also KV cache int8 and int4 (quant_policy 8 and 4; and FP8, 16, where "
+                                          "the result runs on LMDeploy's PyTorch engine): tokens the cache "
                                           "holds and batch-16 speed",
                              info=f"⚠️ {kv_why}" if kv_why else None, interactive=kv_why is None,
                              elem_id="quantize-kv")
+        cmp_int8 = gr.Checkbox(False, visible=not gpu, elem_id="quantize-int8",
+                               label="also the source with int8 weights (torchao weight-only, at load, on "
+                                     "Transformers): its memory, perplexity and batch-1 speed",
+                               info="On this kind of CPU int8 saves memory but decodes slower (the advice above "
+                                    "has the figures).")
         compare = gr.Button("Compare source and result", elem_id="quantize-compare-button")
         card = gr.Dataframe(interactive=False, wrap=True, elem_id="quantize-card", visible=False)
         answers = gr.Markdown("*The card and both answers appear here; the comparison loads each model in turn "
@@ -293,7 +327,8 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
             raise gr.Error("The output name may use letters, digits, '.', '_' and '-' only.", title="Bad name",
                            print_exception=False)
         params = ({"samples": int(samples or 0), "seqlen": int(seqlen or 0), "group_size": int(group or 0),
-                   "bits": 4, "calib_file": calib, "dataset": dataset or ""} if kind == "awq" else {"dtype": dtype})
+                   "bits": 4, "calib_file": calib, "dataset": dataset or ""} if kind == "awq" else
+                  {} if kind == "fp8" else {"dtype": dtype})
         try:
             s.load_policy().check((source or "").strip())
             job = runner.submit(kind, (source or "").strip(), os.path.join(models_dir, name), params,
@@ -324,14 +359,15 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
             raise gr.Error(f"The result of job {job.id} has been removed since.", title="No result",
                            print_exception=False)
         try:
-            info = ctx.manager.load(job.output, "auto", **result_load_options(job, gpu))
+            info = ctx.manager.load(job.output, result_engine(job, gpus, backends) if gpu else "auto",
+                                    **result_load_options(job, gpu))
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
         weights = info.extra.get("weights_bytes")
         return (f"Loaded {os.path.basename(info.model.rstrip('/'))} on {info.backend} ({info.device}, {info.dtype}"
                 + (f", {weights / 2**30:.2f} GiB of weights" if weights else "") + ").")
 
-    def compare_job(jid, prompt, kv, request=None, progress=None):
+    def compare_job(jid, prompt, kv, int8=False, request=None, progress=None):
         require_admin(s, request, "run quantization comparisons")
         import pandas as pd
 
@@ -342,18 +378,25 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
         if not (prompt or "").strip():
             raise gr.Error("Give a prompt to compare the answers on.", title="No prompt", print_exception=False)
         rows = []
-        steps = [("source", job.source, "hf", 0), ("result", job.output, "awq" if job.kind == "awq" else "hf", 0)]
-        steps += [(f"result, KV int{qp}", job.output, steps[1][2], qp) for qp in (8, 4)
-                  if kv and kv_why is None]      # KV quantization is TurboMind's, on a GPU
-        for i, (label, path, fmt, qp) in enumerate(steps):
+        fmt = {"awq": "awq", "fp8": "fp8"}.get(job.kind, "hf")
+        # FP8 on a GPU: the source and the result on the engine measured faster for FP8 here
+        engine = result_engine(job, gpus, backends) if gpu else "auto"
+        steps = [("source", job.source, "hf", 0, None), ("result", job.output, fmt, 0, None)]
+        kvs = (8, 4) + ((16,) if engine == "pytorch" else ())    # FP8 KV: LMDeploy's PyTorch engine only
+        steps += [(f"result, KV {'fp8' if qp == 16 else f'int{qp}'}", job.output, fmt, qp, None) for qp in kvs
+                  if kv and kv_why is None]      # KV quantization is LMDeploy's, on a GPU
+        if int8 and not gpu:                     # int8 weight-only at load (torchao), Transformers
+            steps.append(("source, int8 weights", job.source, "hf", 0, "int8"))
+        for i, (label, path, fmt_, qp, wq) in enumerate(steps):
             if progress is not None:
                 progress(i / len(steps), desc=f"loading and measuring the {label} ({i + 1} of {len(steps)})")
             try:
-                rows.append(measure_model(path, label=label, cache_dir=s.cache_dir, model_format=fmt,
+                rows.append(measure_model(path, label=label, cache_dir=s.cache_dir, model_format=fmt_,
                                           quant_policy=qp, cache_max_entry_count=0.01, prompt=prompt,
-                                          batches=(1, 16) if qp == 0 else (16,), new_tokens=64,
-                                          kv_capacity=True, device=s.device, manager=ctx.manager,
-                                          owner=user_of(request)))
+                                          batches=(1,) if wq else (1, 16) if qp == 0 else (16,),
+                                          new_tokens=16 if wq else 64, kv_capacity=True, device=s.device,
+                                          engine=engine, manager=ctx.manager, owner=user_of(request),
+                                          perplexity_tokens=PPL_TOKENS if qp == 0 else 0, weight_quant=wq))
             except Exception as e:  # noqa: BLE001
                 raise user_error(e) from e
         answers = {r["model"]: r.pop("answer", "") for r in rows}
@@ -394,9 +437,9 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
         gr.Info(msg)
         return msg
 
-    def ui_compare(jid, prompt, kv, request: gr.Request = None, progress=gr.Progress()):
+    def ui_compare(jid, prompt, kv, int8, request: gr.Request = None, progress=gr.Progress()):
         try:
-            return shown(*compare_job(jid, prompt, kv, request, progress))
+            return shown(*compare_job(jid, prompt, kv, int8, request, progress))
         except gr.Error as e:
             refuse(e)
             return gr.skip(), gr.skip()
@@ -415,7 +458,8 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
         box = start_state(k)
         new = suggest(src, k, dt, grp)
         nm_out, last_out = (new, new) if not nm or nm == last else (gr.skip(), last)
-        return (gr.update(visible=k == "cast"), gr.update(visible=k == "awq"), box[0], box[1], nm_out, last_out)
+        return (gr.update(visible=k == "cast"), gr.update(visible=k == "fp8"), gr.update(visible=k == "awq"),
+                box[0], box[1], nm_out, last_out)
 
     def on_source(src, k, dt, grp, nm, last, request: gr.Request = None):
         path = (src or "").strip()
@@ -443,11 +487,11 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
 
         loaded.then(lambda: header_text(ctx), None, header, api_visibility="private", queue=False,
                     show_progress="hidden")
-    compare.click(ui_compare, [job_id, cmp_prompt, cmp_kv], [card, answers], concurrency_id="bench",
+    compare.click(ui_compare, [job_id, cmp_prompt, cmp_kv, cmp_int8], [card, answers], concurrency_id="bench",
                   concurrency_limit=1, api_visibility="private")
     jobs.select(on_select, None, job_id, queue=False, **quiet)
     kind.change(on_kind, [kind, source, dtype, group, name, suggested],
-                [cast_box, awq_box, start, start_note, name, suggested], queue=False, **quiet)
+                [cast_box, fp8_box, awq_box, start, start_note, name, suggested], queue=False, **quiet)
     source.blur(on_source, [source, kind, dtype, group, name, suggested],
                 [source_note, group, dtype, name, suggested], queue=False, **quiet)
     source.submit(on_source, [source, kind, dtype, group, name, suggested],
@@ -472,7 +516,7 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
         return load_job(jid, request)
 
     def api_compare_fn(jid, prompt, kv, request: gr.Request = None):
-        return compare_job(jid, prompt, kv, request)
+        return compare_job(jid, prompt, kv, False, request)
 
     api_start.click(api_start_fn, inputs, [jobs, job_id], api_name="quantize_start", concurrency_id="admin",
                     concurrency_limit=1)

@@ -64,6 +64,26 @@ def test_the_gpu_requirement_comes_first_and_awq_cannot_be_started(page, cpu_mac
     assert page.locator("#quantize-start").is_enabled()
 
 
+def test_the_advice_for_this_machine_is_at_the_top_and_fp8_is_offered(page, cpu_machine):
+    """Issue #17: what pays here, with figures and their date, before the form; FP8 runs on a CPU
+    (its result loads dequantized) and names its output."""
+    advice = page.locator("#quantize-advice")
+    text = advice.inner_text()
+    assert "Recommended on this CPU" in text and "int8" in text and "2026-12-02" in text, text
+    assert advice.bounding_box()["y"] < page.locator("#quantize-source").bounding_box()["y"]
+    page.get_by_text("FP8: 8-bit weights").click()
+    page.wait_for_selector("#quantize-fp8", state="visible", timeout=10000)
+    assert "dequantized to bfloat16" in page.inner_text("#quantize-fp8-note")
+    assert page.locator("#quantize-start").is_enabled()
+    page.wait_for_function("() => document.querySelector('#quantize-name textarea').value.includes('-fp8')",
+                           timeout=10000)
+    shot(page, "quantize-fp8-on-cpu")
+    page.get_by_text("Cast: the weights in another dtype").click()
+    page.wait_for_selector("#quantize-cast", state="visible", timeout=10000)
+    page.wait_for_function("() => document.querySelector('#quantize-name textarea').value.includes('-bfloat16')",
+                           timeout=10000)
+
+
 def test_the_kv_box_is_off_and_disabled_on_cpu_with_the_reason(page, cpu_machine):
     page.get_by_text("What it bought").click()
     box = page.locator("#quantize-kv input[type=checkbox]")
