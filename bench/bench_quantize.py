@@ -15,6 +15,18 @@
 
 Prints a table and the ratios (targets: W4A16 >= 2x tokens/s at batch 1, <= 0.3x weight memory;
 KV int8 2x and int4 4x the tokens). Every row goes to ``--json`` as soon as it is measured.
+
+``--fp8`` (issue #17; H100/H200, one command, ~6 min on an H200):
+
+    python -m bench.bench_quantize --fp8 --shape llama2-7b-32k --json fp8.json
+
+builds the shape in bf16, runs the app's FP8 job on it (blocked e4m3, the job runner's subprocess on
+the GPU), then loads bf16 and FP8 on TurboMind and on LMDeploy's PyTorch engine and measures decode
+tokens/s at batch 1 and 16 (``--new-tokens``) and the held-out perplexity (``--ppl-tokens``; random
+weights: only the FP8/bf16 ratio means something). Prints FP8/bf16 on the same engine, against the
+best bf16 engine, the weights' size ratio, and the targets: the recommended Hopper format (FP8 on
+the engine ``engines.quant_advice`` names) >= 1.3x bf16 at batch 1, weights <= 0.55x. Each step
+is guarded: a failure is a row with its error, and the rest still runs.
 """
 from __future__ import annotations
 
@@ -42,7 +54,12 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="appended to each row's label (e.g. the TM_GEMM_* settings "
                                                 "of a kernel-tuning experiment, set in the environment)")
     ap.add_argument("--json")
+    ap.add_argument("--fp8", action="store_true", help="the FP8 comparison (issue #17) instead of AWQ")
+    ap.add_argument("--engines", default="turbomind,pytorch", help="--fp8: the engines to compare on")
+    ap.add_argument("--ppl-tokens", type=int, default=2048, help="--fp8: held-out tokens for the perplexity")
     a = ap.parse_args(argv)
+    if a.fp8:
+        return main_fp8(a)
     from bench.models import build_llama
     from engines.quantize import JobRunner, measure_model
 
@@ -96,6 +113,104 @@ def main(argv=None):
     report(out)
     save()
     return out
+
+
+def main_fp8(a) -> dict:
+    """bf16 against FP8 on each LMDeploy engine (see the module's docstring)."""
+    import traceback
+
+    from bench.models import build_llama
+    from engines.quantize import JobRunner, measure_model
+
+    os.makedirs(a.work, exist_ok=True)
+    out = {"shape": a.shape, "args": vars(a), "rows": [], "date": time.strftime("%Y-%m-%d")}
+
+    def save(row=None):
+        if row is not None:
+            out["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "answer"}), flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+    try:
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(0)
+    except Exception as e:  # noqa: BLE001
+        out["gpu"] = f"? ({e})"
+    t0 = time.perf_counter()
+    src = build_llama(os.path.join(a.work, f"{a.shape}-bf16"), a.shape, device="cuda", dtype="bfloat16")
+    out["build_s"] = round(time.perf_counter() - t0, 1)
+    dst = os.path.join(a.work, "models", f"{a.shape}-fp8")
+    if not os.path.isdir(dst):
+        runner = JobRunner(a.work)
+        t0 = time.perf_counter()
+        job = runner.wait(runner.submit("fp8", src, dst, {}).id, timeout=1200)
+        out["fp8_job"] = {"state": job.state, "seconds": round(time.perf_counter() - t0, 1), "error": job.error}
+        print(runner.read_log(job.id)[-1500:], flush=True)
+        runner.close()
+        if job.state != "done":
+            save()
+            return out
+    save()
+    kw = dict(cache_dir=os.path.join(a.work, "cache"), new_tokens=a.new_tokens, cache_max_entry_count=a.cache,
+              batches=(1, 16), prompt=PROMPT, perplexity_tokens=a.ppl_tokens)
+    for engine in a.engines.split(","):
+        for label, path, fmt in (("bf16", src, "hf"), ("fp8", dst, "fp8")):
+            t0 = time.perf_counter()
+            try:
+                row = measure_model(path, label=f"{label} {engine}", model_format=fmt, engine=engine, **kw)
+            except Exception as e:  # noqa: BLE001 - one engine's failure must not cost the others' figures
+                traceback.print_exc()
+                row = {"model": f"{label} {engine}", "backend": engine, "error": f"{type(e).__name__}: {e}"[:500],
+                       "seconds": round(time.perf_counter() - t0, 1)}
+            save(row | {"step": "fp8", "format": label, "engine": engine})
+    report_fp8(out)
+    save()
+    return out
+
+
+def report_fp8(out: dict) -> None:
+    from engines.gpus import gpu_spec
+    from engines.quant_advice import engine_for
+
+    rows = {r["model"]: r for r in out["rows"]}
+    print(f"\n{out.get('gpu')}, {out['shape']}, {out.get('date')}")
+    print(f"{'model':18s} {'disk GiB':>9s} {'b1 tok/s':>9s} {'b16 tok/s':>10s} {'ppl':>9s} error")
+    for r in out["rows"]:
+        print(f"{r['model']:18s} {r.get('size on disk (GiB)', 0) or 0:9.2f} {str(r.get('tok/s batch 1', '')):>9s} "
+              f"{str(r.get('tok/s batch 16', '')):>10s} {str(r.get('perplexity (held-out)', '')):>9s} "
+              f"{r.get('error', '')[:120]}")
+    ratios = {}
+
+    def ratio(name, num, den):
+        if num and den:
+            ratios[name] = round(num / den, 3)
+
+    engines = sorted({r.get("engine") for r in out["rows"] if r.get("engine")})
+    best_bf16 = max((rows.get(f"bf16 {e}", {}).get("tok/s batch 1") or 0 for e in engines), default=0)
+    for e in engines:
+        b, q = rows.get(f"bf16 {e}", {}), rows.get(f"fp8 {e}", {})
+        for batch in (1, 16):
+            ratio(f"fp8/bf16 {e} tok/s batch {batch}", q.get(f"tok/s batch {batch}"), b.get(f"tok/s batch {batch}"))
+        ratio(f"fp8 {e}/best bf16 tok/s batch 1", q.get("tok/s batch 1"), best_bf16)
+        ratio(f"fp8/bf16 {e} perplexity", q.get("perplexity (held-out)"), b.get("perplexity (held-out)"))
+        ratio("fp8/bf16 weights on disk", q.get("size on disk (GiB)"), b.get("size on disk (GiB)"))
+    out["ratios"] = ratios
+    print("\nratios:")
+    for k, v in ratios.items():
+        print(f"  {k}: {v}")
+    gpu = gpu_spec(out.get("gpu") or "", (9, 0) if "H1" in (out.get("gpu") or "") or "H2" in (out.get("gpu") or "")
+                   else None)
+    rec = engine_for("fp8", [gpu], {"turbomind", "pytorch"}) or "pytorch"
+    speed = ratios.get(f"fp8/bf16 {rec} tok/s batch 1")
+    size = ratios.get("fp8/bf16 weights on disk")
+    out["targets"] = {"recommended engine": rec, "speed >= 1.3x": speed is not None and speed >= 1.3,
+                      "weights <= 0.55x": size is not None and size <= 0.55}
+    print(f"\ntargets (recommended Hopper format: FP8 on {rec}):")
+    print(f"  FP8/bf16 at batch 1 on {rec} >= 1.3x: {speed} -> {'MET' if speed and speed >= 1.3 else 'NOT MET'}")
+    print(f"  weights <= 0.55x bf16: {size} -> {'MET' if size and size <= 0.55 else 'NOT MET'}")
 
 
 def report(out: dict) -> None:
