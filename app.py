@@ -55,6 +55,8 @@ def main(argv=None) -> int:
         ctx.store = ConversationStore.open(s.cache_dir)
         atexit.register(ctx.store.close)
         ctx.store.start_retention(s.history_days)
+    ctx.compare = EngineManager(s.cache_dir, s.engine_options(), s.limits())   # Compare's model B
+    atexit.register(ctx.compare.close)
     ctx.vision = VisionSlot(ctx)
     atexit.register(ctx.vision.manager.close)
     ctx.vision.start()
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     # the manager admits as many as Gradio serves at once plus its queue (every entry point, /v1
     # included, shares these places); sized from the engine like Gradio's limit, not a fixed 16
     manager.limits = dataclasses.replace(manager.limits, max_pending=s.max_queue + concurrency)
+    ctx.compare.limits = manager.limits
     # A full queue is answered by Gradio itself: the browser says "This application is currently
     # busy. Please try again." and gradio_client raises QueueError; both ignore a server's own text
     # (checked in Gradio 6.31's frontend), while queued users see their place in the queue.

@@ -617,3 +617,64 @@ def _weights_bytes(eng, resolved) -> int | None:
     except Exception:  # noqa: BLE001 - a figure for the panel, never a reason to fail a load
         return None
     return None
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def room_beside(manager: EngineManager, model: str | None, engine: str = "auto", options: dict | None = None,
+                beside: Sequence[EngineManager | None] = ()) -> str | None:
+    """Why loading ``model`` into ``manager`` would not fit in memory beside the models the
+    ``beside`` managers hold (the Compare page's model B), in words with the figures; None when it
+    fits or cannot be sized before loading (a hub id, a server). The estimate is the weights in the
+    dtype they will run in (quantized checkpoints as stored) plus 20% for the KV cache and
+    workspace, against free GPU memory (NVML/torch) for GPU engines, else available RAM (psutil)."""
+    opts = {**manager.options, **{k: v for k, v in (options or {}).items() if v is not None}}
+    resolved = models.resolve(model, manager.cache_dir)
+    if not resolved.local:
+        return None
+    backend, _ = registry.choose(resolved, engine, device=opts.get("device") or "auto",
+                                 trust_remote_code=bool(opts.get("trust_remote_code")))
+    if backend == "remote":
+        return None
+    import os
+
+    stored = sum(os.path.getsize(os.path.join(resolved.path, f)) for f in os.listdir(resolved.path)
+                 if f.endswith((".safetensors", ".bin")))
+    cfg = resolved.config
+    on_gpu = backend in ("turbomind", "pytorch") or opts.get("device") == "cuda" or \
+        (opts.get("device") in (None, "auto") and registry._cuda())
+    from .quantize import checkpoint_dtype
+
+    have = checkpoint_dtype(cfg) or "float32"
+    want = str(opts.get("dtype") or "auto").replace("torch.", "")
+    if cfg.get("quantization_config") or have not in _DTYPE_BYTES:
+        need = stored                    # quantized (AWQ, FP8, int8): loaded as stored
+    else:
+        # "auto": float32 on a CPU, 16-bit on a GPU (a float32 checkpoint runs as bfloat16 there)
+        run = want if want in _DTYPE_BYTES else ("float32" if not on_gpu else
+                                                 ("bfloat16" if have == "float32" else have))
+        need = stored * _DTYPE_BYTES[run] / _DTYPE_BYTES[have]
+    need = int(need * 1.2)
+    # model B's own current weights are given back before it loads again
+    mine = manager.info()
+    back = int(mine.extra.get("weights_bytes") or 0) if mine is not None else 0
+    gib = 1024 ** 3
+    if on_gpu:
+        gpus = telemetry.gpu_memory()
+        if not gpus:
+            return None                  # the engine's own pre-check says there is no GPU
+        free = gpus[0]["free"] + (back if mine is not None and mine.device.startswith("cuda") else 0)
+        where = f"GPU 0 ({gpus[0].get('name', 'GPU')}) has {free / gib:.1f} GiB free"
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available + (back if mine is not None and not mine.device.startswith("cuda") else 0)
+        where = f"this machine has {free / gib:.1f} GiB of RAM available"
+    if need <= free:
+        return None
+    held = [m.info() for m in beside if m is not None and m.info() is not None]
+    loaded = ", ".join(f"{i.model} on {i.backend}" for i in held) or "nothing else"
+    return (f"{resolved.name} on {backend} needs about {need / gib:.1f} GiB (weights "
+            f"{stored / gib:.1f} GiB as stored, +20% for cache and workspace) and {where} beside "
+            f"{loaded}. Unload model B or use a smaller format (a Quantize result).")

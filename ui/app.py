@@ -5,7 +5,7 @@ from typing import AsyncIterator
 
 import gradio as gr
 
-from . import chat, engines, monitor, quantize, vision
+from . import chat, compare, engines, monitor, quantize, vision
 from .common import Context, SamplingControls, session_id
 
 
@@ -26,11 +26,23 @@ def build_app(ctx: Context) -> gr.Blocks:
     settings, manager = ctx.settings, ctx.manager
     with gr.Blocks(title="TurboStudio") as demo:
         header = gr.Markdown(_header(ctx), elem_id="header")
+        # the browser's own id (conversations without --auth); made outside the Tabs: a component
+        # created inside gr.Tabs but in no Tab took a tab's place (the Quantize tab read "Chat")
+        who = chat.identity(ctx, demo)
         with gr.Tabs():
             timers = {}   # tab -> its refresh timer: a timer runs only while its tab is open
-            who = chat.identity(ctx, demo)   # the browser's own id (conversations without --auth)
             with gr.Tab("Chat", id="chat") as chat_tab:
-                sampling = chat.build(ctx, demo, who)
+                if ctx.compare is None:
+                    sampling = chat.build(ctx, demo, who)
+                else:       # Compare: the same prompt to model A and model B, side by side
+                    with gr.Tabs(elem_id="chat-modes"):
+                        with gr.Tab("Conversation", id="chat-conversation"):
+                            sampling = chat.build(ctx, demo, who)
+                        with gr.Tab("Compare A | B", id="chat-compare") as compare_tab:
+                            compare_refresh, compare_outputs = compare.build(ctx, who)
+                    # the list of comparisons follows what is loaded and the Quantize results
+                    compare_tab.select(compare_refresh, None, compare_outputs, api_visibility="private",
+                                       queue=False, show_progress="hidden")
             timers[chat_tab] = None
             if ctx.vision is not None:
                 with gr.Tab("Vision", id="vision") as vision_tab:
@@ -96,6 +108,8 @@ def build_app(ctx: Context) -> gr.Blocks:
         # a tab that closes aborts whatever it was generating
         def on_leave(request: gr.Request):
             manager.abort_session(session_id(request))
+            if ctx.compare is not None:
+                ctx.compare.abort_session(session_id(request))
             if ctx.vision is not None:
                 ctx.vision.manager.abort_session(session_id(request))
 

@@ -26,6 +26,7 @@ class Context:
     servers: object = None     # engines.servers.ServerManager (api_server / proxy launcher)
     load: object = None        # engines.telemetry.LoadSampler: running and queued, once a second
     store: object = None       # storage.conversations.ConversationStore; None with --no-history
+    compare: object = None     # engines.manager.EngineManager of the Compare view's model B
 
 
 class Refusal(gr.Error):

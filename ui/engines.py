@@ -239,6 +239,9 @@ def build(ctx: Context, header_md: gr.Markdown | None = None):
     with gr.Row():
         load = gr.Button("Load", variant="primary", elem_id="engine-load")
         unload = gr.Button("Unload", elem_id="engine-unload")
+        # the Chat page's Compare view: a second model beside this one (its memory checked first)
+        load_b = gr.Button("Load as model B (Compare)", elem_id="engine-load-b",
+                           visible=ctx.compare is not None)
     # what the last load, unload or connect did; only those write it (nothing refreshes it away)
     action = gr.Markdown("", elem_id="engine-action")
 
@@ -263,6 +266,16 @@ def build(ctx: Context, header_md: gr.Markdown | None = None):
     def do_unload(request: gr.Request = None):
         require_admin(s, request)
         ctx.manager.unload()
+        return describe(ctx, request)
+
+    def do_load_b(model, engine, device, dtype, model_format, quant_policy, cache, session_len, tp,
+                  request: gr.Request = None, progress=gr.Progress()):
+        from .compare import load_b as compare_load
+
+        compare_load(ctx, model.strip() or None, engine,
+                     dict(device=device, dtype=dtype, model_format=model_format, quant_policy=int(quant_policy),
+                          cache_max_entry_count=float(cache), session_len=context_tokens(session_len),
+                          tp=int(tp or 1)), request, progress=lambda f, m: progress(f, desc=m))
         return describe(ctx, request)
 
     def fill_model(request: gr.Request = None):
@@ -369,7 +382,17 @@ def build(ctx: Context, header_md: gr.Markdown | None = None):
          show_progress_on=[status], **admin)
     wire(unload, do_unload, None, status, api_name="unload_model", after=after(None), after_outputs=shell,
          notice=action, **admin)
+    if ctx.compare is not None:
+        wire(load_b, do_load_b, [model, engine, device, dtype, model_format, quant_policy, cache, session_len, tp],
+             status, api_name="load_model_b", after=lambda _r=None: [_b_line(ctx)], after_outputs=[action],
+             notice=action, show_progress_on=[status], **admin)
     return status
+
+
+def _b_line(ctx: Context) -> str:
+    info = ctx.compare.info() if ctx.compare is not None else None
+    return (f"✓ Loaded **{model_label(info)}** on {info.backend} as model B: Chat → Compare A | B "
+            f"<sub>at {time.strftime('%H:%M:%S')}</sub>" if info else "Model B is not loaded.")
 
 
 def engine_info(ctx: Context, request: gr.Request | None = None) -> dict:

@@ -34,8 +34,14 @@ def _panel(ctx: Context) -> str:
     gpus, why = telemetry.gpu_status()
     lines = []
     info = ctx.manager.info()
-    if info:
-        lines.append(f"**Model:** {model_label(info)} on {info.backend} ({info.device}, {info.dtype})")
+    # every model this app holds, with its weights' memory (the Compare view's model B included)
+    b = ctx.compare.info() if getattr(ctx, "compare", None) is not None else None
+    for label, i in (("Model" if b is None else "Model A", info), ("Model B (Compare)", b)):
+        if i:
+            w = i.extra.get("weights_bytes")
+            lines.append(f"**{label}:** {model_label(i)} on {i.backend} ({i.device}, {i.dtype})"
+                         + (f" · weights {_gib(w)} in {'GPU memory' if i.device.startswith('cuda') else 'RAM'}"
+                            if w else ""))
     if gpus:
         procs = telemetry.gpu_processes()
         mine = telemetry.own_pids() if procs else set()
