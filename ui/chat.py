@@ -306,7 +306,8 @@ def identity(ctx: Context, demo: gr.Blocks | None) -> gr.State:
         bid = stored if isinstance(stored, str) and 16 <= len(stored) <= 64 else secrets.token_urlsafe(18)
         return bid, bid
 
-    demo.load(read, kept, [kept, who], api_visibility="private", queue=False, show_progress="hidden")
+    # the pages' lists follow this event (.then): a State set by a load event fires no .change
+    who.loaded = demo.load(read, kept, [kept, who], api_visibility="private", queue=False, show_progress="hidden")
     return who
 
 
@@ -315,9 +316,12 @@ class ConversationPanel:
     delete, search; newest first. With history off, a line saying so. ``wire`` connects it to the
     page: ``show(turns, system)`` gives the page's outputs for a conversation opened (or a new one)."""
 
-    def __init__(self, ctx: Context, kind: str, prefix: str, who: gr.State):
+    def __init__(self, ctx: Context, kind: str, prefix: str, who: gr.State, loader=None):
+        """``loader(store, owner, cid)``: what ``show`` gets for a conversation opened (default: the
+        branch shown as turns, ``turns_from``; the Compare view reads both sides' branches)."""
         self.store: ConversationStore | None = ctx.store
         self.kind, self.who = kind, who
+        self.loader = loader or turns_from
         self.cid = gr.State(None)          # the conversation shown (None: a new one, not yet stored)
         if self.store is None:
             self.off = gr.Markdown(HISTORY_OFF, elem_id=f"{prefix}-history-off")
@@ -359,13 +363,14 @@ class ConversationPanel:
             return
         store, who, private = self.store, self.who, dict(api_visibility="private", queue=False)
         refresh = self.refresh_fn()
-        who.change(refresh, [who, self.search, self.cid], self.side_outputs, **private)
+        if getattr(who, "loaded", None) is not None:        # the list at page load (see identity)
+            who.loaded.then(refresh, [who, self.search, self.cid], self.side_outputs, **private)
         self.search.change(refresh, [who, self.search, self.cid], self.side_outputs, **private)
 
         def open_(picked, who_id, query, request: gr.Request = None):
             owner = owner_key(request, who_id)
             try:
-                turns = turns_from(store, owner, picked)
+                turns = self.loader(store, owner, picked)
                 system = store.conversation(owner, picked)["system"] if self.kind == "chat" else ""
             except NotFound as e:
                 gr.Warning(str(e))
