@@ -27,6 +27,13 @@ weights: only the FP8/bf16 ratio means something). Prints FP8/bf16 on the same e
 best bf16 engine, the weights' size ratio, and the targets: the recommended Hopper format (FP8 on
 the engine ``engines.quant_advice`` names) >= 1.3x bf16 at batch 1, weights <= 0.55x. Each step
 is guarded: a failure is a row with its error, and the rest still runs.
+
+``--cpu`` (no GPU): the built-in SmolLM2-135M through the same card on Transformers: the source
+(float32), its bfloat16 cast and its FP8 result (both made by the app's job runner; FP8 dequantized
+to bfloat16 on the CPU), and the source with int8 weights (torchao, at load): size, weights in
+memory, tokens/s at batch 1 and the held-out perplexity:
+
+    python -m bench.bench_quantize --cpu --json cpu.json
 """
 from __future__ import annotations
 
@@ -55,11 +62,14 @@ def main(argv=None):
                                                 "of a kernel-tuning experiment, set in the environment)")
     ap.add_argument("--json")
     ap.add_argument("--fp8", action="store_true", help="the FP8 comparison (issue #17) instead of AWQ")
+    ap.add_argument("--cpu", action="store_true", help="the built-in model on the CPU: cast, FP8, int8 (issue #17)")
     ap.add_argument("--engines", default="turbomind,pytorch", help="--fp8: the engines to compare on")
     ap.add_argument("--ppl-tokens", type=int, default=2048, help="--fp8: held-out tokens for the perplexity")
     a = ap.parse_args(argv)
     if a.fp8:
         return main_fp8(a)
+    if a.cpu:
+        return main_cpu(a)
     from bench.models import build_llama
     from engines.quantize import JobRunner, measure_model
 
@@ -168,6 +178,49 @@ def main_fp8(a) -> dict:
             save(row | {"step": "fp8", "format": label, "engine": engine})
     report_fp8(out)
     save()
+    return out
+
+
+def main_cpu(a) -> dict:
+    """The built-in model on the CPU, every CPU-runnable format through the card (module docstring)."""
+    from engines import models
+    from engines.quantize import JobRunner, measure_model
+
+    work = a.work + "-cpu"
+    src = models.resolve(None, os.path.join(work, "cache")).path
+    runner = JobRunner(work)
+    out = {"model": "SmolLM2-135M-Instruct", "date": time.strftime("%Y-%m-%d"), "rows": [],
+           "load average": os.getloadavg(), "cpus": os.cpu_count()}
+    made = {}
+    for kind, params, name in (("cast", {"dtype": "bfloat16"}, "smollm2-bf16"), ("fp8", {}, "smollm2-fp8")):
+        dst = os.path.join(work, "models", name)
+        if not os.path.isdir(dst):
+            t0 = time.perf_counter()
+            job = runner.wait(runner.submit(kind, src, dst, params).id, timeout=600)
+            out[f"{kind} job"] = {"state": job.state, "seconds": round(time.perf_counter() - t0, 1), "error": job.error}
+        made[kind] = dst
+    runner.close()
+    kw = dict(cache_dir=os.path.join(work, "cache"), device="cpu", engine="transformers", batches=(1,),
+              new_tokens=a.new_tokens, prompt=PROMPT, perplexity_tokens=a.ppl_tokens)
+    for label, path, extra in (("float32 (source)", src, {}), ("bfloat16 cast", made["cast"], {}),
+                               ("fp8 (dequantized to bf16)", made["fp8"], {}),
+                               ("int8 weights (torchao)", src, {"weight_quant": "int8"})):
+        try:
+            row = measure_model(path, label=label, **kw, **extra)
+        except Exception as e:  # noqa: BLE001
+            row = {"model": label, "error": f"{type(e).__name__}: {e}"[:300]}
+        out["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "answer"}), flush=True)
+    out["load average after"] = os.getloadavg()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print(f"\n{'model':28s} {'disk GiB':>9s} {'mem GiB':>8s} {'b1 tok/s':>9s} {'ppl':>8s} tokens")
+    for r in out["rows"]:
+        print(f"{r['model']:28s} {r.get('size on disk (GiB)', 0):9.3f} {r.get('weights in memory (GiB)') or 0:8.3f} "
+              f"{str(r.get('tok/s batch 1', '')):>9s} {str(r.get('perplexity (held-out)', '')):>8s} "
+              f"{r.get('perplexity tokens', '')} {r.get('error', '')}")
+    print(f"load average before/after: {out['load average']} / {out['load average after']}")
     return out
 
 

@@ -164,6 +164,8 @@ class TransformersEngine:
                    "load_seconds": round(self.load_seconds, 2),
                    "architecture": (getattr(mcfg, "architectures", None) or ["?"])[0],
                    **self._bandwidth_facts()})
+        if getattr(self, "_quant_weights_bytes", None):
+            self.info.extra.update(weights_bytes=self._quant_weights_bytes, weight_quant="int8")
         self._dead: str | None = None   # why the scheduler thread ended, if it did
         self._give_back = False         # release the allocator's cache at the scheduler's next turn
         self._lock = threading.Lock()   # guards _requests, _pending, _admitting and _active membership
@@ -229,6 +231,17 @@ class TransformersEngine:
 
         quantize_(self.model, Int8WeightOnlyConfig(),
                   filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
+        # the bytes the weights really take: a torchao tensor reports its float dtype's element size,
+        # its int8 data and scales are its inner tensors (the manager's count would see float32)
+        total = 0
+        for prm in self.model.parameters():
+            t = prm.data
+            if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+                inner = [getattr(t, n) for n in t.__tensor_flatten__()[0]]
+                total += sum(x.numel() * x.element_size() for x in inner if isinstance(x, torch.Tensor))
+            else:
+                total += prm.numel() * prm.element_size()
+        self._quant_weights_bytes = total
 
     def _bandwidth_facts(self) -> dict:
         """The Monitor's bandwidth meter's figures (``engines/bandwidth.py``): the KV cache's bytes per

@@ -238,3 +238,24 @@ def test_fp8_job_on_the_builtin_model_then_the_card_with_perplexity(smollm2, tmp
     assert src["perplexity (held-out)"] * 0.97 < fp8["perplexity (held-out)"] < src["perplexity (held-out)"] * 1.15, fp8
     assert "Paris" in fp8["answer"] and fp8["dtype"] == "bfloat16"
     assert fp8["size on disk (GiB)"] < 0.4 * src["size on disk (GiB)"]
+
+
+@pytest.mark.slow
+def test_int8_weights_at_load_on_the_builtin_model(smollm2, tmp_path):
+    """The CPU option for the Transformers engine (torchao int8 weight-only of the decoder's
+    linears): it still answers, its weights take about half of float32's (the tied 49k x 576
+    embedding stays float32), and the card's perplexity stays close to the source's."""
+    from engines.manager import EngineManager
+    from engines.quantize import measure_model
+
+    kw = dict(cache_dir=str(tmp_path), prompt="What is the capital of France?", batches=(), new_tokens=8,
+              device="cpu", engine="transformers", manager=EngineManager(str(tmp_path)), perplexity_tokens=512)
+    src = measure_model(smollm2.path, label="source", **kw)
+    q = measure_model(smollm2.path, label="int8", weight_quant="int8", **kw)
+    print(json.dumps([src, q], indent=1))
+    assert "Paris" in q["answer"]
+    assert 0.35 < q["weights in memory (GiB)"] / src["weights in memory (GiB)"] < 0.6, (q, src)
+    assert q["perplexity (held-out)"] < 1.05 * src["perplexity (held-out)"]
+    with pytest.raises(ValueError, match="weight_quant must be one of none, int8"):
+        from engines.configs import TransformersConfig
+        TransformersConfig(weight_quant="int4")
