@@ -1,0 +1,140 @@
+"""Does keeping conversations slow streaming? The app's ``/chat`` with history on (every reply
+appended to a stored conversation: the user's message at once, the reply from its first token and
+every 0.5 s, then at its end) against history off (``--no-history``), side by side, on bench_web.py's
+synthetic engine (a GPU engine's pace, in the app's process) and its load generator.
+
+    python -m bench.bench_history --users 1,16,64 --rounds 3
+
+Prints, per number of users: aggregate tokens/s and first-token p50 for each mode, and the ratios
+on/off (1.00 = no cost; the issue asks for within 2%). Rounds alternate the modes; medians are
+reported. The speed is not asserted anywhere: on a shared machine only ratios from one run mean much.
+
+Bench-only patch (in the server subprocess, like bench_web's synthetic engine): every caller is
+one owner, ``bench``, so the load generator's REST calls (each its own Gradio session) can all
+append to one conversation made at start-up; the storing path itself is the app's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import bench_web  # noqa: E402
+from engines.base import ChatMessage  # noqa: E402
+
+
+def _serve(port: int, step_ms: float, history: bool, cache: str, cid_file: str) -> int:
+    from engines import manager as m
+    from ui import chat
+
+    def load(self, model, engine="auto", progress=None, policy=None, **options):
+        self._engine = bench_web.SyntheticEngine(step_ms)
+        return self._engine.info
+
+    m.EngineManager.load = load
+    extra = []
+    if history:
+        from storage.conversations import ConversationStore
+
+        chat.owner_key = lambda request, browser_id=None: "bench"
+        store = ConversationStore.open(cache)
+        with open(cid_file, "w") as f:
+            f.write(store.create("bench"))
+        store.close()
+    else:
+        extra.append("--no-history")
+    import app
+
+    return app.main(["--server-port", str(port), "--model", "synthetic", "--cache-dir", cache, *extra])
+
+
+def _start(port: int, a, history: bool):
+    cache = tempfile.mkdtemp(prefix=f"bench-history-{'on' if history else 'off'}-")
+    cid_file = os.path.join(cache, "cid")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bench_history", "--serve", str(port), "--step-ms",
+                             str(a.step_ms), "--history", "on" if history else "off", "--cache", cache,
+                             "--cid-file", cid_file], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "gradio_api/info", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("the app did not start")
+    cid = open(cid_file).read().strip() if history else None
+    return proc, url, cid
+
+
+def _run(url: str, cid: str | None, users: int, new_tokens: int) -> dict:
+    msgs = [ChatMessage("user", "Tell me a story.")]
+    params = {"max_new_tokens": new_tokens, "temperature": 0}
+    info = json.load(urllib.request.urlopen(url + "gradio_api/info", timeout=30))
+    extra = [p.get("parameter_default") for p in info["named_endpoints"]["/chat"]["parameters"][2:]]
+    bench_web._EXTRA_INPUTS[url] = [cid, *extra[1:]] if cid else extra      # conversation_id first
+    bench_web.users_in_process(url, "chat", msgs, params, 1, time.time())  # warm
+    t0 = time.time()
+    res = bench_web.users_in_process(url, "chat", msgs, params, users, t0 + 0.2)
+    wall = max(r["end"] for r in res) - min(r["start"] for r in res)
+    errors = [r["error"] for r in res if r.get("error")]
+    ttfts = sorted(r["ttft"] for r in res if r.get("ttft") is not None)
+    return {"tokens_per_s": users * new_tokens / wall, "ttft_p50": statistics.median(ttfts) if ttfts else None,
+            "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", default="1,16,64", help="comma-separated numbers of simultaneous users")
+    ap.add_argument("--new-tokens", type=int, default=256, help="tokens in every reply")
+    ap.add_argument("--step-ms", type=float, default=3.0, help="the synthetic engine's decode step")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
+    ap.add_argument("--port", type=int, default=7981, help="history on (off: the next port)")
+    ap.add_argument("--history", choices=("on", "off"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    ap.add_argument("--cid-file", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.serve:
+        return _serve(a.serve, a.step_ms, a.history == "on", a.cache, a.cid_file)
+    servers = {"on": _start(a.port, a, True), "off": _start(a.port + 1, a, False)}
+    try:
+        figures: dict = {}
+        for rnd in range(a.rounds):
+            for n in [int(x) for x in a.users.split(",")]:
+                order = ("on", "off") if rnd % 2 == 0 else ("off", "on")
+                for mode in order:
+                    _, url, cid = servers[mode]
+                    r = _run(url, cid, n, a.new_tokens)
+                    figures.setdefault((n, mode), []).append(r)
+                    if r["errors"]:
+                        print(f"  {mode} {n} users: {r['errors']} errors, e.g. {r['first_error']}")
+        print(f"history on vs off: /chat on the synthetic engine (step {a.step_ms} ms, {a.new_tokens} tokens), "
+              f"medians of {a.rounds} rounds")
+        for n in [int(x) for x in a.users.split(",")]:
+            on = statistics.median(r["tokens_per_s"] for r in figures[(n, "on")])
+            off = statistics.median(r["tokens_per_s"] for r in figures[(n, "off")])
+            t_on = statistics.median(r["ttft_p50"] or 0 for r in figures[(n, "on")])
+            t_off = statistics.median(r["ttft_p50"] or 0 for r in figures[(n, "off")])
+            print(f"{n:4d} users: tokens/s on {on:8.1f} off {off:8.1f} ratio {on / off:.3f} · first token p50 "
+                  f"on {t_on * 1000:.0f} ms off {t_off * 1000:.0f} ms ratio {t_on / t_off if t_off else 0:.3f}")
+    finally:
+        for proc, _, _ in servers.values():
+            proc.terminate()
+            proc.wait(20)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
