@@ -245,6 +245,7 @@ def test_int8_weights_at_load_on_the_builtin_model(smollm2, tmp_path):
     """The CPU option for the Transformers engine (torchao int8 weight-only of the decoder's
     linears): it still answers, its weights take about half of float32's (the tied 49k x 576
     embedding stays float32), and the card's perplexity stays close to the source's."""
+    pytest.importorskip("torchao")       # requirements-test.txt
     from engines.manager import EngineManager
     from engines.quantize import measure_model
 
