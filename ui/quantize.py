@@ -21,7 +21,7 @@ import time
 
 import gradio as gr
 
-from engines.quant_advice import advise, available_backends, local_gpus
+from engines.quant_advice import advise, available_backends, engine_for, local_gpus
 from engines.quantize import (CAST_DTYPES, HUB_DATASETS, JobRunner, awq_unavailable, describe, folder_size,
                               kv_quant_unavailable, measure_model, model_facts, result_engine, result_load_options)
 
@@ -137,7 +137,7 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
     kv_why = kv_quant_unavailable(gpu)
     gpus, backends = local_gpus(), available_backends()
     advice = advise(gpus, backends)
-    fp8_engine = result_engine(type("J", (), {"kind": "fp8"})(), gpus, backends)   # where an FP8 result loads
+    fp8_engine = engine_for("fp8", gpus, backends) or "auto"     # where an FP8 result loads on this GPU
 
     def visible(request: gr.Request | None) -> list[list]:
         """The caller's own jobs (an administrator's: all), paths as the caller may see them."""
