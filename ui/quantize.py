@@ -31,7 +31,9 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 HEADERS = ["id", "kind", "source", "output", "state", "size", "error", "time"]
 # the card's columns as the page names them (measure_model's keys are the benches' too)
 CARD_NAMES = {"memory at load (GiB)": "GPU memory at load (GiB)"}
-PPL_TOKENS = 2048          # held-out tokens the card's perplexity rests on (a few seconds per model on a CPU)
+# held-out tokens the card's perplexity rests on: 1024 on a CPU (two 512-token windows, seconds per model
+# for the built-in one), 4096 on a GPU
+PPL_TOKENS = {False: 1024, True: 4096}
 
 
 _SIZES: dict = {}
@@ -297,7 +299,7 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
                     "weights' bytes in memory (the engine's own count)" + (", the GPU memory each load takes" if gpu
                                                                              else "") +
                     ", tokens/s at batch 1 and 16, their greedy answers to the same prompt, and their "
-                    f"perplexity on {PPL_TOKENS} tokens of held-out text (the last tenth of the shipped "
+                    f"perplexity on {PPL_TOKENS[gpu]} tokens of held-out text (the last tenth of the shipped "
                     "calibration text, which calibration never reads; lower is better), computed by the engine "
                     "that serves each model.")
         cmp_prompt = gr.Textbox(value="Explain in two sentences why the sky is blue.", label="prompt")
@@ -396,7 +398,7 @@ def build(ctx: Context, runner: JobRunner, tab: gr.Tab, header: gr.Markdown | No
                                           batches=(1,) if wq else (1, 16) if qp == 0 else (16,),
                                           new_tokens=16 if wq else 64, kv_capacity=True, device=s.device,
                                           engine=engine, manager=ctx.manager, owner=user_of(request),
-                                          perplexity_tokens=PPL_TOKENS if qp == 0 else 0, weight_quant=wq))
+                                          perplexity_tokens=PPL_TOKENS[gpu] if qp == 0 else 0, weight_quant=wq))
             except Exception as e:  # noqa: BLE001
                 raise user_error(e) from e
         answers = {r["model"]: r.pop("answer", "") for r in rows}

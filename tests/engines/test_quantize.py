@@ -239,6 +239,10 @@ def test_quantize_page_through_the_app(app_server, smollm2, cache_dir):
     for col in ("tok/s batch 1", "tok/s batch 16"):
         assert all(r[headers.index(col)] > 0 for r in rows.values())
     assert answers.count("Paris") == 2, answers
+    # issue #17: each model's perplexity on the held-out text, on the same number of tokens
+    ppl, n = headers.index("perplexity (held-out)"), headers.index("perplexity tokens")
+    assert rows["source"][n] == rows["result"][n] == 1024
+    assert 1 < rows["source"][ppl] < 60 and abs(rows["result"][ppl] / rows["source"][ppl] - 1) < 0.05, rows
     msg = c.predict(job_id, api_name="/quantize_load")
     assert "Loaded" in msg and name in msg and "bfloat16" in msg
     info = c.predict(api_name="/engine_info")
