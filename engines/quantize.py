@@ -171,11 +171,13 @@ def awq_unavailable(free_gpu_bytes: int | None, *, lmdeploy: bool = True) -> str
 
 
 def kv_quant_unavailable(gpu: bool) -> str | None:
-    """Why KV cache int8/int4 (TurboMind's ``quant_policy`` 8 and 4) cannot be measured here."""
+    """Why KV-cache quantization (LMDeploy's ``quant_policy``: 8 int8 and 4 int4 on both engines, 16
+    FP8 on its PyTorch engine only) cannot be measured here."""
     if not gpu:
-        return "KV cache int8/int4 is TurboMind's and needs a CUDA GPU; none is visible on this machine."
+        return ("KV cache int8/int4 (and FP8 on LMDeploy's PyTorch engine) is LMDeploy's and needs a CUDA GPU; "
+                "none is visible on this machine.")
     if importlib.util.find_spec("lmdeploy") is None:
-        return "KV cache int8/int4 is TurboMind's, and LMDeploy is not installed."
+        return "KV cache int8/int4/FP8 is LMDeploy's, and LMDeploy is not installed."
     return None
 
 
