@@ -61,17 +61,18 @@ def launch(model, engine, port, extra):
                          "--engine", engine, *(["--model", model] if model else []), *extra], port)
 
 
-def start_server(args, port):
-    """Start a Gradio app process (``args``) and wait until it answers on ``port``; returns the
-    process and the seconds it took (the process's log is /tmp/bench-app-PORT.log)."""
+def start_server(args, port, probe: str = "gradio_api/info", name: str = "app"):
+    """Start a server process (``args``: a Gradio app, or any server that answers GET ``probe``) and
+    wait until it answers on ``port``; returns the process and the seconds it took (the process's
+    log is /tmp/bench-NAME-PORT.log)."""
     t0 = time.perf_counter()
-    log = open(f"/tmp/bench-app-{port}.log", "w")
+    log = open(f"/tmp/bench-{name}-{port}.log", "w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     while True:
         if proc.poll() is not None:
             raise SystemExit(open(log.name).read()[-3000:])
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/info", timeout=2)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=2)
             break
         except OSError:
             time.sleep(0.2)

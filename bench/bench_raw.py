@@ -106,19 +106,7 @@ def launch_api_server(model, backend, port, cache, session_len):
     args = [sys.executable, "-c", code, "serve", "api_server", model, "--backend", backend,
             "--server-port", str(port), "--cache-max-entry-count", str(cache), "--session-len",
             str(session_len), "--log-level", "ERROR"]
-    t0 = time.perf_counter()
-    log = open(f"/tmp/bench-api-server-{port}.log", "w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    import urllib.request
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(open(log.name).read()[-3000:])
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.3)
-    return proc, time.perf_counter() - t0
+    return start_server(args, port, probe="v1/models", name="api-server")
 
 
 def main(argv=None):

@@ -17,6 +17,7 @@ With --no-history (``ctx.store`` None) the page works in the tab only and says s
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -326,7 +327,7 @@ class ConversationPanel:
         if self.store is None:
             self.off = gr.Markdown(HISTORY_OFF, elem_id=f"{prefix}-history-off")
             return
-        self.new = gr.Button("＋ New conversation", size="sm", elem_id=f"{prefix}-new")
+        self.new = gr.Button("+ New conversation", size="sm", elem_id=f"{prefix}-new")
         self.search = gr.Textbox(placeholder="Search conversations", show_label=False, max_lines=1,
                                  elem_id=f"{prefix}-search")
         self.listing = gr.Radio([], label="Conversations (newest first)", elem_id=f"{prefix}-list")
@@ -491,7 +492,8 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
             return
         turns = [dict(t) for t in turns] + [{"role": "user", "content": message}]
         c = conversation(request, who_id, cid_value)
-        new_user = c.add_user(turns, system_prompt)
+        # the store is written from a worker thread: the event loop streams every other reply
+        new_user = await asyncio.to_thread(c.add_user, turns, system_prompt)
         async for out in _run(turns, system_prompt, params, request, c, new_user):
             yield out
 
@@ -513,8 +515,8 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
                 if notice and not warned:
                     gr.Warning(notice)
                     warned = True
-                if writer is not None:
-                    writer.feed(text)
+                if writer is not None and writer.due(text):
+                    await asyncio.to_thread(writer.feed, text)
                 # the partial reply is kept in the state too, so Stop loses nothing
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update(), gr.update()
@@ -546,8 +548,9 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
                 yield gr.update(), back, display(back), "", c.cid
             return
         if writer is not None:
-            writer.finish(text, stats)
-        turns = c.reload(turns + [{"role": "assistant", "content": text, "stats": {**meta, **(stats or {})}}])
+            await asyncio.to_thread(writer.finish, text, stats)
+        turns = await asyncio.to_thread(
+            c.reload, turns + [{"role": "assistant", "content": text, "stats": {**meta, **(stats or {})}}])
         yield gr.update(), turns, display(turns), "", c.cid
 
     async def regenerate(turns, system_prompt, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, cid_value, who_id, request: gr.Request = None):
@@ -568,7 +571,8 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
             except NotFound:
                 pass
         # the new reply is a sibling of the old one (a branch), not a replacement
-        async for out in _run(turns, system_prompt, params, request, c, c.add_user(turns, system_prompt)):
+        async for out in _run(turns, system_prompt, params, request, c,
+                              await asyncio.to_thread(c.add_user, turns, system_prompt)):
             yield out
 
     def on_stop(request: gr.Request = None):
@@ -784,14 +788,19 @@ async def api_chat(manager: EngineManager, settings, messages, params, request: 
             raise Refusal("History is off on this server (--no-history): there are no conversations.",
                           title="No history")
         owner = owner_key(request)
-        if not store.owns(owner, conversation_id):
-            raise Refusal(str(NotFound("conversation", conversation_id)), title="Not found")
         if msgs[-1].role != "user":
             raise Refusal("To append to a conversation, the last message must be the user's.", title="Invalid input")
         system = next((m.content for m in msgs if m.role == "system"), None)
-        if system is not None:
-            store.set_system(owner, conversation_id, system)
-        uid = store.append(owner, conversation_id, "user", msgs[-1].content)
+
+        def add_user() -> str:       # in a worker thread: the event loop streams every other reply
+            if system is not None:
+                store.set_system(owner, conversation_id, system)
+            return store.append(owner, conversation_id, "user", msgs[-1].content)
+
+        try:
+            uid = await asyncio.to_thread(add_user)
+        except NotFound as e:
+            raise Refusal(str(e), title="Not found") from e
         writer = ReplyWriter(store, owner, conversation_id, parent=uid, meta=reply_meta(manager, p),
                              interval=WRITE_INTERVAL)
     text, done = "", False
@@ -799,10 +808,10 @@ async def api_chat(manager: EngineManager, settings, messages, params, request: 
         async for text, stats, _notice in stream_reply(manager, req):
             if writer is not None:
                 if stats is not None:
-                    writer.finish(text, stats)
+                    await asyncio.to_thread(writer.finish, text, stats)
                     done = True
-                else:
-                    writer.feed(text)
+                elif writer.due(text):
+                    await asyncio.to_thread(writer.feed, text)
             yield text
     finally:
         if writer is not None and not done:      # a client gone or an error: keep what streamed

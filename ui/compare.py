@@ -135,6 +135,37 @@ def _token_count(ctx: Context, text: str) -> int | None:
         return None
 
 
+# ---------------------------------------------------------------------------------------- reopening
+def branches(store, owner: str, cid: str) -> dict:
+    """A stored comparison as the view's state: each side's branch (question, that side's reply,
+    the next question under it, ...), found by the replies' ``side`` mark."""
+    msgs = store.get(owner, cid)["messages"]
+    children: dict = {}
+    for m in msgs:
+        children.setdefault(m["parent"], []).append(m)
+
+    def turn(m: dict) -> dict:
+        t = {"role": m["role"], "content": m["content"], "id": m["id"]}
+        if m["role"] == "assistant" and m["meta"]:
+            t["stats"] = m["meta"]
+        return t
+
+    out = {"a": [], "b": [], "cid": cid}
+    first = next((m for m in children.get(None, []) if m["role"] == "user"), None)
+    for k in ("a", "b"):
+        node, turns = first, []
+        while node is not None:
+            turns.append(turn(node))
+            reply = next((m for m in children.get(node["id"], []) if m["role"] == "assistant"
+                          and m["meta"].get("side", "").lower() == k), None)
+            if reply is None:
+                break
+            turns.append(turn(reply))
+            node = next((m for m in reversed(children.get(reply["id"], [])) if m["role"] == "user"), None)
+        out[k] = turns
+    return out
+
+
 # ---------------------------------------------------------------------------------------- the page
 def _pane(turns: list[dict]) -> list[dict]:
     return chat.display(turns)
@@ -152,6 +183,17 @@ def build(ctx: Context, who: gr.State | None = None):
     """The Compare view (under the Chat page)."""
     s = ctx.settings
     state = gr.State({"a": [], "b": [], "cid": None})
+    with gr.Row():
+        with gr.Column(scale=1, min_width=220):
+            # the saved comparisons (kind "compare"): open one to see both sides again
+            panel = chat.ConversationPanel(ctx, "compare", "compare", who, loader=branches)
+        with gr.Column(scale=5):
+            body = _body(ctx, state)
+    return _wire(ctx, who, state, panel, *body)
+
+
+def _body(ctx: Context, state: gr.State):
+    s = ctx.settings
     models_md = gr.Markdown(describe_b(ctx), elem_id="compare-models")
     with gr.Accordion("Model B", open=ctx.compare is not None and ctx.compare.info() is None,
                       elem_id="compare-b-panel"):
@@ -175,11 +217,17 @@ def build(ctx: Context, who: gr.State | None = None):
                          lines=1, max_lines=6, elem_id="compare-input")
         send = gr.Button("Send to both", variant="primary", scale=1, elem_id="compare-send")
         stop = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
-        clear = gr.Button("New comparison", scale=1, elem_id="compare-clear")
     with gr.Accordion("Sampling (both sides)", open=False):
         greedy = gr.Checkbox(True, label="Greedy (temperature 0): the same model must give the same text",
                              elem_id="compare-greedy")
         sampling = SamplingControls(s, ctx.manager.info())
+    return (models_md, choice, load_btn, unload_btn, b_action, bot_a, stats_a, bot_b, stats_b, verdict_md, box,
+            send, stop, greedy, sampling)
+
+
+def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_btn, b_action, bot_a, stats_a,
+          bot_b, stats_b, verdict_md, box, send, stop, greedy, sampling):
+    s = ctx.settings
 
     async def respond(message, st, use_greedy, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                       seed, browser_id=None, request: gr.Request = None):
@@ -226,7 +274,7 @@ def build(ctx: Context, who: gr.State | None = None):
 
         async def run(k):
             mgr = sides[k]
-            writer = convs[k].writer(turns[k], chat.reply_meta(mgr, params))
+            writer = convs[k].writer(turns[k], {**chat.reply_meta(mgr, params), "side": k.upper()})
             req, _left = chat.chat_request(chat.to_messages(turns[k]), params, request, "compare", mgr.limits)
             try:
                 async for text, stats, _notice in chat.stream_reply(mgr, req):
@@ -280,9 +328,6 @@ def build(ctx: Context, who: gr.State | None = None):
         if ctx.compare is not None:
             ctx.compare.abort_session(session_id(request))
 
-    def new_comparison():
-        return {"a": [], "b": [], "cid": None}, [], [], "", "", ""
-
     def do_load(label, request: gr.Request = None, progress=gr.Progress()):
         options = b_choices(ctx, request)
         if label not in options:
@@ -304,11 +349,27 @@ def build(ctx: Context, who: gr.State | None = None):
     inputs = [box, state, greedy, *sampling.values] + ([who] if who is not None else [])
     outputs = [box, state, bot_a, bot_b, stats_a, stats_b, verdict_md]
     common = dict(concurrency_id="generate", concurrency_limit="default")
-    box.submit(respond, inputs, outputs, api_name="compare", **common)
-    send.click(respond, inputs, outputs, api_visibility="private", **common)
+    sent = [box.submit(respond, inputs, outputs, api_name="compare", **common),
+            send.click(respond, inputs, outputs, api_visibility="private", **common)]
     stop.click(on_stop, None, None, api_name="compare_stop", queue=False)
-    clear.click(new_comparison, None, [state, bot_a, bot_b, stats_a, stats_b, verdict_md],
-                api_visibility="private", queue=False)
+    view = [state, bot_a, bot_b, stats_a, stats_b, verdict_md]
+
+    def show(payload, _system=None):
+        """The panel opened a comparison (``branches``) or started a new one ([])."""
+        st = payload if isinstance(payload, dict) else {"a": [], "b": [], "cid": None}
+        last = {k: next((t.get("stats") for t in reversed(st[k]) if t["role"] == "assistant"), None) for k in "ab"}
+        texts = {k: next((t["content"] for t in reversed(st[k]) if t["role"] == "assistant"), "") for k in "ab"}
+        v = verdict(ctx, texts["a"], texts["b"], True) if texts["a"] and texts["b"] else ""
+        return [st, _pane(st["a"]), _pane(st["b"]), fmt_stats(last["a"]), fmt_stats(last["b"]), v]
+
+    panel.wire(view, show)
+    if panel.store is not None:
+        # after a send: the list shows the comparison (new ones first) with it selected
+        refresh = panel.refresh_fn()
+        for ev in sent:
+            ev.then(lambda st: st.get("cid"), state, panel.cid, api_visibility="private", queue=False) \
+              .then(refresh, [who, panel.search, panel.cid], panel.side_outputs, api_visibility="private",
+                    queue=False)
     # refusals (not an admin, does not fit) are a warning and a line under the buttons (engines.wire)
     admin = dict(concurrency_id="admin", concurrency_limit=1)
     wire(load_btn, do_load, choice, models_md, api_name="compare_load", notice=b_action,

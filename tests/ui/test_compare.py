@@ -121,6 +121,19 @@ def test_compare_in_the_browser(browser, app_server):
         pg.wait_for_function("() => /Same text|First difference/.test(document.querySelector('#compare-verdict').innerText)",
                              timeout=180000)
         shot(pg, "compare-done")
+        answer_b = pg.inner_text("#compare-b-chatbot")
+        # the comparison is in the view's own list; a new one empties both panes, and opening the
+        # saved one brings both sides back
+        pg.wait_for_selector("#compare-list label:has-text('Name three colours')", timeout=30000)
+        pg.click("#compare-new")
+        pg.wait_for_function("() => !document.querySelector('#compare-b-chatbot').innerText.includes('Name three')",
+                             timeout=30000)
+        pg.click("#compare-list label:has-text('Name three colours')")
+        pg.wait_for_function("() => document.querySelector('#compare-a-chatbot').innerText.includes('Name three')"
+                             " && document.querySelector('#compare-b-chatbot').innerText.includes('Name three')",
+                             timeout=30000)
+        assert answer_b.split("Name three colours.")[-1].strip()[:40] in pg.inner_text("#compare-b-chatbot")
+        shot(pg, "compare-reopened")
         pg.get_by_role("tab", name="Monitor").click()
         pg.wait_for_function("() => document.querySelector('#monitor-panel').innerText.includes('Model B (Compare)')",
                              timeout=30000)

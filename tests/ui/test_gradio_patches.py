@@ -112,7 +112,9 @@ def test_the_queue_wakes_on_events_and_sleeps_when_idle(gr):
             sent.append(time.perf_counter())
             jobs.append(client.submit(str(i), api_name="/work"))
         assert [j.result(timeout=30) for j in jobs] == ["0", "1"]
-        assert started[0] - sent[0] < 0.2, "the first request started late"   # client + HTTP included
+        # client + HTTP included, so only a coarse bound (a loaded 2-core CI machine took 0.25 s);
+        # the queue's own promptness is the next line's, measured inside the server
+        assert started[0] - sent[0] < 1.0, "the first request started late"
         assert started[1] - ended[0] < 0.03, "the waiting request did not start when the place freed"
     finally:
         app.close()
