@@ -255,19 +255,23 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
         store = ctx.store
         convs = {k: chat.Conversation(store, "compare", owner, st["cid"]) for k in sides}
         turns = {k: st[k] + [{"role": "user", "content": message}] for k in sides}
-        # the first side creates the conversation; the second writes its copy of the question
-        # beside it (each side's branch holds its own history)
-        convs["a"].add_user(turns["a"])
-        convs["b"].cid = convs["a"].cid
-        if len(turns["a"]) == 1 and len(turns["b"]) == 1:
-            turns["b"][-1]["id"] = turns["a"][-1].get("id")    # the first question: one message, two replies
-        if not turns["b"][-1].get("id"):
-            convs["b"].add_user(turns["b"])
-        if store is not None and convs["a"].cid and not st["cid"]:
-            try:
-                store.rename(owner, convs["a"].cid, "⚖ " + message.strip().splitlines()[0][:60])
-            except Exception:  # noqa: BLE001 - a title is a nicety
-                pass
+        def store_question():
+            # the first side creates the conversation; the second writes its copy of the question
+            # beside it (each side's branch holds its own history). Run in a worker thread: the
+            # event loop streams every other user's reply meanwhile
+            convs["a"].add_user(turns["a"])
+            convs["b"].cid = convs["a"].cid
+            if len(turns["a"]) == 1 and len(turns["b"]) == 1:
+                turns["b"][-1]["id"] = turns["a"][-1].get("id")    # the first question: one message, two replies
+            if not turns["b"][-1].get("id"):
+                convs["b"].add_user(turns["b"])
+            if store is not None and convs["a"].cid and not st["cid"]:
+                try:
+                    store.rename(owner, convs["a"].cid, "⚖ " + message.strip().splitlines()[0][:60])
+                except Exception:  # noqa: BLE001 - a title is a nicety
+                    pass
+
+        await asyncio.to_thread(store_question)
         st["cid"] = convs["a"].cid
         out = {k: {"text": "", "stats": None, "ttft": None, "error": None, "done": False} for k in sides}
         t0 = time.perf_counter()
@@ -282,13 +286,13 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
                     if text and o["ttft"] is None:
                         o["ttft"] = time.perf_counter() - t0
                     o["text"], o["stats"] = text, stats
-                    if writer is not None:
-                        writer.feed(text)
+                    if writer is not None and writer.due(text):
+                        await asyncio.to_thread(writer.feed, text)
             except gr.Error as e:
                 out[k]["error"] = str(e)
             finally:
                 if writer is not None and out[k]["text"]:
-                    out[k]["id"] = writer.finish(out[k]["text"], out[k]["stats"])
+                    out[k]["id"] = await asyncio.to_thread(writer.finish, out[k]["text"], out[k]["stats"])
                 out[k]["done"] = True
 
         tasks = [asyncio.create_task(run(k)) for k in sides]
