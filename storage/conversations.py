@@ -605,6 +605,12 @@ class ReplyWriter:
         self._last = 0.0
         self._written = ""
 
+    def due(self, text: str) -> bool:
+        """Whether ``feed(text)`` would write (so an async caller can run it in a thread only then)."""
+        if not text:
+            return False
+        return self.id is None or (time.monotonic() - self._last >= self.interval and text != self._written)
+
     def feed(self, text: str) -> None:
         """The reply so far (the whole text, not a delta)."""
         if not text:

@@ -288,8 +288,8 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
                 if notice and not warned:
                     gr.Warning(notice)
                     warned = True
-                if writer is not None:
-                    writer.feed(text)
+                if writer is not None and writer.due(text):
+                    await asyncio.to_thread(writer.feed, text)
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update(), gr.update(), gr.update()
             ended = True
@@ -322,7 +322,7 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
                 yield gr.update(), back, display(back), gr.update(), "", c.cid
             return
         if writer is not None:
-            writer.finish(text, stats)
+            await asyncio.to_thread(writer.finish, text, stats)
         turns = c.reload(turns + [{"role": "assistant", "content": text, "stats": {**meta, **(stats or {})}}])
         report = await asyncio.to_thread(context_report, turns, costs)
         yield gr.update(), turns, display(turns), gr.update(), report, c.cid
