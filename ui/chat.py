@@ -515,11 +515,11 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
                 if notice and not warned:
                     gr.Warning(notice)
                     warned = True
-                if writer is not None and writer.due(text):
-                    await asyncio.to_thread(writer.feed, text)
                 # the partial reply is kept in the state too, so Stop loses nothing
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update(), gr.update()
+                if writer is not None and writer.due(text):     # after the update: it waits for no write
+                    await asyncio.to_thread(writer.feed, text)
             ended = True
         except gr.Error as e:
             ended = True
@@ -806,13 +806,13 @@ async def api_chat(manager: EngineManager, settings, messages, params, request: 
     text, done = "", False
     try:
         async for text, stats, _notice in stream_reply(manager, req):
+            yield text                   # first: the client waits for no write
             if writer is not None:
                 if stats is not None:
                     await asyncio.to_thread(writer.finish, text, stats)
                     done = True
                 elif writer.due(text):
                     await asyncio.to_thread(writer.feed, text)
-            yield text
     finally:
         if writer is not None and not done:      # a client gone or an error: keep what streamed
             writer.finish(text, {"finish_reason": "abort"})

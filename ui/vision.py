@@ -288,10 +288,10 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
                 if notice and not warned:
                     gr.Warning(notice)
                     warned = True
-                if writer is not None and writer.due(text):
-                    await asyncio.to_thread(writer.feed, text)
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update(), gr.update(), gr.update()
+                if writer is not None and writer.due(text):     # after the update: it waits for no write
+                    await asyncio.to_thread(writer.feed, text)
             ended = True
         except gr.Error as e:
             ended = True
