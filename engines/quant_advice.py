@@ -50,17 +50,22 @@ MEASURED: tuple[Figure, ...] = (
     Figure(engine="turbomind", fmt="w4a16", batch1=141.0, batch16=2150, vs=0.66, **_H200),
     Figure(engine="pytorch", fmt="w4a16", batch1=134.9, batch16=1993, vs=0.61, **_H200),
 )
-# Measured here, on the CI machine (2 cores, AVX2, no AVX-512/VNNI), SmolLM2-135M-Instruct on the
-# Transformers engine, batch 1, 64 new tokens, a shared and busy machine (see CPU_FIGURES_NOTE).
+# Measured here, on the CI machine (2 cores, AVX2, no AVX-512/VNNI), SmolLM2-135M-Instruct through the
+# Quantize card on the Transformers engine (bench/bench_quantize.py --cpu; its JSON is in bench/results/
+# 2026-12-02-cpu-quantize-smollm2.json), batch 1, 32 new tokens, a shared and busy machine (CPU_FIGURES_NOTE).
 _CPU = dict(where="2-core AVX2 CPU", engine="transformers", date="2026-12-02", model="SmolLM2-135M-Instruct",
-            note="tests/engines/test_quantize_cpu.py's measurement (Transformers engine, batch 1)")
+            note="bench/bench_quantize.py --cpu (the card on the Transformers engine, batch 1)")
 CPU_MEASURED: tuple[Figure, ...] = (
-    Figure(fmt="float32", batch1=4.3, batch16=None, vs=1.0, **_CPU),
-    Figure(fmt="bfloat16", batch1=2.4, batch16=None, vs=0.56, **_CPU),
-    Figure(fmt="int8", batch1=0.7, batch16=None, vs=0.16, **_CPU),
+    Figure(fmt="float32", batch1=4.4, batch16=None, vs=1.0, **_CPU),
+    Figure(fmt="bfloat16", batch1=6.09, batch16=None, vs=1.38, **_CPU),
+    Figure(fmt="int8", batch1=4.24, batch16=None, vs=0.96, **_CPU),
 )
-CPU_FIGURES_NOTE = ("transformers generate(), 64 new tokens, best of 3, on a machine shared with other jobs "
-                    "(load average 6-10 on 2 cores): the ratios hold, the absolute figures are low")
+# the weights in memory (GiB) and held-out perplexity (2048 tokens) of the same run
+CPU_MEMORY = {"float32": (0.501, 23.926), "bfloat16": (0.251, 23.946), "int8": (0.205, 23.994),
+              "fp8": (0.251, 24.298)}
+CPU_FIGURES_NOTE = ("one run on a machine shared with other jobs (load average 6-9 on 2 cores): tokens/s move "
+                    "between runs (an earlier generate() run had bfloat16 at 0.56x and int8 at 0.16x float32), "
+                    "the memory and perplexity do not")
 DOCUMENTED: tuple[Figure, ...] = (
     Figure(where="A100 / RTX 4090", engine="turbomind", fmt="w4a16", batch1=None, batch16=None, vs=2.4,
            date="LMDeploy's docs", source="LMDeploy's docs",
@@ -124,10 +129,12 @@ def advise(gpus: list[GpuSpec], backends: set[str] | None = None) -> Advice:
         return Advice(
             kind="cast", engine="transformers", gpu=None, date=f32.date, source="ours", figures=CPU_MEASURED,
             reason=(f"No CUDA GPU: Transformers runs the model. A float32 -> bfloat16 cast halves its size on disk "
-                    f"and in memory; int8 weight-only (torchao, a load option) takes a quarter of float32's "
-                    f"memory for the linear layers but decodes slower on this kind of CPU: {f32.model} at batch 1, "
-                    f"float32 {f32.batch1} tok/s, bfloat16 {bf16.batch1} ({bf16.vs:.2f}x), int8 {int8.batch1} "
-                    f"({int8.vs:.2f}x) on a {f32.where}. FP8 and AWQ results load here too, dequantized."),
+                    f"and in memory; int8 weight-only (torchao, a load option) takes "
+                    f"{CPU_MEMORY['int8'][0] / CPU_MEMORY['float32'][0]:.2f}x of float32's memory but decodes no "
+                    f"faster on this kind of CPU: {f32.model} at batch 1, float32 {f32.batch1} tok/s, bfloat16 "
+                    f"{bf16.batch1} ({bf16.vs:.2f}x), int8 {int8.batch1} ({int8.vs:.2f}x) on a {f32.where}; "
+                    f"held-out perplexity {CPU_MEMORY['float32'][1]} / {CPU_MEMORY['bfloat16'][1]} / "
+                    f"{CPU_MEMORY['int8'][1]}. FP8 and AWQ results load here too, dequantized."),
             note=f"Figures: {CPU_FIGURES_NOTE}.")
     gpu = gpus[0]
     label = gpu.name
