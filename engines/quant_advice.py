@@ -63,9 +63,8 @@ CPU_MEASURED: tuple[Figure, ...] = (
 # the weights in memory (GiB) and held-out perplexity (2048 tokens) of the same run
 CPU_MEMORY = {"float32": (0.501, 23.926), "bfloat16": (0.251, 23.946), "int8": (0.205, 23.994),
               "fp8": (0.251, 24.298)}
-CPU_FIGURES_NOTE = ("one run on a machine shared with other jobs (load average 6-9 on 2 cores): tokens/s move "
-                    "between runs (an earlier generate() run had bfloat16 at 0.56x and int8 at 0.16x float32), "
-                    "the memory and perplexity do not")
+# (an earlier generate() run on the same busy machine had bfloat16 at 0.56x and int8 at 0.16x float32)
+CPU_FIGURES_NOTE = "one run on a shared, busy machine: tokens/s vary between runs, memory and perplexity do not"
 DOCUMENTED: tuple[Figure, ...] = (
     Figure(where="A100 / RTX 4090", engine="turbomind", fmt="w4a16", batch1=None, batch16=None, vs=2.4,
            date="LMDeploy's docs", source="LMDeploy's docs",
