@@ -19,7 +19,7 @@ from typing import Sequence
 ENGINES = ("auto", "transformers", "turbomind", "pytorch", "remote")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_FORMATS = ("hf", "awq")
-QUANT_POLICIES = (0, 4, 8)
+QUANT_POLICIES = (0, 4, 8, 16)
 
 
 def _default_cache_dir() -> str:
@@ -36,7 +36,7 @@ class Settings:
     device: str = "auto"              # transformers backend only: auto | cpu | cuda
     dtype: str = "auto"               # auto | float32 | float16 | bfloat16
     model_format: str = "hf"          # hf | awq (TurboMind)
-    quant_policy: int = 0             # KV cache: 0 (off), 8 (int8), 4 (int4)
+    quant_policy: int = 0             # KV cache: 0 (off), 8 (int8), 4 (int4), 16 (fp8: PyTorch engine)
     cache_max_entry_count: float = 0.8  # share of free GPU memory for the KV cache (LMDeploy)
     session_len: int | None = None    # context length; None: the model's own
     tp: int = 1                       # tensor parallel GPUs (LMDeploy)
@@ -87,7 +87,8 @@ class Settings:
         if self.model_format not in MODEL_FORMATS:
             raise ValueError(f"--model-format must be one of {', '.join(MODEL_FORMATS)}")
         if self.quant_policy not in QUANT_POLICIES:
-            raise ValueError("--quant-policy must be 0 (off), 4 (int4) or 8 (int8)")
+            raise ValueError("--quant-policy must be 0 (off), 4 (int4), 8 (int8) or 16 (fp8, LMDeploy's "
+                             "PyTorch engine only)")
         if not 0.0 < self.cache_max_entry_count <= 1.0:
             raise ValueError("--cache-max-entry-count must be in (0, 1]")
         if self.session_len is not None and self.session_len < 16:
@@ -197,7 +198,8 @@ _HELP = {
     "device": "device for the transformers engine",
     "dtype": "weights/activation dtype",
     "model_format": "weight format for TurboMind (awq: 4-bit AWQ from `lmdeploy lite auto_awq`)",
-    "quant_policy": "KV-cache quantization: 0 off, 8 int8, 4 int4 (LMDeploy engines)",
+    "quant_policy": "KV-cache quantization: 0 off, 8 int8, 4 int4 (LMDeploy engines), 16 fp8 e4m3 "
+                    "(LMDeploy's PyTorch engine only; TurboMind 0.18 refuses it)",
     "cache_max_entry_count": "share of free GPU memory given to the KV cache (LMDeploy engines)",
     "session_len": "context length in tokens (default: the model's)",
     "tp": "GPUs one model spans (tensor parallel, LMDeploy engines)",

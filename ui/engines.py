@@ -124,7 +124,8 @@ _DETAILS = {
     "architecture": str,
     "batching": lambda v: f"{v} batching",
     "tp": lambda v: f"on {int(v)} GPU{'s' if int(v) != 1 else ''} (tensor parallel)",
-    "quant_policy": lambda v: {0: "KV cache 16-bit", 8: "KV cache int8", 4: "KV cache int4"}.get(int(v), f"KV {v}"),
+    "quant_policy": lambda v: {0: "KV cache 16-bit", 8: "KV cache int8", 4: "KV cache int4",
+                               16: "KV cache fp8"}.get(int(v), f"KV {v}"),
     "model_format": lambda v: {"hf": "weights as stored", "awq": "4-bit AWQ weights"}.get(v, f"format {v}"),
     "cache_max_entry_count": lambda v: f"KV cache takes {float(v):.0%} of free GPU memory",
     "cache_block_seq_len": lambda v: f"cache blocks of {int(v)} tokens",
@@ -226,7 +227,8 @@ def build(ctx: Context, header_md: gr.Markdown | None = None):
             dtype = gr.Dropdown(["auto", "float32", "float16", "bfloat16"], value=s.dtype, label="dtype")
             model_format = gr.Dropdown(["hf", "awq"], value=s.model_format, label="model_format (TurboMind)",
                                        elem_id="engine-model-format", **gpu)
-            quant_policy = gr.Dropdown([0, 4, 8], value=s.quant_policy, label="quant_policy (KV cache)",
+            quant_policy = gr.Dropdown([0, 4, 8, 16], value=s.quant_policy,
+                                       label="quant_policy (KV cache; 16 = fp8, PyTorch engine)",
                                        elem_id="engine-quant-policy", **gpu)
         with gr.Row():
             cache = gr.Slider(0.01, 1.0, value=s.cache_max_entry_count, step=0.01,
