@@ -36,6 +36,15 @@ from .common import (Context, Refusal, SamplingControls, fmt_stats, make_params,
 
 UPDATE_INTERVAL = 0.05   # seconds between UI updates while streaming (text is coalesced, not dropped)
 WRITE_INTERVAL = 0.5     # seconds between writes of a streaming reply to the store (and at its end)
+
+
+def write_pace(manager: EngineManager | None):
+    """Seconds between a streaming reply's writes: ``WRITE_INTERVAL`` up to 16 streams, then in
+    proportion (2 s at 64), as the page's own updates coalesce: the writes' CPU stays flat under
+    load, and a crash still keeps all but the last couple of seconds of a reply."""
+    if manager is None:
+        return WRITE_INTERVAL
+    return lambda: WRITE_INTERVAL * max(1.0, manager.running / 16)
 BROWSER_KEY = "turbostudio-browser-id"   # the localStorage key of the browser's own id
 HISTORY_OFF = ("**History is off** on this server (`--no-history`): this conversation lives in this "
                "browser tab only; a reload loses it. Export it to keep it.")
@@ -200,11 +209,12 @@ class Conversation:
                                     images=t.get("images") or ())
         return True
 
-    def writer(self, turns: list[dict], meta: dict) -> ReplyWriter | None:
+    def writer(self, turns: list[dict], meta: dict, manager: EngineManager | None = None) -> ReplyWriter | None:
+        """The reply's writer; with ``manager``, it writes less often when many streams run."""
         if self.store is None or self.cid is None or not turns[-1].get("id"):
             return None
         return ReplyWriter(self.store, self.owner, self.cid, parent=turns[-1]["id"], meta=meta,
-                           interval=WRITE_INTERVAL)
+                           interval=write_pace(manager))
 
     def forget(self, mid: str | None) -> None:
         """Take back a message just written (a refused or unstarted reply's question)."""
@@ -504,7 +514,7 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
         text = ""
         warned = False
         meta = reply_meta(manager, params)
-        writer = c.writer(turns, meta)
+        writer = c.writer(turns, meta, manager)
         req, left_out = chat_request(to_messages(turns, system_prompt), params, request, "chat", manager.limits)
         if left_out:
             gr.Warning(f"The conversation is longer than one request may be: the {left_out} oldest "
@@ -518,14 +528,14 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
                 # the partial reply is kept in the state too, so Stop loses nothing
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update(), gr.update()
-                if writer is not None and writer.due(text):     # after the update: it waits for no write
-                    await asyncio.to_thread(writer.feed, text)
+                if writer is not None:      # after the update, handed to the store's writer: no wait
+                    writer.feed_later(text)
             ended = True
         except gr.Error as e:
             ended = True
             # a refusal: a warning toast, and the page as it was (the message back in the box)
-            if writer is not None:
-                c.forget(writer.id)
+            if writer is not None:      # after the writes handed over (the reply may not exist yet)
+                await asyncio.wrap_future(writer.store.later(lambda: c.forget(writer.id)))
             if new_user:
                 c.forget(turns[-1].get("id"))
                 back = c.back_to(turns[:-1])
@@ -536,7 +546,7 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
             return
         finally:
             if not ended and writer is not None:     # the tab closed mid-reply: keep what streamed
-                writer.finish(text, {"finish_reason": "abort"})
+                writer.finish_later(text, {"finish_reason": "abort"})
         if not text and stats and stats["finish_reason"] == "abort":
             # stopped before its first token: no empty reply; the message goes back into the box
             if new_user:
@@ -548,7 +558,7 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
                 yield gr.update(), back, display(back), "", c.cid
             return
         if writer is not None:
-            await asyncio.to_thread(writer.finish, text, stats)
+            await asyncio.wrap_future(writer.finish_later(text, stats))
         turns = await asyncio.to_thread(
             c.reload, turns + [{"role": "assistant", "content": text, "stats": {**meta, **(stats or {})}}])
         yield gr.update(), turns, display(turns), "", c.cid
@@ -802,20 +812,20 @@ async def api_chat(manager: EngineManager, settings, messages, params, request: 
         except NotFound as e:
             raise Refusal(str(e), title="Not found") from e
         writer = ReplyWriter(store, owner, conversation_id, parent=uid, meta=reply_meta(manager, p),
-                             interval=WRITE_INTERVAL)
+                             interval=write_pace(manager))
     text, done = "", False
     try:
         async for text, stats, _notice in stream_reply(manager, req):
             yield text                   # first: the client waits for no write
             if writer is not None:
                 if stats is not None:
-                    await asyncio.to_thread(writer.finish, text, stats)
+                    await asyncio.wrap_future(writer.finish_later(text, stats))
                     done = True
-                elif writer.due(text):
-                    await asyncio.to_thread(writer.feed, text)
+                else:
+                    writer.feed_later(text)      # the store's writer thread; the stream goes on
     finally:
         if writer is not None and not done:      # a client gone or an error: keep what streamed
-            writer.finish(text, {"finish_reason": "abort"})
+            writer.finish_later(text, {"finish_reason": "abort"})
 
 
 # ---------------------------------------------------------------------- named endpoints

@@ -278,7 +278,7 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
 
         async def run(k):
             mgr = sides[k]
-            writer = convs[k].writer(turns[k], {**chat.reply_meta(mgr, params), "side": k.upper()})
+            writer = convs[k].writer(turns[k], {**chat.reply_meta(mgr, params), "side": k.upper()}, mgr)
             req, _left = chat.chat_request(chat.to_messages(turns[k]), params, request, "compare", mgr.limits)
             try:
                 async for text, stats, _notice in chat.stream_reply(mgr, req):
@@ -286,13 +286,13 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
                     if text and o["ttft"] is None:
                         o["ttft"] = time.perf_counter() - t0
                     o["text"], o["stats"] = text, stats
-                    if writer is not None and writer.due(text):
-                        await asyncio.to_thread(writer.feed, text)
+                    if writer is not None:
+                        writer.feed_later(text)       # the store's writer thread: no wait
             except gr.Error as e:
                 out[k]["error"] = str(e)
             finally:
                 if writer is not None and out[k]["text"]:
-                    out[k]["id"] = await asyncio.to_thread(writer.finish, out[k]["text"], out[k]["stats"])
+                    out[k]["id"] = await asyncio.wrap_future(writer.finish_later(out[k]["text"], out[k]["stats"]))
                 out[k]["done"] = True
 
         tasks = [asyncio.create_task(run(k)) for k in sides]

@@ -276,7 +276,7 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
         yield None, turns, display(shown), None, report, c.cid
         text, stats = "", None
         meta = reply_meta(slot.manager, params)
-        writer = c.writer(turns, meta)
+        writer = c.writer(turns, meta, slot.manager)
         ended = False
         warned = False
         req, left_out = chat_request(to_messages(turns), params, request, "vision", slot.manager.limits)
@@ -290,14 +290,14 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
                     warned = True
                 shown = turns + [{"role": "assistant", "content": text}]
                 yield gr.update(), shown, display(shown), gr.update(), gr.update(), gr.update()
-                if writer is not None and writer.due(text):     # after the update: it waits for no write
-                    await asyncio.to_thread(writer.feed, text)
+                if writer is not None:      # after the update, handed to the store's writer: no wait
+                    writer.feed_later(text)
             ended = True
         except gr.Error as e:
             ended = True
             # the question goes back into the box; the conversation as it was
-            if writer is not None:
-                c.forget(writer.id)
+            if writer is not None:      # after the writes handed over (the reply may not exist yet)
+                await asyncio.wrap_future(writer.store.later(lambda: c.forget(writer.id)))
             last = turns[-1]
             if new_user:
                 c.forget(last.get("id"))
@@ -308,7 +308,7 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
             return
         finally:
             if not ended and writer is not None:     # the tab closed mid-reply: keep what streamed
-                writer.finish(text, {"finish_reason": "abort"})
+                writer.finish_later(text, {"finish_reason": "abort"})
         if not text and stats and stats["finish_reason"] == "abort":
             # stopped before its first token: no empty reply; the question goes back into the box
             last = turns[-1]
@@ -322,7 +322,7 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
                 yield gr.update(), back, display(back), gr.update(), "", c.cid
             return
         if writer is not None:
-            await asyncio.to_thread(writer.finish, text, stats)
+            await asyncio.wrap_future(writer.finish_later(text, stats))
         turns = c.reload(turns + [{"role": "assistant", "content": text, "stats": {**meta, **(stats or {})}}])
         report = await asyncio.to_thread(context_report, turns, costs)
         yield gr.update(), turns, display(turns), gr.update(), report, c.cid
