@@ -103,14 +103,19 @@ def client_stream(client, messages, params):
     return {"ttft": ttft, "seconds": end - t0, "text": outs[-1] if outs else "", "updates": len(outs)}
 
 
+_EXTRA_INPUTS: dict[str, list] = {}   # url -> /chat's inputs after (messages, params): their defaults
+
+
 def http_stream(url, messages, params):
     """One streamed reply through Gradio's plain REST API (POST /gradio_api/call/chat, then its
-    server-sent events): what a thin HTTP client sees, with no client library in the way."""
-    import urllib.request
-
+    server-sent events): what a thin HTTP client sees, with no client library in the way. Every
+    further input of ``/chat`` (``conversation_id``) is sent as its default: Gradio's REST API wants
+    them all (asked once per process from /gradio_api/info)."""
+    if url not in _EXTRA_INPUTS:
+        info = json.load(urllib.request.urlopen(url + "gradio_api/info", timeout=30))
+        _EXTRA_INPUTS[url] = [p.get("parameter_default") for p in info["named_endpoints"]["/chat"]["parameters"][2:]]
     t0 = time.perf_counter()
-    # Gradio's REST protocol wants every input, the optional conversation_id (None) included
-    body = json.dumps({"data": [[m.to_dict() for m in messages], params, None]}).encode()
+    body = json.dumps({"data": [[m.to_dict() for m in messages], params, *_EXTRA_INPUTS[url]]}).encode()
     req = urllib.request.Request(url + "gradio_api/call/chat", data=body,
                                  headers={"Content-Type": "application/json"})
     event_id = json.load(urllib.request.urlopen(req, timeout=60))["event_id"]

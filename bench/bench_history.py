@@ -28,7 +28,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import bench_web  # noqa: E402
+from bench import bench_app, bench_web  # noqa: E402
 from engines.base import ChatMessage  # noqa: E402
 
 
@@ -83,7 +83,7 @@ def _run(url: str, cid: str | None, users: int, new_tokens: int) -> dict:
     params = {"max_new_tokens": new_tokens, "temperature": 0}
     info = json.load(urllib.request.urlopen(url + "gradio_api/info", timeout=30))
     extra = [p.get("parameter_default") for p in info["named_endpoints"]["/chat"]["parameters"][2:]]
-    bench_web._EXTRA_INPUTS[url] = [cid, *extra[1:]] if cid else extra      # conversation_id first
+    bench_app._EXTRA_INPUTS[url] = [cid, *extra[1:]] if cid else extra      # conversation_id first
     bench_web.users_in_process(url, "chat", msgs, params, 1, time.time())  # warm
     t0 = time.time()
     res = bench_web.users_in_process(url, "chat", msgs, params, users, t0 + 0.2)

@@ -141,38 +141,11 @@ def _serve(port: int, step_ms: float, extra: list[str]) -> int:
     return app.main(["--server-port", str(port), "--model", "synthetic", *extra])
 
 
-_EXTRA_INPUTS: dict[str, list] = {}   # url -> /chat's inputs after (messages, params): their defaults
-
-
 def chat_stream(url: str, messages, params: dict) -> dict:
-    """One streamed reply through Gradio's REST protocol (POST /gradio_api/call/chat, then its
-    server-sent events), as bench_app.http_stream, with every further input of ``/chat`` sent as its
-    default (Gradio's REST API wants them all; asked once per process from /gradio_api/info)."""
-    import urllib.request
+    """One streamed reply through Gradio's REST protocol: ``bench_app.http_stream``."""
+    from bench.bench_app import http_stream
 
-    if url not in _EXTRA_INPUTS:
-        info = json.load(urllib.request.urlopen(url + "gradio_api/info", timeout=30))
-        _EXTRA_INPUTS[url] = [p.get("parameter_default") for p in info["named_endpoints"]["/chat"]["parameters"][2:]]
-    t0 = time.perf_counter()
-    body = json.dumps({"data": [[m.to_dict() for m in messages], params, *_EXTRA_INPUTS[url]]}).encode()
-    req = urllib.request.Request(url + "gradio_api/call/chat", data=body, headers={"Content-Type": "application/json"})
-    event_id = json.load(urllib.request.urlopen(req, timeout=60))["event_id"]
-    ttft, text, updates, event = None, "", 0, ""
-    with urllib.request.urlopen(f"{url}gradio_api/call/chat/{event_id}", timeout=600) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:") and event in ("generating", "complete"):
-                data = json.loads(line[5:])
-                if data and data[0]:
-                    text = data[0]
-                    updates += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-            elif line.startswith("data:") and event == "error":
-                raise RuntimeError(line)
-    return {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": text, "updates": updates}
+    return http_stream(url, messages, params)
 
 
 def users_in_process(url: str, path: str, messages, params: dict, count: int, start_at: float) -> list[dict]:

@@ -41,6 +41,24 @@ def copy_side_files(src: str, dst: str) -> list[str]:
     return copied
 
 
+def _tensor_index(src: str) -> tuple[list[str], list[tuple[str, str]], int]:
+    """The source's safetensors files, every (file, tensor name) in them, and their bytes; a folder
+    without them, or a damaged or foreign file, ends the job with a line saying which."""
+    from safetensors import safe_open
+
+    files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+    if not files:
+        raise SystemExit(f"error: {src} has no .safetensors files")
+    names = []
+    for f in files:
+        try:
+            with safe_open(os.path.join(src, f), "pt") as st:
+                names += [(f, k) for k in st.keys()]
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which, in a line
+            raise SystemExit(f"error: {f} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return files, names, sum(os.path.getsize(os.path.join(src, f)) for f in files)
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
@@ -132,17 +150,7 @@ def run_fp8(job: dict, out: str) -> None:
 
     src = job["source"]
     device = job["params"].get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
-    if not files:
-        raise SystemExit(f"error: {src} has no .safetensors files")
-    names = []
-    for f in files:
-        try:
-            with safe_open(os.path.join(src, f), "pt") as st:
-                names += [(f, k) for k in st.keys()]
-        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which, in a line
-            raise SystemExit(f"error: {f} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    size = sum(os.path.getsize(os.path.join(src, f)) for f in files)
+    files, names, size = _tensor_index(src)
     print(f"reading {len(files)} file{'s' if len(files) > 1 else ''} ({_mb(size)}, {len(names)} tensors); "
           f"quantizing on {device}", flush=True)
     os.makedirs(out, exist_ok=True)
@@ -199,17 +207,7 @@ def run_cast(job: dict, out: str) -> None:
 
     src, name = job["source"], job["params"].get("dtype", "bfloat16")
     dtype = getattr(torch, name)
-    files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
-    if not files:
-        raise SystemExit(f"{src} has no .safetensors files")
-    names = []
-    for f in files:
-        try:
-            with safe_open(os.path.join(src, f), "pt") as st:
-                names += [(f, k) for k in st.keys()]
-        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which, in a line
-            raise SystemExit(f"error: {f} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    size = sum(os.path.getsize(os.path.join(src, f)) for f in files)
+    files, names, size = _tensor_index(src)
     print(f"reading {len(files)} file{'s' if len(files) > 1 else ''} ({_mb(size)}, {len(names)} tensors)",
           flush=True)
     total, done, kept, stored = len(names), 0, 0, {}
