@@ -158,6 +158,11 @@ def title_from(text: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[:TITLE_CHARS - 1].rstrip() + "…"
 
 
+def new_id() -> str:
+    """A new message or conversation id."""
+    return _new_id()
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex        # random: an id says nothing about another owner's ids
 
@@ -194,6 +199,13 @@ class ConversationStore:
         each stream waited for its write, and 64 streams waited for each other behind the store's
         lock (history on cost 25% of /chat's tokens/s at 64 users on the 2-core machine)."""
         return self._writer.submit(fn, *args)
+
+    def settled(self) -> None:
+        """Wait until every write handed to ``later`` so far has landed: a reader sees its own
+        writes (a client reading a conversation right after its reply ended). A no-op on the writer
+        thread itself."""
+        if not threading.current_thread().name.startswith("history-writer"):
+            self._writer.submit(lambda: None).result()
 
     @classmethod
     def open(cls, cache_dir: str) -> "ConversationStore":
@@ -274,6 +286,7 @@ class ConversationStore:
     def list(self, owner: str, kind: str | None = None, query: str = "", limit: int = 200) -> list[Summary]:
         """The owner's conversations, newest (last updated) first; ``query`` matches the title or
         any message's text (case-insensitive for ASCII, SQLite's LIKE)."""
+        self.settled()
         args: list = [owner]
         where = "c.owner = ?"
         if kind:
@@ -294,6 +307,7 @@ class ConversationStore:
     def get(self, owner: str, cid: str) -> dict:
         """A conversation whole: its fields, every message (the tree: each has its ``parent``), the
         current ``leaf`` and the ``path`` of ids from the first message to it (the branch shown)."""
+        self.settled()
         with self._lock:
             row = self._own(self._db, owner, cid)
             msgs = [self._message(r) for r in self._db.execute(
@@ -304,6 +318,7 @@ class ConversationStore:
                 "messages": [m.to_dict() for m in msgs]}
 
     def summary(self, owner: str, cid: str) -> Summary:
+        self.settled()
         with self._lock:
             r = self._own(self._db, owner, cid)
             n = self._db.execute("SELECT COUNT(*) FROM messages WHERE conversation = ?", (cid,)).fetchone()[0]
@@ -353,15 +368,17 @@ class ConversationStore:
 
     # ------------------------------------------------------------------ messages
     def append(self, owner: str, cid: str, role: str, content: str, *, parent=LEAF, images=(),
-               meta: dict | None = None) -> str:
+               meta: dict | None = None, mid: str | None = None) -> str:
         """Add a message and make it the conversation's leaf; returns its id.
 
         ``parent``: ``LEAF`` (the default) continues the branch shown; a message id adds a child
         of that message (a sibling of its other children: regenerate and edit); None adds a first
-        message. The first user message gives an untitled conversation its title."""
+        message. The first user message gives an untitled conversation its title. ``mid``: the new
+        message's id when the caller made it (``new_id``: a write handed to ``later`` whose id is
+        needed before it lands), else a new one."""
         if role not in ROLES:
             raise ValueError(f"role must be user or assistant, got {role!r}")
-        mid, now = _new_id(), time.time()
+        mid, now = mid or _new_id(), time.time()
         with self._tx() as db:
             conv = self._own(db, owner, cid)
             if parent is LEAF:
@@ -438,6 +455,7 @@ class ConversationStore:
     def path(self, owner: str, cid: str, leaf=LEAF) -> list[Message]:
         """The branch from the first message to ``leaf`` (default: the conversation's), each
         message with its ``siblings``."""
+        self.settled()
         with self._lock:
             conv = self._own(self._db, owner, cid)
             leaf = conv["leaf"] if leaf is LEAF else leaf
@@ -485,6 +503,7 @@ class ConversationStore:
         """The conversation as JSON (format ``turbostudio-chat`` version 2): ``messages`` is the
         branch shown in version 1's shape (role, content, stats: a version-1 reader still reads
         it), ``tree`` every message with its parent, images and metadata, ``leaf`` the branch shown."""
+        self.settled()
         data = self.get(owner, cid)
         by_id = {m["id"]: m for m in data["messages"]}
         shown = [by_id[i] for i in data["path"]]

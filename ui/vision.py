@@ -323,7 +323,8 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
             return
         if writer is not None:
             await asyncio.wrap_future(writer.finish_later(text, stats))
-        turns = c.reload(turns + [{"role": "assistant", "content": text, "stats": {**meta, **(stats or {})}}])
+        turns = await asyncio.to_thread(
+            c.reload, turns + [{"role": "assistant", "content": text, "stats": {**meta, **(stats or {})}}])
         report = await asyncio.to_thread(context_report, turns, costs)
         yield gr.update(), turns, display(turns), gr.update(), report, c.cid
 
