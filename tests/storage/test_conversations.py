@@ -230,3 +230,24 @@ def test_search_and_a_long_branch_are_fast(store):
           f"one write {write * 1000:.2f} ms")
     assert search < 1.0 and walk < 1.0
     assert path[-1].parent == "m998" and LEAF is not None
+
+
+def test_writes_handed_over_land_in_order_and_a_failing_one_alone_is_undone(store):
+    """``later``: a streaming reply's writes go to the writer thread without waiting; they land in
+    the order given (the final text after the partial ones, however many wait in one batch), a write
+    that fails is undone alone, and a reader right after sees every write handed over before."""
+    cid = store.create("alice")
+    uid = store.append("alice", cid, "user", "Hi")
+    w = ReplyWriter(store, "alice", cid, parent=uid, meta={"model": "m"}, interval=0.0)
+    texts = [("Hel" + "l" * i) for i in range(200)]
+    for t in texts:
+        w.feed_later(t)
+    bad = store.later(store.append, "alice", "no-such-conversation", "user", "x")
+    w.finish_later("Hello!", {"tokens": 3})
+    store.later(store.append, "alice", cid, "user", "And then?")
+    got = store.get("alice", cid)                       # settled: every write above has landed
+    reply = next(m for m in got["messages"] if m["role"] == "assistant")
+    assert reply["content"] == "Hello!" and reply["meta"]["tokens"] == 3, reply
+    assert [m.content for m in store.path("alice", cid)] == ["Hi", "Hello!", "And then?"]
+    with pytest.raises(NotFound):
+        bad.result(timeout=5)
