@@ -28,7 +28,9 @@ def test_bench_web_small(tmp_path):
     assert stdout.count("whole text: True") == 4, stdout
     assert "load average" in stdout
     for n in ("1", "4"):
-        assert rep["engine"][n]["tokens"] == int(n) * 32 and rep["engine"][n]["cpu_ms_per_token"] > 0
+        # the engine alone may cost less than one tick of the process CPU clock (10 ms) for 32 tokens
+        # on a quiet machine: its figure is there and not negative; the server's must be above 0
+        assert rep["engine"][n]["tokens"] == int(n) * 32 and rep["engine"][n]["cpu_ms_per_token"] >= 0
         for side in ("app/chat", "app/v1"):
             got = rep["sides"][side][n]
             assert got["tokens"] == int(n) * 32 and got["ttft_p99"] > 0 and got["whole_text"]
