@@ -21,7 +21,7 @@ import time
 
 import gradio as gr
 
-from engines.base import ChatMessage, GenParams
+from engines.base import ChatMessage
 from engines.manager import room_beside
 
 from . import chat
@@ -171,7 +171,7 @@ def _pane(turns: list[dict]) -> list[dict]:
     return chat.display(turns)
 
 
-def _live(stats: dict | None, text: str, t0: float, ttft: float | None, tokens: int | None) -> str:
+def _live(stats: dict | None, t0: float, ttft: float | None) -> str:
     if stats:
         return fmt_stats(stats)
     if ttft is None:
@@ -181,7 +181,6 @@ def _live(stats: dict | None, text: str, t0: float, ttft: float | None, tokens: 
 
 def build(ctx: Context, who: gr.State | None = None):
     """The Compare view (under the Chat page)."""
-    s = ctx.settings
     state = gr.State({"a": [], "b": [], "cid": None})
     with gr.Row():
         with gr.Column(scale=1, min_width=220):
@@ -301,7 +300,7 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
                 done = all(out[k]["done"] for k in sides)
                 shown = {k: turns[k] + [{"role": "assistant", "content": out[k]["text"]}] for k in sides}
                 lines = {k: (f"⚠ {out[k]['error']}" if out[k]["error"] else
-                             _live(out[k]["stats"], out[k]["text"], t0, out[k]["ttft"], None)) for k in sides}
+                             _live(out[k]["stats"], t0, out[k]["ttft"])) for k in sides}
                 if done:
                     break
                 yield (gr.update(), st, _pane(shown["a"]), _pane(shown["b"]), lines["a"], lines["b"],
@@ -369,10 +368,10 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
     panel.wire(view, show)
     if panel.store is not None:
         # after a send: the list shows the comparison (new ones first) with it selected
-        refresh = panel.refresh_fn()
+        list_refresh = panel.refresh_fn()
         for ev in sent:
             ev.then(lambda st: st.get("cid"), state, panel.cid, api_visibility="private", queue=False) \
-              .then(refresh, [who, panel.search, panel.cid], panel.side_outputs, api_visibility="private",
+              .then(list_refresh, [who, panel.search, panel.cid], panel.side_outputs, api_visibility="private",
                     queue=False)
     # refusals (not an admin, does not fit) are a warning and a line under the buttons (engines.wire)
     admin = dict(concurrency_id="admin", concurrency_limit=1)
