@@ -131,7 +131,14 @@ _DETAILS = {
     "cache_block_seq_len": lambda v: f"cache blocks of {int(v)} tokens",
     "server": lambda v: f"server {v}",
     "models": lambda v: "serves " + ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else f"serves {v}",
+    "weight_quant": lambda v: f"{v} weights at load (torchao)",
+    "kv_bytes_per_token": lambda v: f"KV cache {telemetry.human_bytes(float(v))} per token",
+    "moe_experts": lambda v: f"mixture of {int(v)} experts" if int(v) > 1 else "",
+    "gpu_name": str,
 }
+# the bandwidth meter's inputs (engines/bandwidth.py), read by the Monitor page, not facts a person
+# reading the status needs ("weights unread bytes 0" was jargon there): left out of the line
+_METER_ONLY = {"kv_format", "weights_unread_bytes", "weights_unread_what", "weights_format", "gpu_capability"}
 
 
 def details(extra: dict) -> str:
@@ -139,13 +146,13 @@ def details(extra: dict) -> str:
     "weights 513 MiB")."""
     parts = []
     for k, v in extra.items():
-        if v is None or v == "":
+        if v is None or v == "" or k in _METER_ONLY:
             continue
         try:
             parts.append(_DETAILS[k](v) if k in _DETAILS else f"{k.replace('_', ' ')} {v}")
         except (TypeError, ValueError):
             parts.append(f"{k.replace('_', ' ')} {v}")
-    return " · ".join(parts)
+    return " · ".join(p for p in parts if p)
 
 
 def describe(ctx: Context, request: gr.Request | None = None) -> str:

@@ -249,6 +249,11 @@ def test_engine_facts_in_human_units():
                     "quant_policy": 8, "cache_max_entry_count": 0.5, "tp": 2})
     assert "weights 513 MiB" in line and "loaded in 1.4 s" in line and "KV cache int8" in line
     assert "50% of free GPU memory" in line and "on 2 GPUs" in line and "_" not in line
+    # the bandwidth meter's inputs (a Transformers engine's extra, as the built-in model loads) are
+    # not shown raw: "kv bytes per token 46080.0 · kv format 32-bit · weights unread bytes 0" was
+    line = details({"batching": "continuous", "kv_bytes_per_token": 46080.0, "kv_format": "32-bit",
+                    "weights_unread_bytes": 0, "moe_experts": 0, "weights_bytes": 538060032})
+    assert line == "continuous batching · KV cache 45 KiB per token · weights 513 MiB", line
     assert context_tokens("") is None and context_tokens(None) is None and context_tokens("4096") == 4096
     with pytest.raises(ValueError, match="whole number"):
         context_tokens("abc")
