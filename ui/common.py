@@ -84,14 +84,42 @@ def defaults_of(info: EngineInfo | None) -> GenParams:
 
 
 def defaults_line(info: EngineInfo | None) -> str:
-    d = defaults_of(info)
-    values = f"temperature {d.temperature:g} · top_p {d.top_p:g} · top_k {d.top_k} · " \
-             f"repetition_penalty {d.repetition_penalty:g}"
+    """Which sampling defaults are in force and where each comes from: the values the model's
+    generation_config.json sets (where they differ from the app's) named apart from the app's own,
+    so "top_k 40" is not said to come from a file that sets only temperature and top_p."""
+    d, app = defaults_of(info), GenParams()
+
+    def text(keys) -> str:
+        return " · ".join(f"{k} {getattr(d, k):g}" for k in keys)
+
+    keys = ("temperature", "top_p", "top_k", "repetition_penalty")
     if info is None:
-        return f"<sub>Defaults: {values} (the app's; no model is loaded).</sub>"
+        return f"<sub>Defaults: {text(keys)} (the app's; no model is loaded).</sub>"
     if info.defaults is None:
-        return f"<sub>Defaults: {values}: the app's own, since {model_label(info)} sets none.</sub>"
-    return f"<sub>Defaults: {values}, from {model_label(info)}'s generation_config.json.</sub>"
+        return f"<sub>Defaults: {text(keys)}: the app's own, since {model_label(info)} sets none.</sub>"
+    own = _keys_set_by(info) or [k for k in keys if getattr(d, k) != getattr(app, k)]
+    own = [k for k in keys if k in own]
+    rest = [k for k in keys if k not in own]
+    if not own:
+        return f"<sub>Defaults: {text(keys)} ({model_label(info)}'s generation_config.json sets the app's " \
+               f"own values).</sub>"
+    return f"<sub>Defaults: {text(own)} from {model_label(info)}'s generation_config.json" + \
+        (f"; {text(rest)} the app's own" if rest else "") + ".</sub>"
+
+
+def _keys_set_by(info: EngineInfo) -> list[str]:
+    """The sampling keys the model's generation_config.json sets, read from its folder ([] where
+    there is no local file to read, e.g. a hub id on LMDeploy or a remote server)."""
+    import json
+
+    folder = info.model_path or info.model
+    try:
+        with open(os.path.join(folder, "generation_config.json")) as f:
+            values = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return []
+    return [k for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+            if isinstance(values, dict) and isinstance(values.get(k), (int, float))]
 
 
 def model_label(info: EngineInfo | None) -> str:
