@@ -18,7 +18,7 @@ from typing import Sequence
 
 ENGINES = ("auto", "transformers", "turbomind", "pytorch", "remote")
 DEVICES = ("auto", "cpu", "cuda")
-MODEL_FORMATS = ("hf", "awq")
+MODEL_FORMATS = ("hf", "awq", "fp8")
 QUANT_POLICIES = (0, 4, 8, 16)
 
 
@@ -35,7 +35,7 @@ class Settings:
     engine: str = "auto"              # auto | transformers | turbomind | pytorch
     device: str = "auto"              # transformers backend only: auto | cpu | cuda
     dtype: str = "auto"               # auto | float32 | float16 | bfloat16
-    model_format: str = "hf"          # hf | awq (TurboMind)
+    model_format: str = "hf"          # hf | awq (TurboMind) | fp8 (LMDeploy engines)
     quant_policy: int = 0             # KV cache: 0 (off), 8 (int8), 4 (int4), 16 (fp8: PyTorch engine)
     cache_max_entry_count: float = 0.8  # share of free GPU memory for the KV cache (LMDeploy)
     session_len: int | None = None    # context length; None: the model's own
@@ -197,7 +197,8 @@ _HELP = {
     "engine": "inference engine; auto picks TurboMind, then LMDeploy-PyTorch, then Transformers",
     "device": "device for the transformers engine",
     "dtype": "weights/activation dtype",
-    "model_format": "weight format for TurboMind (awq: 4-bit AWQ from `lmdeploy lite auto_awq`)",
+    "model_format": "weight format (awq: 4-bit AWQ from `lmdeploy lite auto_awq`, TurboMind; fp8: a blocked-FP8 "
+                    "folder from the Quantize page, TurboMind or LMDeploy's PyTorch engine)",
     "quant_policy": "KV-cache quantization: 0 off, 8 int8, 4 int4 (LMDeploy engines), 16 fp8 e4m3 "
                     "(LMDeploy's PyTorch engine only; TurboMind 0.18 refuses it)",
     "cache_max_entry_count": "share of free GPU memory given to the KV cache (LMDeploy engines)",

@@ -44,11 +44,14 @@ def p99(xs):
     return xs[min(len(xs) - 1, int(round(0.99 * (len(xs) - 1))))]
 
 
-def raw_pipeline(model: str, backend: str, cache: float, session_len: int):
+def raw_pipeline(model: str, backend: str, cache: float, session_len: int, model_format: str = "hf"):
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig, pipeline
 
-    cfg = (TurbomindEngineConfig if backend == "turbomind" else PytorchEngineConfig)(
-        cache_max_entry_count=cache, session_len=session_len)
+    if backend == "turbomind":
+        cfg = TurbomindEngineConfig(cache_max_entry_count=cache, session_len=session_len,
+                                    model_format=None if model_format == "hf" else model_format)
+    else:   # the PyTorch engine reads a quantized folder's format from its config.json
+        cfg = PytorchEngineConfig(cache_max_entry_count=cache, session_len=session_len)
     return pipeline(model, backend_config=cfg, log_level="ERROR")
 
 
@@ -92,19 +95,21 @@ def web_run(pool, url: str, kind: str, messages, params: dict, n: int) -> dict:
             "errors": sum(1 for r in res if r["ttft"] is None)}
 
 
-def launch_app(model, backend, port, cache, session_len):
+def launch_app(model, backend, port, cache, session_len, model_format="hf"):
     args = [sys.executable, os.path.join(ROOT, "app.py"), "--server-port", str(port), "--engine", backend,
-            "--model", model, "--api"]
+            "--model", model, "--api", "--model-format", model_format]
     if backend != "transformers":
         args += ["--cache-max-entry-count", str(cache), "--session-len", str(session_len)]
     return start_server(args, port)
 
 
-def launch_api_server(model, backend, port, cache, session_len):
+def launch_api_server(model, backend, port, cache, session_len, model_format="hf"):
     code = "import sys; from lmdeploy.cli.entrypoint import run; sys.argv[0] = 'lmdeploy'; run()"
     args = [sys.executable, "-c", code, "serve", "api_server", model, "--backend", backend,
             "--server-port", str(port), "--cache-max-entry-count", str(cache), "--session-len",
             str(session_len), "--log-level", "ERROR"]
+    if backend == "turbomind" and model_format != "hf":
+        args += ["--model-format", model_format]
     return start_server(args, port, probe="v1/models", name="api-server")
 
 
@@ -121,6 +126,9 @@ def main(argv=None):
     ap.add_argument("--cache", type=float, default=0.15, help="LMDeploy cache_max_entry_count of EACH side "
                     "(all sides share the GPU: a fraction of the memory free when that side loads)")
     ap.add_argument("--session-len", type=int, default=4096)
+    ap.add_argument("--model-format", default="hf", choices=["hf", "awq", "fp8"],
+                    help="the model's weight format (fp8: a blocked-FP8 folder from the Quantize page; "
+                         "every side loads it as such)")
     ap.add_argument("--port", type=int, default=7881)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -141,22 +149,24 @@ def main(argv=None):
     try:
         if "raw" in sides:
             t0 = time.perf_counter()
-            pipe = raw_pipeline(a.model, a.backend, a.cache, a.session_len)
+            pipe = raw_pipeline(a.model, a.backend, a.cache, a.session_len, a.model_format)
             raw_run(pipe, dicts, 8, 1)
             ready["raw"] = time.perf_counter() - t0
         if "adapter" in sides:
             t0 = time.perf_counter()
             eng = build_engine(resolved, a.backend, {} if a.backend == "transformers" else
-                               {"cache_max_entry_count": a.cache, "session_len": a.session_len})
+                               {"cache_max_entry_count": a.cache, "session_len": a.session_len,
+                                "model_format": a.model_format})
             one_stream(eng, msgs, params.replace(max_new_tokens=8), "warm")
             ready["adapter"] = time.perf_counter() - t0
         urls = {}
         if "chat" in sides or "v1" in sides:
-            proc, ready["app"] = launch_app(a.model, a.backend, a.port, a.cache, a.session_len)
+            proc, ready["app"] = launch_app(a.model, a.backend, a.port, a.cache, a.session_len, a.model_format)
             procs.append(proc)
             urls["chat"] = urls["v1"] = f"http://127.0.0.1:{a.port}/"
         if "server" in sides:
-            proc, ready["server"] = launch_api_server(a.model, a.backend, a.port + 1, a.cache, a.session_len)
+            proc, ready["server"] = launch_api_server(a.model, a.backend, a.port + 1, a.cache, a.session_len,
+                                                      a.model_format)
             procs.append(proc)
             urls["server"] = f"http://127.0.0.1:{a.port + 1}/"
         print("ready (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ready.items()), flush=True)
@@ -202,7 +212,7 @@ def main(argv=None):
             pipe.close()
 
     ref = "raw" if "raw" in sides else sides[0]
-    report = {"model": a.model, "backend": a.backend, "new_tokens": a.new_tokens, "rounds": a.rounds, "ready_s": ready,
+    report = {"model": a.model, "model_format": a.model_format, "backend": a.backend, "new_tokens": a.new_tokens, "rounds": a.rounds, "ready_s": ready,
               "sides": {}}
     print(f"\n{a.backend}, {a.model}, {a.new_tokens} new tokens, medians of {a.rounds} rounds "
           f"(ratio = {ref} wall time / side wall time for the same requests):")

@@ -70,6 +70,29 @@ def test_kv_int8_and_int4_hold_more_tokens(fp16_model, tmp_path):
     assert all(r["tok/s batch 4"] > 0 and r["answer"] for r in rows.values())
 
 
+def _expected_fp8_gib(src: str) -> float:
+    """The FP8 result's size from the source's tensors: each 2-D decoder linear weight
+    (``*_proj.weight``) at one byte per element plus a float32 scale per 128x128 block, every other
+    tensor as it is (bf16)."""
+    import glob
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for f in glob.glob(os.path.join(src, "*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                t = st.get_slice(k)
+                shape, item = t.get_shape(), 2
+                n = math.prod(shape)
+                if k.endswith("proj.weight") and len(shape) == 2:
+                    total += n + 4 * math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
+                else:
+                    total += n * item
+    return total / 2**30
+
+
 def test_fp8_job_loads_on_turbomind_and_the_pytorch_engine(tmp_path):
     """Issue #17: the FP8 job (blocked e4m3, the runner's subprocess on the GPU) on a bf16 model
     whose widths are whole 128-blocks, then the result on both LMDeploy engines: it answers, it is
@@ -93,6 +116,7 @@ def test_fp8_job_loads_on_turbomind_and_the_pytorch_engine(tmp_path):
         runner.close()
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["quantization_config"]["quant_method"] == "fp8"
+    fp8_size = _expected_fp8_gib(src)
     prompt = "Explain in two sentences why the sky is blue."
     rows = {}
     for engine in ("turbomind", "pytorch"):
@@ -114,7 +138,10 @@ def test_fp8_job_loads_on_turbomind_and_the_pytorch_engine(tmp_path):
     for engine in ("turbomind", "pytorch"):
         q, b = rows[f"fp8 {engine}"], rows[f"bf16 {engine}"]
         assert "error" not in q and q["backend"] == engine and q["answer"], q
-        assert q["size on disk (GiB)"] < 0.65 * b["size on disk (GiB)"]
+        # only the decoder's linear weights become FP8 (1 byte + a float32 scale per 128x128 block);
+        # embeddings, head and norms stay bf16: on this small shape they are a third of the model
+        # (0.382 -> 0.287 GiB on the H200, 2026-12-02), on the 7B shape the result is 0.52x (bench)
+        assert abs(q["size on disk (GiB)"] - fp8_size) < 0.02 * b["size on disk (GiB)"], (q, fp8_size)
         assert q["tok/s batch 1"] > 0
         if q.get("perplexity (held-out)") and b.get("perplexity (held-out)"):
             assert 0.9 < q["perplexity (held-out)"] / b["perplexity (held-out)"] < 1.1, (q, b)
