@@ -331,7 +331,7 @@ class ConversationPanel:
         """``loader(store, owner, cid)``: what ``show`` gets for a conversation opened (default: the
         branch shown as turns, ``turns_from``; the Compare view reads both sides' branches)."""
         self.store: ConversationStore | None = ctx.store
-        self.kind, self.who = kind, who
+        self.kind, self.who, self.prefix = kind, who, prefix
         self.loader = loader or turns_from
         self.cid = gr.State(None)          # the conversation shown (None: a new one, not yet stored)
         if self.store is None:
@@ -373,6 +373,10 @@ class ConversationPanel:
         if self.store is None:
             return
         store, who, private = self.store, self.who, dict(api_visibility="private", queue=False)
+        # events that may say something (a toast): Gradio delivers gr.Info/gr.Warning only through its
+        # queue (an unqueued event's toast is dropped: "Send a message first" never showed); queued
+        # outside the generation's concurrency group, so they never wait behind a streaming reply
+        says = dict(api_visibility="private", concurrency_limit=None)
         refresh = self.refresh_fn()
         if getattr(who, "loaded", None) is not None:        # the list at page load (see identity)
             who.loaded.then(refresh, [who, self.search, self.cid], self.side_outputs, **private)
@@ -389,7 +393,7 @@ class ConversationPanel:
             return [picked, *self.side(owner, picked, query), *show(turns, system)]
 
         self.listing.input(open_, [self.listing, who, self.search], [self.cid, *self.side_outputs, *page_outputs],
-                           **private)
+                           **says)
 
         def new(who_id, query, request: gr.Request = None):
             return [None, *self.side(owner_key(request, who_id), None, query), *show([], None)]
@@ -407,21 +411,32 @@ class ConversationPanel:
                     refuse(e)
             return self.side(owner, cid, query)
 
-        self.rename.click(rename, [self.title, self.cid, who, self.search], self.side_outputs, **private)
-        self.title.submit(rename, [self.title, self.cid, who, self.search], self.side_outputs, **private)
+        self.rename.click(rename, [self.title, self.cid, who, self.search], self.side_outputs, **says)
+        self.title.submit(rename, [self.title, self.cid, who, self.search], self.side_outputs, **says)
+
+        outputs = [self.cid, *self.side_outputs, *page_outputs]
 
         def delete(cid, who_id, query, request: gr.Request = None):
             owner = owner_key(request, who_id)
-            if cid is not None:
-                try:
-                    store.delete(owner, cid)
-                except NotFound as e:
-                    refuse(e)
+            if cid is None:         # a new conversation is stored with its first message: nothing to delete
+                gr.Info("Nothing to delete: this conversation is not stored yet (Clear empties the page).")
+                return [gr.skip()] * len(outputs)
+            try:
+                store.delete(owner, cid)
+            except NotFound as e:
+                refuse(e)
             return [None, *self.side(owner, None, query), *show([], None)]
 
-        self.delete.click(delete, [self.cid, who, self.search], [self.cid, *self.side_outputs, *page_outputs],
-                          js="(cid, who, q) => { if (!confirm('Delete this conversation?')) "
-                             "throw new Error('kept'); return [cid, who, q]; }", **private)
+        # Asked first in the browser; a "Cancel" ends a js-only step with no outputs, and the delete
+        # runs only after it succeeded (.success). A js that threw inside the delete event itself
+        # drew Gradio's red "Error" over every output (the chat, its input, the list). No question
+        # where nothing stored is shown (no list entry picked, no title: nothing to lose).
+        shown = (f"(document.querySelector('#{self.prefix}-list input:checked') || "
+                 f"(document.querySelector('#{self.prefix}-title input, #{self.prefix}-title textarea') || {{}}).value)")
+        ask = self.delete.click(None, None, None, queue=False,
+                                js=f"() => {{ if ({shown} && !confirm('Delete this conversation?')) "
+                                   "throw new Error('kept'); }")
+        ask.success(delete, [self.cid, who, self.search], outputs, **says)
 
 
 def nav_target(turns: list[dict], focus: str | None) -> int | None:
@@ -805,15 +820,12 @@ async def api_chat(manager: EngineManager, settings, messages, params, request: 
         if not await asyncio.to_thread(store.owns, owner, conversation_id):
             raise Refusal(str(NotFound("conversation", conversation_id)), title="Not found")
         uid = new_id()
-
-        def add_user() -> None:
-            if system is not None:
-                store.set_system(owner, conversation_id, system)
-            store.append(owner, conversation_id, "user", msgs[-1].content, mid=uid)
-
-        # handed to the store's writer thread, before the reply's writes: nobody waits for a write
-        # (waiting behind 64 streams' writes cost /chat 16-25% of its tokens/s with history on)
-        store.later(add_user)
+        # handed to the store's writer process, before the reply's writes: nobody waits for a write
+        # (waiting behind 64 streams' writes cost /chat 16-25% of its tokens/s with history on), and
+        # SQLite runs off this process's GIL (storage.conversations._WriterProcess says why)
+        if system is not None:
+            store.write("set_system", owner, conversation_id, system)
+        store.write("append", owner, conversation_id, "user", msgs[-1].content, mid=uid)
         writer = ReplyWriter(store, owner, conversation_id, parent=uid, meta=reply_meta(manager, p),
                              interval=write_pace(manager))
     text, done = "", False
@@ -822,13 +834,13 @@ async def api_chat(manager: EngineManager, settings, messages, params, request: 
             yield text                   # first: the client waits for no write
             if writer is not None:
                 if stats is not None:
-                    writer.finish_later(text, stats)     # lands in order; the client is not held for it
+                    writer.finish_later(text, stats, wait=False)     # lands in order; the client is not held
                     done = True
                 else:
-                    writer.feed_later(text)      # the store's writer thread; the stream goes on
+                    writer.feed_later(text)      # the store's writer process; the stream goes on
     finally:
         if writer is not None and not done:      # a client gone or an error: keep what streamed
-            writer.finish_later(text, {"finish_reason": "abort"})
+            writer.finish_later(text, {"finish_reason": "abort"}, wait=False)
 
 
 # ---------------------------------------------------------------------- named endpoints

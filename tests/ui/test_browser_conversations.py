@@ -4,6 +4,7 @@ conversation opens fast. A launched app (built-in SmolLM2 on CPU) with a cache f
 from __future__ import annotations
 
 import statistics
+import time
 
 import pytest
 
@@ -27,7 +28,8 @@ def app(cache_dir, smollm2, tmp_path_factory):
 def page(browser, app):
     pg = open_page(browser, app.url, width=1400, height=900)
     pg.wait_for_selector("#chat-input textarea", timeout=60000)
-    pg.on("dialog", lambda d: d.accept())          # Delete asks to confirm
+    pg.cancel_dialogs = False                       # Delete asks to confirm: OK, or Cancel when set
+    pg.on("dialog", lambda d: d.dismiss() if pg.cancel_dialogs else d.accept())
     yield pg
     pg.close()
 
@@ -65,6 +67,10 @@ def _wait_titles(pg, expected: list[str]) -> None:
 def test_create_rename_search_open_and_delete(page):
     pg = page
     assert _titles(pg) == [], "a new browser has no conversations"
+    pg.fill("#conv-title textarea, #conv-title input", "Whales")      # nothing stored yet: said in words
+    pg.click("#conv-rename")
+    pg.wait_for_selector("text=Send a message first", timeout=10000)
+    pg.fill("#conv-title textarea, #conv-title input", "")
     _send(pg, "Tell me about whales")
     _wait_titles(pg, ["Tell me about whales"])
     pg.click("#conv-new")
@@ -85,8 +91,24 @@ def test_create_rename_search_open_and_delete(page):
     assert "tok/s" in pg.inner_text("#chatbot") and "SmolLM2-135M-Instruct on transformers" in pg.inner_text("#chatbot"), \
         "the reply's details line: speed and what produced it"
     shot(pg, "conversations")
+    # Cancel in the confirmation keeps it, and leaves the page as it was: no red "Error" over the
+    # chat, its input and the list (a js that threw inside the delete event drew them)
+    before = pg.inner_text("#chatbot")
+    pg.cancel_dialogs = True
+    pg.click("#conv-delete")
+    time.sleep(1.5)
+    pg.cancel_dialogs = False
+    assert pg.get_by_text("Error", exact=True).count() == 0, "a cancelled delete is no error"
+    assert _titles(pg) == ["Fire mountains", "Tell me about whales"] and pg.inner_text("#chatbot") == before
     pg.click("#conv-delete")
     _wait_titles(pg, ["Fire mountains"])
+    # a new conversation, not stored yet: nothing to delete, nothing asked, nothing cleared
+    pg.fill("#chat-input textarea", "draft")
+    pg.click("#conv-delete")
+    pg.wait_for_selector("text=Nothing to delete", timeout=10000)
+    assert pg.input_value("#chat-input textarea") == "draft"
+    assert pg.get_by_text("Error", exact=True).count() == 0
+    pg.fill("#chat-input textarea", "")
     pg.wait_for_function(f"document.querySelectorAll('{BOT}').length === 0", timeout=10000)
     pg.reload()
     pg.wait_for_selector("#chat-input textarea", timeout=60000)
