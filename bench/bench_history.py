@@ -9,6 +9,13 @@ Prints, per number of users: aggregate tokens/s and first-token p50 for each mod
 on/off (1.00 = no cost; the issue asks for within 2%). Rounds alternate the modes; medians are
 reported. The speed is not asserted anywhere: on a shared machine only ratios from one run mean much.
 
+And per number of users, **server CPU ms per request** on and off: the app process's CPU time (user +
+system, every thread: psutil), read before a round's requests and again once they ended (plus
+``SETTLE_S`` for the store's last writes to land), less the idle server's CPU over the same time
+(measured at start: the synthetic engine's clock ticks), summed over rounds and divided by the
+requests. Unlike the ratios it hardly depends on what else the machine runs: the figure to develop
+the store's cost against on a shared machine (history's cost is the on - off difference).
+
 Bench-only patch (in the server subprocess, like bench_web's synthetic engine): every caller is
 one owner, ``bench``, so the load generator's REST calls (each its own Gradio session) can all
 append to one conversation made at start-up; the storing path itself is the app's.
@@ -58,6 +65,11 @@ def _serve(port: int, step_ms: float, history: bool, cache: str, cid_file: str) 
 
 
 def _start(port: int, a, history: bool):
+    import socket
+
+    with socket.socket() as s:          # taken: another app would answer this bench's requests
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} is taken: pick others with --port")
     cache = tempfile.mkdtemp(prefix=f"bench-history-{'on' if history else 'off'}-")
     cid_file = os.path.join(cache, "cid")
     proc = subprocess.Popen([sys.executable, "-m", "bench.bench_history", "--serve", str(port), "--step-ms",
@@ -66,9 +78,14 @@ def _start(port: int, a, history: bool):
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     for _ in range(600):
+        if proc.poll() is not None:      # e.g. the port was taken: another app would answer there
+            raise RuntimeError(f"the {'on' if history else 'off'} server exited ({proc.returncode}): is port "
+                               f"{port} free?")
         try:
             urllib.request.urlopen(url + "gradio_api/info", timeout=2)
-            break
+            if os.path.exists(cid_file) or not history:
+                break
+            time.sleep(0.2)
         except OSError:
             time.sleep(0.2)
     else:
@@ -78,20 +95,47 @@ def _start(port: int, a, history: bool):
     return proc, url, cid
 
 
-def _run(url: str, cid: str | None, users: int, new_tokens: int) -> dict:
+SETTLE_S = 0.3   # after a round's last reply, for the writes handed to the store's writer to land
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) the server process ``pid`` has used so far."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def _idle_cpu_rate(pid: int, seconds: float = 3.0) -> float:
+    """The idle server's CPU seconds per second (its engine's step clock, Gradio's housekeeping)."""
+    c0, t0 = _cpu_s(pid), time.monotonic()
+    time.sleep(seconds)
+    return (_cpu_s(pid) - c0) / (time.monotonic() - t0)
+
+
+def _run(url: str, cid: str | None, users: int, new_tokens: int, pid: int | None = None,
+         idle: float = 0.0) -> dict:
+    """One round of ``users`` simultaneous /chat requests; with ``pid``, the server's CPU seconds
+    over it (less ``idle`` CPU seconds per second) as ``cpu_s``."""
     msgs = [ChatMessage("user", "Tell me a story.")]
     params = {"max_new_tokens": new_tokens, "temperature": 0}
     info = json.load(urllib.request.urlopen(url + "gradio_api/info", timeout=30))
     extra = [p.get("parameter_default") for p in info["named_endpoints"]["/chat"]["parameters"][2:]]
     bench_app._EXTRA_INPUTS[url] = [cid, *extra[1:]] if cid else extra      # conversation_id first
     bench_web.users_in_process(url, "chat", msgs, params, 1, time.time())  # warm
+    time.sleep(SETTLE_S)
     t0 = time.time()
+    c0, m0 = (_cpu_s(pid), time.monotonic()) if pid else (0.0, 0.0)
     res = bench_web.users_in_process(url, "chat", msgs, params, users, t0 + 0.2)
+    cpu = None
+    if pid:
+        time.sleep(SETTLE_S)
+        cpu = _cpu_s(pid) - c0 - idle * (time.monotonic() - m0)
     wall = max(r["end"] for r in res) - min(r["start"] for r in res)
     errors = [r["error"] for r in res if r.get("error")]
     ttfts = sorted(r["ttft"] for r in res if r.get("ttft") is not None)
     return {"tokens_per_s": users * new_tokens / wall, "ttft_p50": statistics.median(ttfts) if ttfts else None,
-            "errors": len(errors), "first_error": errors[0] if errors else None}
+            "errors": len(errors), "first_error": errors[0] if errors else None, "cpu_s": cpu, "requests": users}
 
 
 def main(argv=None) -> int:
@@ -110,13 +154,14 @@ def main(argv=None) -> int:
         return _serve(a.serve, a.step_ms, a.history == "on", a.cache, a.cid_file)
     servers = {"on": _start(a.port, a, True), "off": _start(a.port + 1, a, False)}
     try:
+        idle = {mode: _idle_cpu_rate(proc.pid) for mode, (proc, _, _) in servers.items()}
         figures: dict = {}
         for rnd in range(a.rounds):
             for n in [int(x) for x in a.users.split(",")]:
                 order = ("on", "off") if rnd % 2 == 0 else ("off", "on")
                 for mode in order:
-                    _, url, cid = servers[mode]
-                    r = _run(url, cid, n, a.new_tokens)
+                    proc, url, cid = servers[mode]
+                    r = _run(url, cid, n, a.new_tokens, proc.pid, idle[mode])
                     figures.setdefault((n, mode), []).append(r)
                     if r["errors"]:
                         print(f"  {mode} {n} users: {r['errors']} errors, e.g. {r['first_error']}")
@@ -129,6 +174,15 @@ def main(argv=None) -> int:
             t_off = statistics.median(r["ttft_p50"] or 0 for r in figures[(n, "off")])
             print(f"{n:4d} users: tokens/s on {on:8.1f} off {off:8.1f} ratio {on / off:.3f} · first token p50 "
                   f"on {t_on * 1000:.0f} ms off {t_off * 1000:.0f} ms ratio {t_on / t_off if t_off else 0:.3f}")
+        print(f"server CPU ms per request (psutil, user+system, idle {idle['on'] * 1000:.0f}/{idle['off'] * 1000:.0f} "
+              f"ms/s on/off subtracted; rounds summed)")
+        for n in [int(x) for x in a.users.split(",")]:
+            per = {mode: 1000 * sum(r["cpu_s"] for r in figures[(n, mode)]) / sum(r["requests"] for r in figures[(n, mode)])
+                   for mode in ("on", "off")}
+            print(f"{n:4d} users: on {per['on']:6.2f} off {per['off']:6.2f} history costs {per['on'] - per['off']:+.2f} "
+                  f"ms/request ({per['on'] / per['off']:.3f}x)")
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+              f"({os.cpu_count()} cores)")
     finally:
         for proc, _, _ in servers.values():
             proc.terminate()

@@ -47,10 +47,16 @@ per update and ``w.finish(text, stats)`` at the end.
 """
 from __future__ import annotations
 
+import collections
+import fcntl
 import json
 import os
+import pickle
 import re
+import select
 import sqlite3
+import subprocess
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 import threading
 import time
@@ -72,6 +78,9 @@ class _Leaf:
     def __repr__(self) -> str:
         return "LEAF"
 
+    def __reduce__(self):       # pickled to the writer process as this module's one LEAF
+        return "LEAF"
+
 
 LEAF = _Leaf()
 """``append``'s default parent: the conversation's current leaf (the end of the branch shown)."""
@@ -86,6 +95,16 @@ class NotFound(KeyError):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self):       # back from the writer process (KeyError's own pickling loses ``what``)
+        return (_not_found, (self.message,))
+
+
+def _not_found(message: str) -> NotFound:
+    e = NotFound.__new__(NotFound)
+    e.message = message
+    KeyError.__init__(e, message)
+    return e
 
 
 _SCHEMA = [
@@ -171,11 +190,210 @@ def _like(text: str) -> str:
     return "%" + re.sub(r"([%_\\])", r"\\\1", text) + "%"
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WRITES = frozenset({"append", "update", "set_system", "set_leaf", "switch", "rename", "delete_message"})
+"""The store's methods that may be handed to the writer process (``ConversationStore.write``)."""
+
+
+class _WriterProcess:
+    """The parent's end of the store's writer *process*: a child Python (``_serve_writes``) with its
+    own connection to the same file, fed through a pipe.
+
+    Why a process and not the writer thread alone: a streaming reply's writes (SQLite and its
+    Python wrapping, ~0.3 ms of CPU each, with a GIL hand-off around every statement) ran under the
+    GIL that the event loop streaming every reply needs; measured on the 2-core machine, the writer
+    thread was ~5% of the loop thread's CPU at 64 users, and /chat lost 6-9% of its tokens/s with
+    history on. Here the server only pickles a small tuple and writes it to a pipe (no thread wakes
+    up); SQLite runs on the other core.
+
+    Why a plain ``subprocess`` and a pickle stream, not ``multiprocessing``: its spawn and forkserver
+    starts re-import the parent's ``__main__`` (app.py: Gradio, seconds and ~150 MB) in the child, and
+    fork is unsafe in a process with threads (and, on the GPU machine, CUDA); the child here imports
+    this module only (stdlib). Framing is pickle's own (a pickle stream is self-delimiting).
+
+    Order: one pipe, one child reading it in order, so writes land in the order handed over.
+    Acknowledgements: an op sent with ``ack`` gets its result (or exception) back on the child's
+    stdout, read by one thread here that resolves its future; ``sync`` (an empty op with an ack)
+    is how ``settled`` waits. The pipe is non-blocking: when it is full (the child behind by more
+    than the pipe's buffer), the frames wait in a backlog that one flusher thread writes, so the
+    event loop never blocks on a slow disk. If the child dies, ``alive`` turns False and the store
+    falls back to its writer thread (what was in flight is lost, and said on stderr)."""
+
+    PIPE_BYTES = 1 << 20        # asked of Linux (F_SETPIPE_SZ; at most /proc/sys/fs/pipe-max-size)
+
+    def __init__(self, path: str):
+        """``path``: the database file (the child opens its own connection to it)."""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from storage.conversations import _serve_writes; _serve_writes()", path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_ROOT, close_fds=True)
+        self._fd = self.proc.stdin.fileno()
+        try:
+            fcntl.fcntl(self._fd, 1031, self.PIPE_BYTES)       # F_SETPIPE_SZ (Linux); a default pipe otherwise
+        except OSError:
+            pass
+        os.set_blocking(self._fd, False)
+        self.alive = True
+        self._lock = threading.Lock()
+        self._backlog: collections.deque[memoryview] = collections.deque()
+        self._more = threading.Condition(self._lock)
+        self._seq = 0
+        self._waiting: dict[int, Future] = {}
+        threading.Thread(target=self._read_acks, daemon=True, name="history-writer-acks").start()
+        threading.Thread(target=self._flush, daemon=True, name="history-writer-pipe").start()
+
+    def send(self, method: str | None, args: tuple = (), kwargs: dict | None = None, ack: bool = False):
+        """Hand ``method(*args, **kwargs)`` over (None: nothing, a sync point); with ``ack`` a future
+        of its result. Raises what pickling raises (the caller falls back) or OSError if the child
+        is gone."""
+        with self._lock:
+            if not self.alive:
+                raise BrokenPipeError("the history writer process has ended")
+            seq = 0
+            if ack:
+                self._seq += 1
+                seq = self._seq
+            data = pickle.dumps((seq, method, args, kwargs or {}), protocol=pickle.HIGHEST_PROTOCOL)
+            fut = None
+            if ack:
+                fut = self._waiting[seq] = Future()
+            if self._backlog:               # behind a backlog: in order, written by the flusher
+                self._backlog.append(memoryview(data))
+                return fut
+            try:
+                n = os.write(self._fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._gone_locked()
+                raise
+            if n < len(data):
+                self._backlog.append(memoryview(data)[n:])
+                self._more.notify()
+            return fut
+
+    def _flush(self) -> None:
+        while True:
+            with self._lock:
+                while not self._backlog and self.alive:
+                    self._more.wait()
+                if not self.alive:
+                    return
+            select.select([], [self._fd], [], 1.0)
+            with self._lock:
+                while self._backlog and self.alive:
+                    head = self._backlog[0]
+                    try:
+                        n = os.write(self._fd, head)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        self._gone_locked()
+                        return
+                    if n < len(head):
+                        self._backlog[0] = head[n:]
+                        break
+                    self._backlog.popleft()
+
+    def _read_acks(self) -> None:
+        out = self.proc.stdout
+        while True:
+            try:
+                seq, result, error = pickle.load(out)
+            except Exception:  # noqa: BLE001 - EOF or a torn frame: the child has ended
+                break
+            with self._lock:
+                fut = self._waiting.pop(seq, None)
+            if fut is not None:
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)
+        with self._lock:
+            self._gone_locked()
+
+    def _gone_locked(self) -> None:
+        if self.alive and self.proc.poll() is None and not self.proc.stdin.closed:
+            sys.stderr.write("history: the writer process stopped answering; writes go to a thread now\n")
+        was = self.alive
+        self.alive = False
+        self._more.notify_all()
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(BrokenPipeError("the history writer process ended before this write"))
+        if was and self.proc.poll() is not None and self.proc.returncode not in (0, None):
+            sys.stderr.write(f"history: the writer process ended with {self.proc.returncode}\n")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Let every write handed over land, then end the child (it exits at the end of its input)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                if not self._backlog or not self.alive:
+                    break
+            time.sleep(0.01)
+        with self._lock:
+            self.alive = False
+            self._more.notify_all()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _wait_quietly(fut: Future, timeout: float = 60.0) -> None:
+    """Wait for a sync point of the writer process; its failure (the child gone) was said already."""
+    try:
+        fut.result(timeout)
+    except Exception:  # noqa: BLE001 - a sync point carries no result; a dead child is reported once
+        pass
+
+
+def _serve_writes() -> None:
+    """The writer process (``python -c ... _serve_writes()  DB``): the store's writes read from
+    stdin in order, each in its own transaction as in the parent; results of acknowledged ones
+    back on stdout. A failing write is undone alone (its error to the parent if it asked, else to
+    stderr); the rest go on. Ends at the end of its input (the parent closed it, or died: what was
+    handed over before still lands)."""
+    store = ConversationStore(sys.argv[1], writer_process=False)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            seq, method, args, kwargs = pickle.load(inp)
+        except EOFError:
+            break
+        result = error = None
+        try:
+            if method is not None:
+                if method not in _WRITES:
+                    raise ValueError(f"{method!r} is not a write the history writer runs")
+                result = getattr(store, method)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - one failed write is undone (its transaction) and reported
+            error = e
+            if not seq:
+                sys.stderr.write(f"history: {method} failed: {e}\n")
+        if seq:
+            try:
+                data = pickle.dumps((seq, result, error))
+            except Exception as e:  # noqa: BLE001 - an unpicklable error still answers
+                data = pickle.dumps((seq, None, RuntimeError(repr(e))))
+            out.write(data)
+            out.flush()
+    store.close()
+
+
 class ConversationStore:
     """Conversations and their message trees in one SQLite file (see the module's docstring)."""
 
-    def __init__(self, path: str):
-        """``path``: the database file (created with its folder), or ":memory:"."""
+    def __init__(self, path: str, writer_process: bool | None = None):
+        """``path``: the database file (created with its folder), or ":memory:". ``writer_process``:
+        whether writes handed over (``write``) run in a writer process (started at the first one);
+        None: yes for a file (":memory:" is this connection's alone: its writer thread then)."""
         self.file = path
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -191,21 +409,95 @@ class ConversationStore:
         # the one writer thread of streaming replies (``later``): a stream hands its writes over and
         # goes on; they land in the order given (a reply's last text after its partial ones)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-writer")
+        # streaming replies' writes (``write``): the writer process, started at the first one
+        self._use_process = (path != ":memory:") if writer_process is None else bool(writer_process)
+        self._process: _WriterProcess | None = None
+        self._process_lock = threading.Lock()
+        self._thread_pending = 0           # ``later`` calls not yet run (``write`` keeps behind them)
 
-    def later(self, fn, *args) -> Future:
-        """Run ``fn(*args)`` on the store's writer thread, after every write handed over before it;
-        returns its future (``asyncio.wrap_future`` to wait for it from the event loop). Streaming
-        replies write through here without waiting: with a thread per write (``asyncio.to_thread``)
-        each stream waited for its write, and 64 streams waited for each other behind the store's
-        lock (history on cost 25% of /chat's tokens/s at 64 users on the 2-core machine)."""
-        return self._writer.submit(fn, *args)
+    def _writer_process(self) -> "_WriterProcess | None":
+        """The writer process, started at the first call (None: writes stay on the writer thread)."""
+        if not self._use_process:
+            return None
+        proc = self._process
+        if proc is None:
+            with self._process_lock:
+                if self._process is None and self._use_process:
+                    try:
+                        self._process = _WriterProcess(os.path.abspath(self.file))
+                    except OSError as e:
+                        sys.stderr.write(f"history: no writer process ({e}); writes go to a thread\n")
+                        self._use_process = False
+                        return None
+                proc = self._process
+        if not proc.alive:
+            self._use_process = False
+            return None
+        return proc
+
+    def write(self, method: str, *args, ack: bool = False, **kwargs) -> Future | None:
+        """Hand the write ``method(*args, **kwargs)`` (one of append, update, set_system, set_leaf,
+        switch, rename, delete_message) over without waiting: it lands after every write handed
+        over before it (``later``'s too), on the writer process (see ``_WriterProcess``); the caller
+        only pickles a tuple. With ``ack``, a future of its result (or its exception); without, a
+        failing write is undone alone and said on the writer's stderr. Falls back to the writer
+        thread (``later``) where there is no process (":memory:", it died, or an argument does not
+        pickle)."""
+        if method not in _WRITES:
+            raise ValueError(f"{method!r} is not one of the store's writes ({', '.join(sorted(_WRITES))})")
+        proc = self._writer_process()
+        if proc is not None and not self._pending_thread:
+            try:
+                return proc.send(method, args, kwargs, ack=ack)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                pass                     # an argument the pipe cannot carry: this write on the thread
+            except OSError:
+                pass                     # the child is gone (said once on stderr): the thread from now on
+        fut = self.later(getattr(self, method), *args, **kwargs)
+        return fut if ack else None
+
+    @property
+    def _pending_thread(self) -> bool:
+        """Writes handed to the thread wait there (a process write now would overtake them)."""
+        return self._thread_pending > 0
+
+    def later(self, fn, *args, **kwargs) -> Future:
+        """Run ``fn(*args, **kwargs)`` on the store's writer thread, after every write handed over
+        before it (``write``'s included: the thread first waits for the writer process to be
+        through them); returns its future (``asyncio.wrap_future`` to wait from the event loop).
+        For what cannot go to the process (a closure: the page taking back a reply). Streaming
+        replies write through ``write`` without waiting: with a thread per write
+        (``asyncio.to_thread``) each stream waited for its write, and 64 streams waited for each
+        other behind the store's lock (history on cost 25% of /chat's tokens/s at 64 users on the
+        2-core machine)."""
+        proc = self._process
+        sync = proc.send(None, ack=True) if proc is not None and proc.alive else None
+        with self._process_lock:
+            self._thread_pending += 1
+
+        def run():
+            try:
+                if sync is not None:
+                    _wait_quietly(sync)
+                return fn(*args, **kwargs)
+            finally:
+                with self._process_lock:
+                    self._thread_pending -= 1
+
+        return self._writer.submit(run)
 
     def settled(self) -> None:
-        """Wait until every write handed to ``later`` so far has landed: a reader sees its own
-        writes (a client reading a conversation right after its reply ended). A no-op on the writer
-        thread itself."""
+        """Wait until every write handed over so far (``write`` and ``later``) has landed: a reader
+        sees its own writes (a client reading a conversation right after its reply ended). On the
+        writer thread itself, only the process's writes are waited for."""
         if not threading.current_thread().name.startswith("history-writer"):
             self._writer.submit(lambda: None).result()
+        proc = self._process
+        if proc is not None and proc.alive:
+            try:
+                _wait_quietly(proc.send(None, ack=True))
+            except OSError:
+                pass
 
     @classmethod
     def open(cls, cache_dir: str) -> "ConversationStore":
@@ -243,6 +535,10 @@ class ConversationStore:
     def close(self) -> None:
         self._stop.set()
         self._writer.shutdown(wait=True)       # the writes handed over land before the file closes
+        with self._process_lock:
+            proc, self._process, self._use_process = self._process, None, False
+        if proc is not None:
+            proc.close()
         with self._lock:
             try:
                 self._db.close()
@@ -624,12 +920,17 @@ def to_markdown(export: dict, details=None) -> str:
 class ReplyWriter:
     """Writes one streaming assistant reply as it happens: created at its first text, rewritten at
     most every ``interval`` seconds while it streams, and once more at the end with its stats, so a
-    crash keeps what streamed up to the last interval. A reply without any text is never written."""
+    crash keeps what streamed up to the last interval. A reply without any text is never written.
+
+    What to write is decided here, when the text is handed in (the reply's id is made then, so a
+    caller knows it before the write lands); ``feed``/``finish`` write at once, ``feed_later``/
+    ``finish_later`` hand the same writes to the store's writer process (``ConversationStore.write``)."""
 
     def __init__(self, store: ConversationStore, owner: str, cid: str, parent, meta: dict | None = None,
                  interval: "float | Callable[[], float]" = 0.5):
         """``parent``: the user message replied to (or LEAF); ``meta``: what produced the reply
-        (model, backend, params, ...), merged with the stats at ``finish``."""
+        (model, backend, params, ...), merged with the stats at ``finish``; ``interval``: seconds
+        between two writes while it streams (or a function giving them: fewer under load)."""
         self.store, self.owner, self.cid, self.parent = store, owner, cid, parent
         self.meta = dict(meta or {})
         self.interval = interval
@@ -641,43 +942,82 @@ class ReplyWriter:
         return self.interval() if callable(self.interval) else self.interval
 
     def due(self, text: str) -> bool:
-        """Whether ``feed(text)`` would write (so an async caller can run it in a thread only then)."""
+        """Whether ``feed(text)`` would write now."""
         if not text:
             return False
-        return self.id is None or (time.monotonic() - self._last >= self._interval() and text != self._written)
+        return self.id is None or (text != self._written and time.monotonic() - self._last >= self._interval())
 
-    def feed(self, text: str) -> None:
-        """The reply so far (the whole text, not a delta)."""
-        if not text:
-            return
-        now = time.monotonic()
+    def _next(self, text: str) -> tuple | None:
+        """The write ``feed(text)`` makes now, as (method, args, kwargs), or None (none due)."""
+        if not self.due(text):
+            return None
+        self._last, self._written = time.monotonic(), text
         if self.id is None:
-            self.id = self.store.append(self.owner, self.cid, "assistant", text, parent=self.parent,
-                                        meta={**self.meta, "finish_reason": "streaming"})
-        elif now - self._last >= self._interval() and text != self._written:
-            self.store.update(self.owner, self.id, content=text)
-        else:
-            return
-        self._last, self._written = now, text
+            self.id = new_id()
+            return ("append", (self.owner, self.cid, "assistant", text),
+                    {"parent": self.parent, "meta": {**self.meta, "finish_reason": "streaming"}, "mid": self.id})
+        return "update", (self.owner, self.id), {"content": text}
 
-    def feed_later(self, text: str) -> None:
-        """``feed`` on the store's writer thread, not waited for (``ConversationStore.later``)."""
-        if self.due(text):
-            self.store.later(self.feed, text)
-
-    def finish_later(self, text: str, stats: dict | None = None) -> Future:
-        """``finish`` after every ``feed_later`` handed over before it; its future gives the id."""
-        return self.store.later(self.finish, text, stats)
-
-    def finish(self, text: str, stats: dict | None = None) -> str | None:
-        """The final text and its stats; returns the message id (None when nothing was written)."""
+    def _last_write(self, text: str, stats: dict | None) -> tuple | None:
+        """The write ``finish`` makes (None: no text ever, nothing to write)."""
         if not text and self.id is None:
             return None
         meta = {**self.meta, **(stats or {})}
+        self._written = text
         if self.id is None:
-            self.id = self.store.append(self.owner, self.cid, "assistant", text, parent=self.parent, meta=meta)
-        else:
-            self.store.update(self.owner, self.id, content=text, meta=meta)
+            self.id = new_id()
+            return ("append", (self.owner, self.cid, "assistant", text),
+                    {"parent": self.parent, "meta": meta, "mid": self.id})
+        return "update", (self.owner, self.id), {"content": text, "meta": meta}
+
+    def _now(self, op: tuple | None) -> None:
+        if op is not None:
+            method, args, kwargs = op
+            try:
+                getattr(self.store, method)(*args, **kwargs)
+            except BaseException:
+                if method == "append":          # not written: the next call tries to create it again
+                    self.id = None
+                raise
+
+    def feed(self, text: str) -> None:
+        """The reply so far (the whole text, not a delta), written now if due."""
+        self._now(self._next(text))
+
+    def feed_later(self, text: str) -> None:
+        """``feed`` handed to the store's writer (``ConversationStore.write``), not waited for."""
+        op = self._next(text)
+        if op is not None:
+            self.store.write(op[0], *op[1], **op[2])
+
+    def finish_later(self, text: str, stats: dict | None = None, wait: bool = True) -> Future | None:
+        """``finish`` after every ``feed_later`` handed over before it; its future gives the id once
+        the write has landed. ``wait`` False: no future (None), and no acknowledgement read back
+        from the writer process (a caller that goes on: readers of the store settle anyway)."""
+        op = self._last_write(text, stats)
+        if not wait:
+            if op is not None:
+                self.store.write(op[0], *op[1], **op[2])
+            return None
+        out: Future = Future()
+        if op is None:
+            out.set_result(None)
+            return out
+        mid = self.id
+        landed = self.store.write(op[0], *op[1], ack=True, **op[2])
+
+        def done(f: Future) -> None:
+            if f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                out.set_result(mid)
+
+        landed.add_done_callback(done)
+        return out
+
+    def finish(self, text: str, stats: dict | None = None) -> str | None:
+        """The final text and its stats; returns the message id (None when nothing was written)."""
+        self._now(self._last_write(text, stats))
         return self.id
 
 
