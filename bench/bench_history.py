@@ -13,8 +13,10 @@ And per number of users, **server CPU ms per request** on and off: the app proce
 system, every thread: psutil), read before a round's requests and again once they ended (plus
 ``SETTLE_S`` for the store's last writes to land), less the idle server's CPU over the same time
 (measured at start: the synthetic engine's clock ticks), summed over rounds and divided by the
-requests. Unlike the ratios it hardly depends on what else the machine runs: the figure to develop
-the store's cost against on a shared machine (history's cost is the on - off difference).
+requests. It depends much less than the ratios on what else the machine runs (not at all only on a
+quiet one: under load every thread's CPU per unit of work grows): the figure to develop the store's
+cost against on a shared machine (history's cost is the on - off difference). The store's writer
+process (SQLite off the server's GIL) is a child of the server: its CPU is printed apart.
 
 Bench-only patch (in the server subprocess, like bench_web's synthetic engine): every caller is
 one owner, ``bench``, so the load generator's REST calls (each its own Gradio session) can all
@@ -106,6 +108,20 @@ def _cpu_s(pid: int) -> float:
     return t.user + t.system
 
 
+def _children_cpu_s(pid: int) -> float:
+    """CPU seconds its running child processes (the store's writer process) have used so far."""
+    import psutil
+
+    total = 0.0
+    for ch in psutil.Process(pid).children(recursive=True):
+        try:
+            t = ch.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def _idle_cpu_rate(pid: int, seconds: float = 3.0) -> float:
     """The idle server's CPU seconds per second (its engine's step clock, Gradio's housekeeping)."""
     c0, t0 = _cpu_s(pid), time.monotonic()
@@ -126,16 +142,19 @@ def _run(url: str, cid: str | None, users: int, new_tokens: int, pid: int | None
     time.sleep(SETTLE_S)
     t0 = time.time()
     c0, m0 = (_cpu_s(pid), time.monotonic()) if pid else (0.0, 0.0)
+    k0 = _children_cpu_s(pid) if pid else 0.0
     res = bench_web.users_in_process(url, "chat", msgs, params, users, t0 + 0.2)
-    cpu = None
+    cpu = kids = None
     if pid:
         time.sleep(SETTLE_S)
         cpu = _cpu_s(pid) - c0 - idle * (time.monotonic() - m0)
+        kids = _children_cpu_s(pid) - k0
     wall = max(r["end"] for r in res) - min(r["start"] for r in res)
     errors = [r["error"] for r in res if r.get("error")]
     ttfts = sorted(r["ttft"] for r in res if r.get("ttft") is not None)
     return {"tokens_per_s": users * new_tokens / wall, "ttft_p50": statistics.median(ttfts) if ttfts else None,
-            "errors": len(errors), "first_error": errors[0] if errors else None, "cpu_s": cpu, "requests": users}
+            "errors": len(errors), "first_error": errors[0] if errors else None, "cpu_s": cpu, "children_cpu_s": kids,
+            "requests": users}
 
 
 def main(argv=None) -> int:
@@ -179,8 +198,9 @@ def main(argv=None) -> int:
         for n in [int(x) for x in a.users.split(",")]:
             per = {mode: 1000 * sum(r["cpu_s"] for r in figures[(n, mode)]) / sum(r["requests"] for r in figures[(n, mode)])
                    for mode in ("on", "off")}
+            kids = 1000 * sum(r["children_cpu_s"] for r in figures[(n, "on")]) / sum(r["requests"] for r in figures[(n, "on")])
             print(f"{n:4d} users: on {per['on']:6.2f} off {per['off']:6.2f} history costs {per['on'] - per['off']:+.2f} "
-                  f"ms/request ({per['on'] / per['off']:.3f}x)")
+                  f"ms/request ({per['on'] / per['off']:.3f}x); the store's writer process (on) {kids:.2f} ms/request")
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
               f"({os.cpu_count()} cores)")
     finally:

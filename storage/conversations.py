@@ -25,7 +25,10 @@ Storage choices, each for a reason:
 
 Writing as it happens: :class:`ReplyWriter` creates an assistant message at its first token and
 rewrites it at most every ``interval`` seconds and at the end, so a reply cut by a crash keeps what
-had streamed (up to the last interval).
+had streamed (up to the last interval). Streaming replies hand those writes over without waiting
+(``ConversationStore.write``): a writer *process* with its own connection runs them in order, so
+SQLite and its Python wrapping take no time under the server's GIL (see :class:`_WriterProcess`);
+readers first wait for what was handed over (``settled``), so everyone reads their own writes.
 
 Ownership: every call takes ``owner`` (an opaque key: ``user:<name>`` under --auth, a browser's
 own id without; see ``ui.chat.owner_key``). A conversation id that is someone else's gets exactly
@@ -72,6 +75,7 @@ TITLE_CHARS = 60
 EXPORT_FORMAT = "turbostudio-chat"
 EXPORT_VERSION = 2
 MAX_IMPORT_MESSAGES = 100_000
+OWNED_CACHE = 10_000       # (owner, conversation) pairs ``known`` remembers (emptied when full)
 
 
 class _Leaf:
@@ -414,6 +418,7 @@ class ConversationStore:
         self._process: _WriterProcess | None = None
         self._process_lock = threading.Lock()
         self._thread_pending = 0           # ``later`` calls not yet run (``write`` keeps behind them)
+        self._owned: set[tuple[str, str]] = set()      # (owner, id) ``owns`` found: ``known``
 
     def _writer_process(self) -> "_WriterProcess | None":
         """The writer process, started at the first call (None: writes stay on the writer thread)."""
@@ -561,12 +566,24 @@ class ConversationStore:
         return row
 
     def owns(self, owner: str, cid: str) -> bool:
+        """Whether ``cid`` is one of ``owner``'s conversations."""
+        if self.known(owner, cid):
+            return True
         with self._lock:
             try:
                 self._own(self._db, owner, cid)
-                return True
             except NotFound:
                 return False
+            if len(self._owned) >= OWNED_CACHE:
+                self._owned.clear()
+            self._owned.add((owner, str(cid)))      # under the lock: a delete cannot come in between
+            return True
+
+    def known(self, owner: str, cid: str) -> bool:
+        """``owns`` from memory alone (no SQLite, safe on the event loop): True if ``owns`` said so
+        before and the conversation was not deleted since (only this process deletes
+        conversations: ``delete``, ``purge``); False means "ask ``owns``", not "not the owner's"."""
+        return isinstance(cid, str) and (owner, cid) in self._owned
 
     # ------------------------------------------------------------------ conversations
     def create(self, owner: str, kind: str = "chat", title: str = "", system: str = "") -> str:
@@ -639,11 +656,13 @@ class ConversationStore:
         with self._tx() as db:
             self._own(db, owner, cid)
             db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+            self._owned.discard((owner, cid))
 
     def purge(self, days: float, now: float | None = None) -> int:
         """Delete every conversation (any owner's) not updated in ``days`` days; returns how many."""
         cutoff = (time.time() if now is None else now) - days * 86400
         with self._tx() as db:
+            self._owned.clear()
             return db.execute("DELETE FROM conversations WHERE updated < ?", (cutoff,)).rowcount
 
     def start_retention(self, days: float | None, every: float = 86400) -> None:

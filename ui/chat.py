@@ -817,7 +817,9 @@ async def api_chat(manager: EngineManager, settings, messages, params, request: 
             raise Refusal("To append to a conversation, the last message must be the user's.", title="Invalid input")
         system = next((m.content for m in msgs if m.role == "system"), None)
 
-        if not await asyncio.to_thread(store.owns, owner, conversation_id):
+        # known: confirmed before (no thread hop per request); else asked of SQLite off the event loop
+        if not (store.known(owner, conversation_id)
+                or await asyncio.to_thread(store.owns, owner, conversation_id)):
             raise Refusal(str(NotFound("conversation", conversation_id)), title="Not found")
         uid = new_id()
         # handed to the store's writer process, before the reply's writes: nobody waits for a write

@@ -251,3 +251,95 @@ def test_writes_handed_over_land_in_order_and_a_failing_one_alone_is_undone(stor
     assert [m.content for m in store.path("alice", cid)] == ["Hi", "Hello!", "And then?"]
     with pytest.raises(NotFound):
         bad.result(timeout=5)
+
+
+def test_handed_over_writes_run_in_a_writer_process_and_survive_the_server_killed(tmp_path):
+    """``write`` hands a write to the store's writer *process* (SQLite off the server's GIL): the
+    server killed (SIGKILL) right after handing a reply's writes over loses none of them (the child
+    reads what is in the pipe and commits it), and they land in the order given."""
+    import os
+    import subprocess
+    import sys
+
+    code = """if True:
+        import os, signal, sys
+        from storage.conversations import ConversationStore, ReplyWriter
+        s = ConversationStore.open(sys.argv[1])
+        cid = s.create("alice")
+        s.write("append", "alice", cid, "user", "Count", mid="u1")
+        w = ReplyWriter(s, "alice", cid, parent="u1", interval=0.0)
+        for i in range(1, 51):
+            w.feed_later(" ".join(str(k) for k in range(1, i + 1)))
+        print(cid, s._process.proc.pid, os.getpid(), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)      # no close, no atexit: the child has the pipe's rest
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == -9, r.stderr
+    cid, child, parent = r.stdout.split()
+    assert child != parent, "the writes ran in a process of their own"
+    deadline = time.time() + 20
+    while time.time() < deadline:               # the orphaned writer ends at the end of its input
+        try:
+            os.kill(int(child), 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    s = ConversationStore.open(str(tmp_path))
+    try:
+        path = s.path("alice", cid)
+        assert [m.role for m in path] == ["user", "assistant"]
+        assert path[-1].content == " ".join(str(k) for k in range(1, 51)), "the last text handed over landed last"
+    finally:
+        s.close()
+
+
+def test_writer_process_keeps_ownership_order_and_falls_back_to_the_thread(store):
+    """Through the process, another owner's conversation is refused like a missing one (the error
+    comes back to an acknowledged write), LEAF still means the branch shown, a reader sees its
+    own writes at once; an argument that does not pickle, or the child gone, sends writes to the
+    writer thread, in order, instead of losing them."""
+    cid = store.create("alice")
+    first = store.write("append", "alice", cid, "user", "Hi", ack=True).result(timeout=10)
+    assert store._process is not None and store._process.proc.pid
+    with pytest.raises(NotFound) as e:
+        store.write("append", "bob", cid, "user", "mine now?", ack=True).result(timeout=10)
+    assert str(e.value) == f"No conversation with id {cid!r}."
+    with pytest.raises(ValueError, match="not one of the store's writes"):
+        store.write("purge", 0)
+    store.write("append", "alice", cid, "assistant", "Hello", parent=LEAF)     # the leaf: under "Hi"
+    assert [m.content for m in store.path("alice", cid)] == ["Hi", "Hello"]     # settled by the read
+    assert store.path("alice", cid)[-1].parent == first
+
+    class Unpicklable(dict):
+        def __reduce__(self):
+            raise TypeError("not across a pipe")
+
+    w = ReplyWriter(store, "alice", cid, parent=first, meta=Unpicklable(model="m"), interval=0.0)
+    w.feed_later("A")                           # meta does not pickle: this write goes to the thread
+    w.feed_later("A B")                         # and this one after it (not overtaking it)
+    assert store.get("alice", cid)["messages"][-1]["content"] == "A B"
+    assert w.finish_later("A B C", {"tokens": 3}).result(timeout=10) == w.id
+
+    store._process.proc.kill()
+    store._process.proc.wait(10)
+    deadline = time.time() + 10
+    while store._process.alive and time.time() < deadline:     # its ack reader sees the pipe close
+        time.sleep(0.02)
+    store.write("append", "alice", cid, "user", "Still there?")
+    assert store.path("alice", cid)[-1].content == "Still there?"
+    assert store.path("alice", cid)[-2].content == "A B C"
+
+
+def test_ownership_remembered_until_deleted(store):
+    """``known`` (the event loop's check before /chat appends: no SQLite) is True only for what
+    ``owns`` confirmed, never for another owner, and no longer once the conversation is deleted
+    or purged."""
+    a, b = store.create("alice"), store.create("alice")
+    assert not store.known("alice", a) and store.owns("alice", a) and store.known("alice", a)
+    assert not store.owns("bob", a) and not store.known("bob", a) and not store.known("alice", {"x": 1})
+    store.delete("alice", a)
+    assert not store.known("alice", a) and not store.owns("alice", a)
+    assert store.owns("alice", b) and store.purge(0, now=time.time() + 1) == 1
+    assert not store.known("alice", b) and not store.owns("alice", b)
