@@ -80,6 +80,10 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
 
 
+PREFILL_CHUNK_CPU = 512     # prompt tokens per prefill pass on a CPU (see TransformersEngine._prefill)
+PREFILL_CHUNK_GPU = 4096    # and on a GPU
+
+
 @dataclass(eq=False)
 class _Request:
     request_id: str
@@ -153,6 +157,9 @@ class TransformersEngine:
         # every step, and goes in 5.40): the name this version takes, read once
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self.batchable = self._batchable(mcfg)
+        # tokens per prompt pass: a longer prompt is prefilled in pieces, an abort seen between them
+        # (512 keeps a piece to about a second on a 2-core CPU; a GPU takes 4096 in milliseconds)
+        self._prefill_chunk = PREFILL_CHUNK_CPU if self.device.type == "cpu" else PREFILL_CHUNK_GPU
         self.max_batch = int(config.max_batch)
         self.info = EngineInfo(
             backend="transformers", model=resolved.spec, model_path=path, device=str(self.device),
@@ -614,9 +621,30 @@ class TransformersEngine:
         # only the last position's logits: a long prompt's full logits (tokens x vocabulary) would
         # take more memory than its KV cache (8k tokens x 49k vocabulary = 0.8 GB in bf16)
         extra = {"logits_to_keep": 1} if self._keep_last else {}
+        ids = inputs["input_ids"][0]
+        chunk = self._prefill_chunk
+        if set(inputs) <= {"input_ids", "attention_mask"} and ids.shape[0] > chunk:
+            # A long text prompt goes through in pieces of ``chunk`` tokens, and an abort is seen
+            # between two of them: one 8k-token prompt on a CPU is minutes of work, which went on
+            # (and held up everyone's decoding) long after its client had gone. (Images' inputs
+            # are not cut: their processor's tensors belong to the whole prompt.)
+            mask = inputs.get("attention_mask")
+            start = 0
+            while ids.shape[0] - start > chunk:
+                if req.cancelled.is_set():
+                    return        # next_token stays None: the scheduler lets go of it at once
+                piece = {"input_ids": inputs["input_ids"][:, start:start + chunk]}
+                if mask is not None:
+                    piece["attention_mask"] = mask[:, :start + chunk]
+                cache = getattr(self.model(**piece, **{self._cache_kw: cache}, use_cache=True, **extra),
+                                self._cache_kw)
+                start += chunk
+            if req.cancelled.is_set():
+                return
+            inputs = {"input_ids": inputs["input_ids"][:, start:],
+                      **({"attention_mask": mask} if mask is not None else {})}
         out = self.model(**inputs, **{self._cache_kw: cache}, use_cache=True, **extra)
         req.cache = getattr(out, self._cache_kw)
-        ids = inputs["input_ids"][0]
         req.length = int(ids.shape[0])
         # the ids seen (prompt and reply), kept only where repetition_penalty needs them
         req.seen = ids.clone() if req.params.repetition_penalty != 1.0 else None

@@ -88,6 +88,49 @@ def test_abort_while_prefilling(engine):
     assert deltas[-1].finish_reason == "length" and deltas[-1].tokens == 4
 
 
+LONG_PROMPT = (ChatMessage("user", " ".join(f"word{i}" for i in range(700))),)   # ~2 000 tokens
+
+
+def test_a_long_prompt_is_prefilled_in_pieces_and_an_abort_stops_it_between_two(engine):
+    """A long prompt's prefill goes through in pieces (``_prefill_chunk`` tokens) and an abort is
+    seen between two of them: the engine lets go of the request without computing the rest of the
+    prompt (one 8k-token prompt on the 2-core CPU was 3-5 minutes of work that went on after its
+    client had gone, holding up every other reply). Pieces give the same reply as one pass."""
+    engine._prefill_chunk = 256
+    n_prompt = engine.count_tokens(LONG_PROMPT)
+    pieces = -(-n_prompt // 256)
+    assert pieces >= 6, n_prompt
+    real = engine.model.forward
+    passes, entered, release = [], threading.Event(), threading.Event()
+
+    def counted(*a, **k):
+        ids = k.get("input_ids", a[0] if a else None)
+        if ids is not None and ids.shape[-1] > 1:      # a prompt pass, not a decode step
+            passes.append(int(ids.shape[-1]))
+            if len(passes) == 2:                      # hold the second piece
+                entered.set()
+                release.wait(10)
+        return real(*a, **k)
+
+    engine.model.forward = counted
+    try:
+        req = ChatRequest(LONG_PROMPT, GenParams(temperature=0, max_new_tokens=50))
+        r = Reader(engine.stream(req))
+        assert entered.wait(30), "the prefill never reached its second piece"
+        _aborted_within_a_second(engine, req, r)
+    finally:
+        release.set()
+    assert wait_until(lambda: engine.live_requests() == 0, 5.0)
+    assert passes == [256, 256], f"pieces computed after the abort: {passes}"
+    engine.model.forward = real
+    # the same greedy reply in pieces as in one pass
+    greedy = ChatRequest(LONG_PROMPT, GenParams(temperature=0, max_new_tokens=6))
+    pieced = "".join(d.text for d in engine.stream(greedy))
+    engine._prefill_chunk = 1 << 20
+    whole = "".join(d.text for d in engine.stream(ChatRequest(LONG_PROMPT, greedy.params)))
+    assert pieced == whole and pieced
+
+
 def test_abort_while_decoding(engine):
     req = ask()
     r = Reader(engine.stream(req))
