@@ -30,6 +30,13 @@ def main(argv=None) -> int:
               + ("" if s.auth else " and --share-without-auth lets them in without a password"),
               file=sys.stderr, flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Transformers imports torchao whenever it is installed (the int8-at-load option's library), and
+    # torchao then warns, at every start, that its optional CUDA/Triton kernels (mxfp8, cutlass sm90a,
+    # triton) and torch's pytree registrations are missing or deprecated: "Failed to load ... Could
+    # not load this library" read as a broken install to a newcomer, for kernels this app never uses
+    # (LMDeploy serves the GPU). Their errors still show.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     from engines.base import EngineError
     from engines.manager import EngineManager
     from ui.app import CSS, build_app
