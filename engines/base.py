@@ -147,9 +147,12 @@ class GenParams:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, *, defaults: "GenParams | None" = None) -> "GenParams":
+    def from_dict(cls, d: dict[str, Any] | None, *, defaults: "GenParams | None" = None,
+                  max_new_tokens_limit: int | None = None) -> "GenParams":
         """From a dict of the fields above (``stop`` as a string or a list); missing fields take
-        ``defaults`` (the model's own, see ``Capabilities``) or the class defaults."""
+        ``defaults`` (the model's own, see ``Capabilities``) or the class defaults.
+        ``max_new_tokens_limit``: the app's configured limit (``--max-new-tokens-limit``); a
+        ``max_new_tokens`` outside [1, limit] is refused naming that range, not the class's own."""
         if d is not None and not isinstance(d, dict):
             raise ValueError("params must be an object of sampling parameters")
         d = dict(d or {})
@@ -157,6 +160,10 @@ class GenParams:
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(cls.FIELDS)}")
+        n = d.get("max_new_tokens")
+        if max_new_tokens_limit is not None and isinstance(n, (int, float)) and not isinstance(n, bool) \
+                and not 1 <= n <= max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens must be in [1, {max_new_tokens_limit}], got {n!r}")
         if defaults is not None:
             d = {**{k: getattr(defaults, k) for k in cls.FIELDS}, **d}
         return cls(**d)

@@ -480,13 +480,15 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
             with gr.Row():
                 box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
                                  lines=1, max_lines=8, elem_id="chat-input")
-                send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-                stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop")
-            with gr.Row():
-                regen = gr.Button("Regenerate", size="sm", elem_id="chat-regenerate")
-                undo = gr.Button("Undo last turn", size="sm", elem_id="chat-undo")
-                edit = gr.Button("Edit last message", size="sm", elem_id="chat-edit")
-                clear = gr.Button("Clear", size="sm", elem_id="chat-clear")
+                # narrower than Gradio's 160 px minimum: at 1400 px, beside the conversation list and
+                # the settings column, two such buttons left the message box a third of the row
+                send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="chat-send")
+                stop = gr.Button("Stop", variant="stop", scale=1, min_width=90, elem_id="chat-stop")
+            with gr.Row():          # one row of four (at 160 px each, Clear wrapped onto a row of its own)
+                regen = gr.Button("Regenerate", size="sm", min_width=100, elem_id="chat-regenerate")
+                undo = gr.Button("Undo last turn", size="sm", min_width=100, elem_id="chat-undo")
+                edit = gr.Button("Edit last message", size="sm", min_width=100, elem_id="chat-edit")
+                clear = gr.Button("Clear", size="sm", min_width=100, elem_id="chat-clear")
             status = gr.Markdown("", elem_id="chat-status")
         with gr.Column(scale=2):
             system = gr.Textbox(label="System prompt", lines=3, placeholder="(optional)",
@@ -803,7 +805,8 @@ async def api_chat(manager: EngineManager, settings, messages, params, request: 
             params = json.loads(params or "{}")
         info = manager.info()
         msgs = tuple(ChatMessage.from_dict(m) for m in messages)
-        p = GenParams.from_dict(params, defaults=info.defaults if info else None)
+        p = GenParams.from_dict(params, defaults=info.defaults if info else None,
+                                max_new_tokens_limit=settings.max_new_tokens_limit)
         req = ChatRequest(msgs, p, owner=user_of(request), session=session_id(request), source="api")
     except (ValueError, InvalidRequest) as e:
         raise user_error(e) from e

@@ -49,6 +49,14 @@ def test_within_limits_drops_whole_old_exchanges_and_keeps_system_and_question()
     assert sum(len(m.content) for m in kept) <= 300 and kept[-1] == msgs[-1]
 
 
+@pytest.mark.parametrize("n", [0, -3, 5000, 40000])
+def test_a_max_new_tokens_out_of_range_is_refused_with_the_configured_limit(n):
+    """/chat once said [1, 32768] (the class's own bound) where the app's limit was 4096."""
+    with pytest.raises(ValueError, match=rf"max_new_tokens must be in \[1, 4096\], got {n}"):
+        GenParams.from_dict({"max_new_tokens": n}, max_new_tokens_limit=4096)
+    assert GenParams.from_dict({"max_new_tokens": 4096}, max_new_tokens_limit=4096).max_new_tokens == 4096
+
+
 # ---------------------------------------------------------------- on a real engine
 @pytest.fixture(scope="module")
 def mgr(tiny_llama, tmp_path_factory):
