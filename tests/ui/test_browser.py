@@ -41,6 +41,10 @@ def test_chat_in_the_browser_streams_an_answer(page):
     text = page.inner_text("#chatbot")
     assert "Paris" in text
     assert "first token" in text and "tok/s" in text
+    # the message box takes most of its row, and the four buttons under it stay on one row
+    box, send = (page.locator(e).bounding_box() for e in ("#chat-input", "#chat-send"))
+    assert box["width"] > 2.5 * send["width"], (box, send)
+    assert page.locator("#chat-regenerate").bounding_box()["y"] == page.locator("#chat-clear").bounding_box()["y"]
     shot(page, "chat")
 
 
