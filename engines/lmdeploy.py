@@ -598,6 +598,22 @@ class LMDeployEngine:
         return SchedulerView(active=int(m.active_seqs), waiting=int(m.waiting_seqs),
                              cache_usage=float(m.cache_usage))
 
+    def kv_capacity(self) -> dict | None:
+        """The tokens LMDeploy's PyTorch engine's KV cache holds, its own count: the blocks it
+        allocated (less those it reserves) x tokens per block, from the engine's ``cache_config``
+        (LMDeploy 0.18: ``pipeline.async_engine.engine.cache_config``, filled in once the cache is
+        built). None elsewhere (TurboMind: ``measure_kv_capacity`` reads its scheduler instead) or
+        where this version keeps the engine in another process."""
+        if self.info.backend != "pytorch":
+            return None
+        cfg = getattr(getattr(getattr(self.pipe, "async_engine", None), "engine", None), "cache_config", None)
+        try:
+            blocks = int(cfg.num_gpu_blocks) - int(getattr(cfg, "num_reserved_gpu_blocks", 0) or 0)
+            block = int(cfg.block_size)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        return {"tokens": blocks * block, "blocks": blocks, "block_tokens": block} if blocks > 0 else None
+
     def close(self) -> None:
         if self._closed:
             return
@@ -617,7 +633,8 @@ class LMDeployEngine:
 
 
 def measure_kv_capacity(manager, timeout: float = 30.0) -> dict | None:
-    """How many tokens the loaded TurboMind engine's KV cache holds, measured rather than estimated:
+    """How many tokens the loaded LMDeploy engine's KV cache holds. LMDeploy's PyTorch engine
+    counts its own blocks (``LMDeployEngine.kv_capacity``). TurboMind's is measured rather than estimated:
     one request whose prompt ends mid-block is submitted through ``manager`` (the one road),
     TurboMind's ``cache_usage`` (blocks in use over blocks in all) is read while it runs, and blocks
     in use are known exactly (``ceil(tokens / block)``), so blocks in all = in use / usage.
@@ -627,7 +644,13 @@ def measure_kv_capacity(manager, timeout: float = 30.0) -> dict | None:
     from .base import ChatRequest
 
     info = manager.info()
-    if info is None or manager.scheduler() is None:
+    if info is None:
+        return None
+    own = getattr(manager.require(), "kv_capacity", None)    # the PyTorch engine counts its blocks itself
+    counted = own() if own is not None else None
+    if counted:
+        return counted
+    if manager.scheduler() is None:
         return None
     block = int(info.extra.get("cache_block_seq_len") or 64)
     words = "Count the blocks of this cache, one by one, slowly:"

@@ -147,3 +147,4 @@ def test_fp8_job_loads_on_turbomind_and_the_pytorch_engine(tmp_path):
             assert 0.9 < q["perplexity (held-out)"] / b["perplexity (held-out)"] < 1.1, (q, b)
     kv = rows["fp8 pytorch kv fp8"]
     assert "error" not in kv and kv["tok/s batch 4"] > 0, kv
+    assert kv.get("KV cache tokens"), kv     # the PyTorch engine's own block count (session 7: was None)
