@@ -4,6 +4,7 @@ every 0.5 s, then at its end) against history off (``--no-history``), side by si
 synthetic engine (a GPU engine's pace, in the app's process) and its load generator.
 
     python -m bench.bench_history --users 1,16,64 --rounds 3
+    python -m bench.bench_history --store-cpu          # the store alone, in seconds: see below
 
 Prints, per number of users: aggregate tokens/s and first-token p50 for each mode, and the ratios
 on/off (1.00 = no cost; the issue asks for within 2%). Rounds alternate the modes; medians are
@@ -17,6 +18,13 @@ requests. It depends much less than the ratios on what else the machine runs (no
 quiet one: under load every thread's CPU per unit of work grows): the figure to develop the store's
 cost against on a shared machine (history's cost is the on - off difference). The store's writer
 process (SQLite off the server's GIL) is a child of the server: its CPU is printed apart.
+
+``--store-cpu``: the store's own work for one /chat request (its question, its reply created, two
+partial rewrites and the final one with stats) done as /chat does it, N times in this process,
+with the writes handed to the writer process (how the app runs) and, for comparison, run on the
+writer thread in this process (how it ran before): CPU ms per request of *this* process (what the
+server would pay under its GIL) and of the writer process. Single-threaded CPU work: the figure
+that changes least with what else the machine runs.
 
 Bench-only patch (in the server subprocess, like bench_web's synthetic engine): every caller is
 one owner, ``bench``, so the load generator's REST calls (each its own Gradio session) can all
@@ -157,6 +165,47 @@ def _run(url: str, cid: str | None, users: int, new_tokens: int, pid: int | None
             "requests": users}
 
 
+def store_cpu(requests: int = 1000) -> dict:
+    """The store's CPU per /chat request in the serving process: (``--store-cpu``, see above)."""
+    import psutil
+    from storage.conversations import ConversationStore, ReplyWriter, new_id
+
+    meta = {"model": "synthetic", "backend": "synthetic", "device": "cpu", "dtype": "float32",
+            "params": {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": []}}
+    stats = {"ttft": 0.012, "tokens": 256, "tokens_per_s": 310.5, "seconds": 0.83, "finish_reason": "length"}
+    out = {}
+    for how in ("process", "thread"):
+        store = ConversationStore.open(tempfile.mkdtemp(prefix=f"bench-history-store-{how}-"))
+        store._use_process = how == "process"
+        cid = store.create("bench")
+
+        def one() -> None:
+            store.known("bench", cid) or store.owns("bench", cid)
+            uid = new_id()
+            store.write("append", "bench", cid, "user", "Tell me a story.", mid=uid)
+            w = ReplyWriter(store, "bench", cid, parent=uid, meta=meta, interval=0.0)
+            text = ""
+            for _ in range(3):
+                text += " tok" * 85
+                w.feed_later(text)
+            w.finish_later(text, stats, wait=False)
+
+        for _ in range(20):                       # warm (and the writer process started)
+            one()
+        store.settled()
+        me = psutil.Process()
+        kids = lambda: sum(c.cpu_times().user + c.cpu_times().system for c in me.children())  # noqa: E731
+        t0, k0, w0 = time.process_time(), kids(), time.perf_counter()
+        for _ in range(requests):
+            one()
+        store.settled()
+        out[how] = {"server_ms": 1000 * (time.process_time() - t0) / requests,
+                    "writer_process_ms": 1000 * (kids() - k0) / requests,
+                    "wall_ms": 1000 * (time.perf_counter() - w0) / requests}
+        store.close()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", default="1,16,64", help="comma-separated numbers of simultaneous users")
@@ -164,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--step-ms", type=float, default=3.0, help="the synthetic engine's decode step")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     ap.add_argument("--port", type=int, default=7981, help="history on (off: the next port)")
+    ap.add_argument("--store-cpu", type=int, nargs="?", const=1000, metavar="N",
+                    help="only the store's CPU per request, N requests (default 1000): see above")
     ap.add_argument("--history", choices=("on", "off"), help=argparse.SUPPRESS)
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
@@ -171,6 +222,15 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.serve:
         return _serve(a.serve, a.step_ms, a.history == "on", a.cache, a.cid_file)
+    if a.store_cpu:
+        r = store_cpu(a.store_cpu)
+        print(f"the store's CPU per /chat request ({a.store_cpu} requests: question, reply, 2 rewrites, final):")
+        for how, label in (("process", "writes handed to the writer process (the app)"),
+                           ("thread", "writes on the writer thread in the server (before)")):
+            print(f"  {label}: server {r[how]['server_ms']:.3f} ms, writer process "
+                  f"{r[how]['writer_process_ms']:.3f} ms, wall {r[how]['wall_ms']:.3f} ms")
+        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
+        return 0
     servers = {"on": _start(a.port, a, True), "off": _start(a.port + 1, a, False)}
     try:
         idle = {mode: _idle_cpu_rate(proc.pid) for mode, (proc, _, _) in servers.items()}
