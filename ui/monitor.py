@@ -101,7 +101,10 @@ def load_frame(ctx: Context):
     rows = [r for t, running, queued in samples
             for r in ({"seconds ago": round(t - now, 1), "requests": running, "series": "running"},
                       {"seconds ago": round(t - now, 1), "requests": queued, "series": "queued"})]
-    return pd.DataFrame(rows or [{"seconds ago": 0.0, "requests": 0, "series": "running"}])
+    # both series even before the first sample: the chart's legend and colours are fixed from the
+    # frame it is first drawn with (the app's start), and a later update's "queued" went unnamed
+    return pd.DataFrame(rows or [{"seconds ago": 0.0, "requests": 0, "series": "running"},
+                                 {"seconds ago": 0.0, "requests": 0, "series": "queued"}])
 
 
 def load_plot(ctx: Context, **kw):

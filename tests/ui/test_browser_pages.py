@@ -75,6 +75,10 @@ def test_monitor_says_no_nvidia_gpu_in_words(page):
     body = page.inner_text("body")
     assert "NVML" not in body and "NVMLError" not in body
     assert re.search(r"this process \d+(\.\d)? (MiB|GiB)", text), text        # human units
+    # the requests chart names both its lines (its legend is fixed from the frame drawn first, at the
+    # app's start before any sample: "queued" was missing)
+    page.wait_for_function("() => [...document.querySelectorAll('svg text')].some(t => t.textContent === 'queued')",
+                           timeout=20000)
 
 
 @cpu_only
