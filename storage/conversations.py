@@ -51,7 +51,6 @@ per update and ``w.finish(text, stats)`` at the end.
 from __future__ import annotations
 
 import collections
-import fcntl
 import json
 import os
 import pickle
@@ -232,6 +231,8 @@ class _WriterProcess:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_ROOT, close_fds=True)
         self._fd = self.proc.stdin.fileno()
         try:
+            import fcntl
+
             fcntl.fcntl(self._fd, 1031, self.PIPE_BYTES)       # F_SETPIPE_SZ (Linux); a default pipe otherwise
         except OSError:
             pass
@@ -414,7 +415,8 @@ class ConversationStore:
         # goes on; they land in the order given (a reply's last text after its partial ones)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-writer")
         # streaming replies' writes (``write``): the writer process, started at the first one
-        self._use_process = (path != ":memory:") if writer_process is None else bool(writer_process)
+        self._use_process = (path != ":memory:" and os.name == "posix") if writer_process is None \
+            else bool(writer_process)
         self._process: _WriterProcess | None = None
         self._process_lock = threading.Lock()
         self._thread_pending = 0           # ``later`` calls not yet run (``write`` keeps behind them)
@@ -454,10 +456,10 @@ class ConversationStore:
         if proc is not None and not self._pending_thread:
             try:
                 return proc.send(method, args, kwargs, ack=ack)
-            except (pickle.PicklingError, TypeError, AttributeError):
-                pass                     # an argument the pipe cannot carry: this write on the thread
             except OSError:
                 pass                     # the child is gone (said once on stderr): the thread from now on
+            except Exception:  # noqa: BLE001 - an argument the pipe cannot carry (pickling): this write on the thread
+                pass
         fut = self.later(getattr(self, method), *args, **kwargs)
         return fut if ack else None
 
