@@ -126,7 +126,8 @@ _DETAILS = {
     "tp": lambda v: f"on {int(v)} GPU{'s' if int(v) != 1 else ''} (tensor parallel)",
     "quant_policy": lambda v: {0: "KV cache 16-bit", 8: "KV cache int8", 4: "KV cache int4",
                                16: "KV cache fp8"}.get(int(v), f"KV {v}"),
-    "model_format": lambda v: {"hf": "weights as stored", "awq": "4-bit AWQ weights"}.get(v, f"format {v}"),
+    "model_format": lambda v: {"hf": "weights as stored", "awq": "4-bit AWQ weights",
+                               "fp8": "FP8 weights (128x128 blocks)"}.get(v, f"format {v}"),
     "cache_max_entry_count": lambda v: f"KV cache takes {float(v):.0%} of free GPU memory",
     "cache_block_seq_len": lambda v: f"cache blocks of {int(v)} tokens",
     "server": lambda v: f"server {v}",
@@ -232,7 +233,9 @@ def build(ctx: Context, header_md: gr.Markdown | None = None):
             device = gr.Dropdown(devices, value=s.device, label="device (transformers)", allow_custom_value=True,
                                  info=None if m.cuda else "no CUDA GPU: runs on the CPU")
             dtype = gr.Dropdown(["auto", "float32", "float16", "bfloat16"], value=s.dtype, label="dtype")
-            model_format = gr.Dropdown(["hf", "awq"], value=s.model_format, label="model_format (TurboMind)",
+            # fp8: a blocked-FP8 folder (the Quantize page's FP8 job), as LMDeploy 0.18 loads it
+            model_format = gr.Dropdown(["hf", "awq", "fp8"], value=s.model_format,
+                                       label="model_format (LMDeploy: hf, awq, fp8)",
                                        elem_id="engine-model-format", **gpu)
             quant_policy = gr.Dropdown([0, 4, 8, 16], value=s.quant_policy,
                                        label="quant_policy (KV cache; 16 = fp8, PyTorch engine)",
