@@ -80,6 +80,7 @@ def test_cancel_kills_the_worker_and_leaves_nothing(smollm2, data_dir):
         runner.close()
 
 
+@pytest.mark.slow      # a job's worker process (it imports torch): 5 s of the fast tier
 def test_a_failing_job_reports_why_and_cleans_up(tmp_path, data_dir):
     src = tmp_path / "broken"
     src.mkdir()
