@@ -211,6 +211,8 @@ OPERATOR_CALLS = [
     ("/quantize_load", ("x",)),
     ("/quantize_compare", ("x", "hi", False)),
     ("/load_vision_model", ("", "auto")),
+    ("/load_model_b", ("/etc",)),        # the Compare view's model B (issue #18) is a model load too
+    ("/compare_unload", ()),
 ]
 
 
