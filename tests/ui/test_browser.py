@@ -123,6 +123,8 @@ def test_vision_page_takes_an_uploaded_image_and_answers(browser, vision_app):
         pg.fill("#vision-input textarea", "Compare them")
         pg.press("#vision-input textarea", "Enter")
         pg.wait_for_selector("text=limit is 4", timeout=30000)
+        assert pg.get_by_text("Error", exact=True).count() == 0, "a refusal is a warning, not Error badges"
+        assert "Compare them" in pg.input_value("#vision-input textarea"), "the message stays to fix"
         shot(pg, "vision-limit")
     finally:
         pg.close()
