@@ -111,10 +111,13 @@ def first_difference(a: str, b: str) -> int | None:
     return n
 
 
-def verdict(ctx: Context, a: str, b: str, greedy: bool) -> str:
-    """"Same text (N tokens)" or "First difference at token N" with both sides' text around it."""
+def verdict(ctx: Context, a: str, b: str, greedy: bool, generated: int | None = None) -> str:
+    """"Same text (N tokens)" or "First difference at token N" with both sides' text around it.
+    ``generated``: the tokens both sides generated, when they agree (the replies' own count, which
+    includes the end-of-turn token the text does not show); else the text is counted with A's
+    tokenizer."""
     i = first_difference(a, b)
-    tokens = _token_count(ctx, a if i is None else a[:i])
+    tokens = generated if i is None and generated else _token_count(ctx, a if i is None else a[:i])
     if i is None:
         return f"**Same text** ({tokens} tokens)" + ("" if greedy else " — sampled, so this can be chance")
     ctx_a = a[max(0, i - DIFF_CONTEXT): i + DIFF_CONTEXT].replace("\n", " ")
@@ -320,7 +323,9 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
             yield message, st, _pane(st["a"]), _pane(st["b"]), lines["a"], lines["b"], "Neither side answered."
             return
         stopped = any((out[k]["stats"] or {}).get("finish_reason") == "abort" for k in sides)
-        v = verdict(ctx, out["a"]["text"], out["b"]["text"], bool(use_greedy) or params.greedy)
+        counts = {(out[k]["stats"] or {}).get("tokens") for k in sides}
+        v = verdict(ctx, out["a"]["text"], out["b"]["text"], bool(use_greedy) or params.greedy,
+                    generated=counts.pop() if len(counts) == 1 else None)
         if stopped:
             v = "*Stopped.* " + v
         yield "", st, _pane(st["a"]), _pane(st["b"]), lines["a"], lines["b"], v
@@ -341,8 +346,9 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
 
     def do_unload(request: gr.Request = None):
         require_admin(s, request)
-        if ctx.compare is not None:
-            ctx.compare.unload()
+        if ctx.compare is None or ctx.compare.info() is None:
+            raise Refusal("No model B is loaded: there is nothing to unload.", title="Nothing to unload")
+        ctx.compare.unload()
         return describe_b(ctx)
 
     def refresh(request: gr.Request = None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -70,6 +71,9 @@ def test_compare_streams_both_and_saves_two_branches(app_server):
         assert "Paris" in text_a and "Paris" in text_b, (text_a, text_b)
         assert "tok/s" in out[3] and "tok/s" in out[4]
         assert ("Same text" in out[5]) or ("First difference at token" in out[5]), out[5]
+        if "Same text" in out[5]:      # the replies' own token count (with the end-of-turn token)
+            n = re.search(r"(\d+) tokens", out[3]).group(1)
+            assert f"({n} tokens)" in out[5], (out[3], out[5])
         assert both_at_once, "both panes should show streamed text before either reply ends"
         convs = [x for x in c.predict("", api_name="/conversations") if x["kind"] == "compare"]
         assert convs, "the comparison is saved as a conversation"
@@ -83,6 +87,8 @@ def test_compare_streams_both_and_saves_two_branches(app_server):
         assert dtypes == ["bfloat16", "float32"] or dtypes == ["torch.bfloat16", "torch.float32"], dtypes
         assert all(r["meta"].get("tokens_per_s") is not None and r["meta"].get("ttft") for r in replies)
     finally:
+        c.predict(api_name="/compare_unload")
+    with pytest.raises(Exception, match="nothing to unload"):     # not "Model B unloaded." a second time
         c.predict(api_name="/compare_unload")
 
 
