@@ -171,6 +171,9 @@ def fake_lmdeploy(monkeypatch):
     monkeypatch.setattr(LMDeployEngine, "_gen_config", staticmethod(lambda p: {"max_new_tokens": p.max_new_tokens}))
     monkeypatch.setattr(lmdeploy, "lmdeploy_available", lambda: (True, ""))
     monkeypatch.setattr(lmdeploy, "turbomind_supports", lambda path, trust_remote_code=False: (True, ""))
+    # close() collects garbage to give device memory back: the fake holds none, and a full
+    # collection of this process's heap (torch, transformers, gradio) took ~1 s per test
+    monkeypatch.setattr(lmdeploy, "gc", types.SimpleNamespace(collect=lambda *a: 0))
     yield pipes
     for p in pipes:
         p.close()
