@@ -64,6 +64,12 @@ def check_disconnects(app, n: int = 50, batch: int = 10) -> list[float]:
         time.sleep(0.05)
     info = engine_info(app)
     assert info["running"] == 0, "a vanished client's request kept running"
+    # and the engine itself let go of them (the manager's count drops at the abort; an engine that
+    # kept decoding an orphan would show here, as issue #15 measured before the one road)
+    deadline = time.time() + 5.0
+    while engine_info(app)["engine_requests"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert engine_info(app)["engine_requests"] == 0, "the engine still holds a vanished client's request"
     freed = info["abort_release_s"][seen:]
     assert len(freed) == n and max(freed) < 1.0, f"places free after an abort: max {max(freed):.3f} s"
     return freed

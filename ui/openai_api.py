@@ -131,8 +131,12 @@ def build_api(manager: EngineManager, settings: Settings) -> FastAPI:
         kind = first.get("type", "")
         if kind == "json_invalid":
             msg = "The body is not valid JSON."
+            where = ""      # pydantic's loc here is a byte offset into the body, not a parameter
         elif not where and kind in ("model_attributes_type", "dict_type", "missing"):
             msg = "The body must be a JSON object (a chat completion request)."
+            ctype = _req.headers.get("content-type", "")
+            if "json" not in ctype:
+                msg += f" Send it with Content-Type: application/json (got {ctype or 'none'!r})."
         elif kind == "extra_forbidden":
             msg = f"Unrecognized request argument supplied: {where}"
         else:

@@ -93,6 +93,11 @@ def test_each_malformed_body_gets_a_400_in_openai_shape(http):
         assert err["type"] == "invalid_request_error", (raw, err)
     r = http.post("/chat/completions", json={"messages": ASK, "max_tokens": 10**7})
     assert "[1, 2048]" in r.json()["error"]["message"], "the range is the configured limit"
+    bad_json = http.post("/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    assert assert_openai_error(bad_json, 400)["param"] is None, "no parameter to name in a body that is not JSON"
+    err = assert_openai_error(http.post("/chat/completions", content=json.dumps({"messages": ASK}).encode(),
+                                        headers={"content-type": "text/plain"}), 400)
+    assert "Content-Type: application/json" in err["message"], err
 
 
 def test_a_thousand_malformed_requests_then_a_normal_one_answers(api_app, http, oai):
@@ -119,6 +124,7 @@ def _one_reply_speed(oai) -> float:
     return (tokens - 1) / (time.perf_counter() - first)
 
 
+@pytest.mark.timeout(1500)     # 56 long streams: past pytest.ini's 600 s at load average 7-9 on 2 cores
 def test_fifty_vanished_streaming_clients_leave_nothing_running(api_app, oai):
     """The orphaned-generations case: 50 streaming clients gone after their first text leave nothing
     running, each place free within 1 s of its abort, and the next user decodes at full speed."""
