@@ -75,9 +75,10 @@ def main(argv=None) -> int:
 
     ctx.servers = ServerManager(os.path.join(s.cache_dir, "servers"))
     atexit.register(ctx.servers.stop_all)
-    from ui.gradio_patches import call_overheads, event_driven_queue, lazy_session_config
+    from ui.gradio_patches import call_overheads, event_driven_queue, lazy_session_config, quiet_range_refusals
 
     call_overheads()             # Gradio's per-call type hints kept, no matplotlib search per call
+    quiet_range_refusals()       # a value past a slider's range: one log line, not a traceback
 
     if s.session_shim:           # TURBOSTUDIO_SESSION_SHIM=0: Gradio's own (for A/B runs)
         lazy_session_config()    # a new session no longer builds ~190 component configs on the loop

@@ -327,3 +327,30 @@ def call_overheads() -> bool:
     utils._turbostudio_calls = True
     log.info("Gradio's per-call type hints kept per handler, no matplotlib lookups (ui/gradio_patches.py)")
     return True
+
+
+def quiet_range_refusals() -> bool:
+    """A number or slider value outside its range, sent by a client (the API, or an old page), is
+    the user's error, not a fault: Gradio refuses it with ``gr.Error`` from
+    ``Number.raise_if_out_of_bounds`` (Number and Slider) but with ``print_exception`` on, so each
+    one put a full traceback in the server log (issue #16: one line per ordinary user error; the log
+    keeps tracebacks for faults). Same check, same message, no traceback; the refusal is logged as
+    one line. False where Gradio no longer has that check (then nothing is changed)."""
+    number, real = _gradio_class("components.number", "Number")
+    check = getattr(real, "raise_if_out_of_bounds", None) if real is not None else None
+    if check is None:
+        return False
+    if getattr(check, "_turbostudio_quiet", False):
+        return True
+    from gradio.exceptions import Error
+
+    def raise_if_out_of_bounds(num, minimum, maximum):
+        try:
+            check(num, minimum, maximum)
+        except Error as e:
+            log.info("refused: %s", e.message if hasattr(e, "message") else e)
+            raise Error(str(getattr(e, "message", e)), title="Out of range", print_exception=False) from None
+
+    raise_if_out_of_bounds._turbostudio_quiet = True
+    real.raise_if_out_of_bounds = staticmethod(raise_if_out_of_bounds)
+    return True

@@ -203,3 +203,19 @@ def test_handler_calls_keep_their_type_hints_and_do_not_look_for_a_missing_matpl
         finally:
             sys.meta_path.remove(Watch)
         assert looked == [], "a call searched for matplotlib"
+
+
+def test_a_value_past_a_sliders_range_is_refused_without_a_traceback():
+    """Gradio's own range check (Number and Slider) refuses with the same message, but as a user's
+    error: no traceback in the server log (issue #16)."""
+    import gradio as gr
+
+    from ui.gradio_patches import quiet_range_refusals
+
+    assert quiet_range_refusals() and quiet_range_refusals(), "installs once, idempotent"
+    with pytest.raises(gr.Error) as e:
+        gr.Slider(0, 2).preprocess(5)
+    assert e.value.message == "Value 5 is greater than maximum value 2." and not e.value.print_exception
+    with pytest.raises(gr.Error, match="less than minimum value 1"):
+        gr.Number(minimum=1).preprocess(0)
+    assert gr.Slider(0, 2).preprocess(1.5) == 1.5

@@ -59,6 +59,8 @@ def test_the_server_log_of_ordinary_user_errors(app_server):
         c.predict([{"role": "user", "content": "x" * 200_000}], {}, api_name="/chat")
     with pytest.raises(gradio_client.exceptions.AppError, match="session_len must be a whole number"):
         c.predict("", "auto", "auto", "auto", "hf", 0, 0.8, "abc", 1, api_name="/load_model")
+    with pytest.raises(gradio_client.exceptions.AppError, match="greater than maximum"):
+        c.predict("hi", "", 10**6, 0, 0.9, 40, 1.0, "", api_name="/send")    # past the slider: Gradio's own check
     time.sleep(1)
     with open(app_server.log_path) as f:
         log = f.read()
