@@ -4,7 +4,7 @@
 source bench/gpu_calls/common.sh
 Q=/tmp/turbostudio-quant-bench
 R="python3 -m bench.bench_raw --users 1,16 --new-tokens 256 --rounds 2 --sides raw,chat,v1 --cache 0.3"
-step pt_fp8 200 $R --backend pytorch --model $Q/models/llama2-7b-32k-fp8 --model-format fp8 --json $OUT/pt-fp8.json
+step pt_fp8 400 $R --backend pytorch --model $Q/models/llama2-7b-32k-fp8 --model-format fp8 --json $OUT/pt-fp8.json
 step pt_bf16 200 $R --backend pytorch --model $Q/llama2-7b-32k-bf16 --json $OUT/pt-bf16.json --port 7891
 step tm_fp8 120 $R --backend turbomind --model $Q/models/llama2-7b-32k-fp8 --model-format fp8 --json $OUT/tm-fp8.json --port 7895
 step tm_bf16 120 $R --backend turbomind --model $Q/llama2-7b-32k-bf16 --json $OUT/tm-bf16.json --port 7897
