@@ -973,24 +973,30 @@ class ReplyWriter:
         """The write ``feed(text)`` makes now, as (method, args, kwargs), or None (none due)."""
         if not self.due(text):
             return None
-        self._last, self._written = time.monotonic(), text
-        if self.id is None:
-            self.id = new_id()
-            return ("append", (self.owner, self.cid, "assistant", text),
-                    {"parent": self.parent, "meta": {**self.meta, "finish_reason": "streaming"}, "mid": self.id})
-        return "update", (self.owner, self.id), {"content": text}
+        self._last = time.monotonic()
+        return self._op(text, {**self.meta, "finish_reason": "streaming"})
 
     def _last_write(self, text: str, stats: dict | None) -> tuple | None:
         """The write ``finish`` makes (None: no text ever, nothing to write)."""
         if not text and self.id is None:
             return None
         meta = {**self.meta, **(stats or {})}
+        return self._op(text, meta, meta=meta)
+
+    def _op(self, text: str, created: dict, **update) -> tuple:
+        """The reply's first write creates it (``append`` under an id made now, with ``created`` as
+        its metadata); a later one sets its text (and ``update``'s other fields)."""
         self._written = text
         if self.id is None:
             self.id = new_id()
             return ("append", (self.owner, self.cid, "assistant", text),
-                    {"parent": self.parent, "meta": meta, "mid": self.id})
-        return "update", (self.owner, self.id), {"content": text, "meta": meta}
+                    {"parent": self.parent, "meta": created, "mid": self.id})
+        return "update", (self.owner, self.id), {"content": text, **update}
+
+    def _hand(self, op: tuple, ack: bool = False) -> Future | None:
+        """Hand ``op`` to the store's writer (``ConversationStore.write``)."""
+        method, args, kwargs = op
+        return self.store.write(method, *args, ack=ack, **kwargs)
 
     def _now(self, op: tuple | None) -> None:
         if op is not None:
@@ -1010,7 +1016,7 @@ class ReplyWriter:
         """``feed`` handed to the store's writer (``ConversationStore.write``), not waited for."""
         op = self._next(text)
         if op is not None:
-            self.store.write(op[0], *op[1], **op[2])
+            self._hand(op)
 
     def finish_later(self, text: str, stats: dict | None = None, wait: bool = True) -> Future | None:
         """``finish`` after every ``feed_later`` handed over before it; its future gives the id once
@@ -1019,14 +1025,14 @@ class ReplyWriter:
         op = self._last_write(text, stats)
         if not wait:
             if op is not None:
-                self.store.write(op[0], *op[1], **op[2])
+                self._hand(op)
             return None
         out: Future = Future()
         if op is None:
             out.set_result(None)
             return out
         mid = self.id
-        landed = self.store.write(op[0], *op[1], ack=True, **op[2])
+        landed = self._hand(op, ack=True)
 
         def done(f: Future) -> None:
             if f.exception() is not None:
