@@ -83,6 +83,10 @@ def defaults_of(info: EngineInfo | None) -> GenParams:
     return (info.defaults if info is not None and info.defaults is not None else None) or GenParams()
 
 
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+"""The sampling values a model's generation_config.json may set, shown in the defaults line."""
+
+
 def defaults_line(info: EngineInfo | None) -> str:
     """Which sampling defaults are in force and where each comes from: the values the model's
     generation_config.json sets (where they differ from the app's) named apart from the app's own,
@@ -92,7 +96,7 @@ def defaults_line(info: EngineInfo | None) -> str:
     def text(keys) -> str:
         return " · ".join(f"{k} {getattr(d, k):g}" for k in keys)
 
-    keys = ("temperature", "top_p", "top_k", "repetition_penalty")
+    keys = SAMPLING_DEFAULTS
     if info is None:
         return f"<sub>Defaults: {text(keys)} (the app's; no model is loaded).</sub>"
     if info.defaults is None:
@@ -118,8 +122,7 @@ def _keys_set_by(info: EngineInfo) -> list[str]:
             values = json.load(f)
     except (OSError, ValueError, TypeError):
         return []
-    return [k for k in ("temperature", "top_p", "top_k", "repetition_penalty")
-            if isinstance(values, dict) and isinstance(values.get(k), (int, float))]
+    return [k for k in SAMPLING_DEFAULTS if isinstance(values, dict) and isinstance(values.get(k), (int, float))]
 
 
 def model_label(info: EngineInfo | None) -> str:
