@@ -219,6 +219,16 @@ def compare_engines(make_manager: Callable[[str], "EngineManager"], choices: lis
             mem = round((telemetry.snapshot()["gpu_used"] - base) / 2**30, 2)
             one_request(mgr.submit, [ChatMessage("user", PROMPTS[0])], params.replace(max_new_tokens=8),
                         source="compare", owner=owner, session="compare-warm")
+            # and once at each larger batch size, untimed: an engine's first step at a new batch size
+            # can pay one-off costs (LMDeploy's PyTorch engine captures a CUDA graph per batch size;
+            # seen: its batch-16 figure on a 7B was half what the same engine makes warm)
+            for b in sorted({b for b in batches if b > 1}):
+                warm = [threading.Thread(target=one_request, args=(mgr.submit, [ChatMessage("user", PROMPTS[i % len(PROMPTS)])],
+                                                                   params.replace(max_new_tokens=8)),
+                                         kwargs={"source": "compare", "owner": owner, "session": f"compare-warm-{i}"})
+                        for i in range(b)]
+                [t.start() for t in warm]
+                [t.join() for t in warm]
             for b in batches:
                 results, t0 = [], time.perf_counter()
                 for rep in range(repeats):
