@@ -45,6 +45,11 @@ def write_pace(manager: EngineManager | None):
     if manager is None:
         return WRITE_INTERVAL
     return lambda: WRITE_INTERVAL * max(1.0, manager.running / 16)
+
+
+DOWNLOAD_JS = ("(f) => { if (f && f.url) { const a = document.createElement('a'); a.href = f.url; "
+               "a.download = f.orig_name || ''; document.body.appendChild(a); a.click(); a.remove(); } }")
+"""Has the browser download the file an export just wrote (a ``gr.File``'s value, given to a js step)."""
 BROWSER_KEY = "turbostudio-browser-id"   # the localStorage key of the browser's own id
 HISTORY_OFF = ("**History is off** on this server (`--no-history`): this conversation lives in this "
                "browser tab only; a reload loses it. Export it to keep it.")
@@ -495,8 +500,12 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
                                 elem_id="system-prompt")
             sampling = SamplingControls(settings, manager.info())
             with gr.Accordion("Export / import", open=False):
-                export_btn = gr.DownloadButton("Export chat (JSON)", size="sm", elem_id="chat-export")
-                export_md = gr.DownloadButton("Export chat (Markdown)", size="sm", elem_id="chat-export-md")
+                # plain buttons whose file the browser then downloads (DOWNLOAD_JS): a DownloadButton
+                # downloads the file it held *before* its click ran, so its first click gave nothing
+                # and each later one the conversation shown at the click before
+                export_btn = gr.Button("Export chat (JSON)", size="sm", elem_id="chat-export")
+                export_md = gr.Button("Export chat (Markdown)", size="sm", elem_id="chat-export-md")
+                exported = gr.File(visible="hidden", elem_id="chat-exported")
                 import_btn = gr.UploadButton("Import chat (JSON)", file_types=[".json"], size="sm")
     cid = panel.cid
 
@@ -729,10 +738,10 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
     move_outputs = [conv, chatbot, focus, *nav_outputs]
     prev_b.click(move(-1), [conv, focus, cid, who], move_outputs, **private)
     next_b.click(move(+1), [conv, focus, cid, who], move_outputs, **private)
-    export_btn.click(export_chat, [conv, system, cid, who], export_btn, api_name="export_chat",
-                     api_visibility="undocumented")
-    export_md.click(export_markdown, [conv, system, cid, who], export_md, api_name="export_chat_markdown",
-                    api_visibility="undocumented")
+    export_btn.click(export_chat, [conv, system, cid, who], exported, api_name="export_chat",
+                     api_visibility="undocumented").then(None, exported, None, js=DOWNLOAD_JS, **private)
+    export_md.click(export_markdown, [conv, system, cid, who], exported, api_name="export_chat_markdown",
+                    api_visibility="undocumented").then(None, exported, None, js=DOWNLOAD_JS, **private)
     import_btn.upload(import_chat, [import_btn, who], [conv, chatbot, system, cid], api_name="import_chat",
                       api_visibility="undocumented").then(after, after_inputs, after_outputs, **private)
     return sampling

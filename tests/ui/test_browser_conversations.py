@@ -163,3 +163,47 @@ def test_a_conversation_of_1000_messages_opens_fast(browser, app):
     med = statistics.median(times)
     print(f"opening 1000 messages: {', '.join(f'{t:.3f}' for t in times)} s (median {med:.3f} s)")
     assert med < 3.0, f"opening took {times} s (the issue asks for under 1 s; bench/bench_render.py)"
+
+
+def _export(pg, button: str) -> str:
+    """Click an Export button once: the file it downloads (Playwright fails if none comes)."""
+    with pg.expect_download(timeout=20000) as d:
+        pg.click(button)
+    with open(d.value.path(), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_export_downloads_the_conversation_shown_at_the_first_click(page):
+    """One click on Export (JSON or Markdown) downloads the conversation shown, with its branches
+    and metadata. (A DownloadButton downloads the file it held *before* its click ran: the first
+    click gave nothing, each later one the previous conversation's file.)"""
+    import json
+
+    pg = page
+    _send(pg, "Tell me about otters")
+    pg.click("#chat-regenerate")                     # a second version of the reply: a branch
+    _stop_after_some_words(pg)
+    pg.wait_for_selector("#chat-branches", state="visible", timeout=20000)
+    pg.wait_for_function("document.querySelector('#branch-label').innerText.includes('Reply 2/2')", timeout=20000)
+    pg.get_by_text("Export / import").click()
+    otters = _export(pg, "#chat-export")
+    data = json.loads(otters)
+    assert data["format"] == "turbostudio-chat" and data["version"] == 2 and data["title"] == "Tell me about otters"
+    replies = [m for m in data["tree"] if m["role"] == "assistant"]
+    assert len(replies) == 2 and len({m["parent"] for m in replies}) == 1, "both versions, siblings"
+    assert all(m["meta"]["model"] == "SmolLM2-135M-Instruct" and "tokens_per_s" in m["meta"] for m in replies)
+    assert data["leaf"] == replies[-1]["id"]
+    md = _export(pg, "#chat-export-md")
+    assert md.startswith("# Tell me about otters") and "(version 2 of 2)" in md and "tok/s" in md, md
+    pg.click("#conv-new")
+    pg.wait_for_function(f"document.querySelectorAll('{BOT}').length === 0", timeout=10000)
+    _send(pg, "Tell me about badgers")
+    data = json.loads(_export(pg, "#chat-export"))
+    assert data["title"] == "Tell me about badgers", "the conversation shown now, not the one before"
+    # the otters' file imports back as a new conversation, on the version shown, with both versions
+    pg.set_input_files("input[data-testid='Import chat (JSON)-upload-button']", files=[
+        {"name": "otters.json", "mimeType": "application/json", "buffer": otters.encode()}])
+    _wait_titles(pg, ["Tell me about otters", "Tell me about badgers", "Tell me about otters"])
+    pg.wait_for_selector("#chat-branches", state="visible", timeout=20000)
+    pg.wait_for_function("document.querySelector('#branch-label').innerText.includes('Reply 2/2')", timeout=20000)
+    assert "Tell me about otters" in pg.inner_text("#chatbot")
