@@ -454,6 +454,43 @@ def nav_target(turns: list[dict], focus: str | None) -> int | None:
     return idx[-1] if idx else None
 
 
+def branch_row(row_id: str = "chat-branches", prefix: str = ""):
+    """The row of ‹ label › under a page's chatbot (hidden until the branch shown has a message with
+    versions): elem_ids ``row_id``, ``{prefix}branch-prev``, ``{prefix}branch-label`` and
+    ``{prefix}branch-next``. Returns the row, the label, ‹ and ›; :func:`nav_view` fills the first two."""
+    with gr.Row(visible=False, elem_id=row_id) as row:
+        prev_b = gr.Button("‹", size="sm", min_width=40, scale=0, elem_id=f"{prefix}branch-prev")
+        label = gr.Markdown("", elem_id=f"{prefix}branch-label")
+        next_b = gr.Button("›", size="sm", min_width=40, scale=0, elem_id=f"{prefix}branch-next")
+    return row, label, prev_b, next_b
+
+
+def picked_index(evt: gr.SelectData) -> int | None:
+    """The index of the chatbot message a click picked (Gradio gives an int, or a list in some
+    versions), or None."""
+    i = evt.index
+    return i if isinstance(i, int) else (i[0] if i else None)
+
+
+def move_branch(c: Conversation, turns: list[dict], focus: str | None, step: int) -> tuple[list[dict], str | None]:
+    """‹ (``step`` -1) or › (+1): the branch through the previous or next version (wrapping round) of
+    the message :func:`nav_target` picks, made the one shown in the store and read back as turns
+    (the conversation continues from it); returns the turns and the new focus (that version).
+    Unchanged where there is nothing to move between (no versions, history off, nothing stored
+    yet); a message gone meanwhile is refused with a warning."""
+    i = nav_target(turns, focus)
+    if i is None or c.store is None or c.cid is None:
+        return turns, focus
+    sibs = turns[i]["siblings"]
+    target = sibs[(sibs.index(turns[i]["id"]) + step) % len(sibs)]
+    try:
+        c.store.switch(c.owner, c.cid, target)
+    except NotFound as e:
+        refuse(e)
+        return turns, focus
+    return c.reload(turns), target
+
+
 def nav_view(turns: list[dict], focus: str | None) -> list:
     i = nav_target(turns, focus)
     if i is None:
@@ -478,10 +515,7 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy"], elem_id="chatbot",
                                  feedback_options=None)
-            with gr.Row(visible=False, elem_id="chat-branches") as nav_row:
-                prev_b = gr.Button("‹", size="sm", min_width=40, scale=0, elem_id="branch-prev")
-                nav_label = gr.Markdown("", elem_id="branch-label")
-                next_b = gr.Button("›", size="sm", min_width=40, scale=0, elem_id="branch-next")
+            nav_row, nav_label, prev_b, next_b = branch_row("chat-branches", "")
             with gr.Row():
                 box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
                                  lines=1, max_lines=8, elem_id="chat-input")
@@ -673,23 +707,12 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
 
     def move(step):
         def go(turns, focus_id, cid_value, who_id, request: gr.Request = None):
-            i = nav_target(turns, focus_id)
-            if i is None or store is None or cid_value is None:
-                return turns, display(turns), focus_id, *nav_view(turns, focus_id)
-            sibs = turns[i]["siblings"]
-            target = sibs[(sibs.index(turns[i]["id"]) + step) % len(sibs)]
-            c = conversation(request, who_id, cid_value)
-            try:
-                store.switch(c.owner, c.cid, target)
-            except NotFound as e:
-                refuse(e)
-                return turns, display(turns), focus_id, *nav_view(turns, focus_id)
-            turns = c.reload(turns)
-            return turns, display(turns), target, *nav_view(turns, target)
+            turns, focus_id = move_branch(conversation(request, who_id, cid_value), turns, focus_id, step)
+            return turns, display(turns), focus_id, *nav_view(turns, focus_id)
         return go
 
     def pick(turns, evt: gr.SelectData, request: gr.Request = None):
-        i = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else None)
+        i = picked_index(evt)
         skip = hidden_turns(turns)
         if i is not None and skip:
             i += skip - 1                 # the drawn messages start with the "earlier messages" line
@@ -892,5 +915,6 @@ def api_conversation_delete(store: ConversationStore | None, conversation_id: st
 
 
 __all__ = ["build", "api_chat", "stream_reply", "parse_chat_json", "drop_reply", "to_messages", "identity",
-           "ConversationPanel", "Conversation", "owner_key", "details", "reply_meta", "turns_from",
+           "ConversationPanel", "Conversation", "owner_key", "branch_row", "nav_view", "nav_target",
+           "move_branch", "picked_index", "details", "reply_meta", "turns_from",
            "api_conversations", "api_conversation_get", "api_conversation_delete", "export_data"]

@@ -4,6 +4,12 @@ Images are normalized on upload (``engines.images.prepare``: rotation, modes, si
 PNG under the app's cache folder; the conversation keeps their paths, so later turns can ask about
 any earlier image and the history shows them. The vision model has its own EngineManager (the
 "vision slot"), so it can sit beside the chat model.
+
+Conversations are kept like the Chat page's (issue #18): regenerate adds a version of the reply (a
+sibling, marked "‹ n/m ›"), and the Chat page's row of ‹ › (``ui.chat.branch_row``, ``move_branch``,
+``nav_view``; elem_ids ``vision-branches``, ``vision-branch-prev`` ...) moves between the versions of
+the message clicked (default: the last one with versions). The next question continues from the
+branch shown, with that branch's images.
 """
 from __future__ import annotations
 
@@ -21,8 +27,8 @@ from engines.base import ChatMessage, GenParams
 from engines.images import ImageError, prepare
 from engines.manager import EngineManager
 
-from .chat import (Conversation, ConversationPanel, branch_mark, chat_request, details, drop_reply, owner_key,
-                   reply_meta, stream_reply, to_messages)
+from .chat import (Conversation, ConversationPanel, branch_mark, branch_row, chat_request, details, drop_reply,
+                   move_branch, nav_view, owner_key, picked_index, reply_meta, stream_reply, to_messages)
 from .common import (Context, Refusal, SamplingControls, make_params, model_label, refuse, require_admin,
                      session_id)
 
@@ -144,19 +150,31 @@ def save_prepared(cache_dir: str, src: str) -> tuple[str, list[str]]:
     return path, prep.notes
 
 
-def display(turns: list[dict]) -> list[dict]:
+def drawn(turns: list[dict]) -> list[tuple[int, dict]]:
+    """The chatbot's messages, each with the index of the turn it draws: a turn's images come first,
+    one message each, then its text (with its "‹ n/m ›" mark and, for a reply, its details line)."""
     out = []
-    for t in turns:
+    for i, t in enumerate(turns):
         for p in t.get("images") or ():
-            out.append({"role": t["role"], "content": {"path": p}})
+            out.append((i, {"role": t["role"], "content": {"path": p}}))
         content = t["content"]
         line = " · ".join(x for x in (branch_mark(t), details(t.get("stats")) if t["role"] == "assistant" else "")
                           if x)
         if line:
             content = f"{content}\n\n<sub>{line}</sub>"
         if content or t["role"] == "assistant":
-            out.append({"role": t["role"], "content": content})
+            out.append((i, {"role": t["role"], "content": content}))
     return out
+
+
+def display(turns: list[dict]) -> list[dict]:
+    return [m for _, m in drawn(turns)]
+
+
+def picked_turn(turns: list[dict], index: int | None) -> int | None:
+    """The turn a click on the chatbot's message ``index`` picked (an image picks its turn), or None."""
+    owners = [i for i, _ in drawn(turns)]
+    return owners[index] if index is not None and 0 <= index < len(owners) else None
 
 
 def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
@@ -164,19 +182,22 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
     settings, store = ctx.settings, ctx.store
     who = who if who is not None else gr.State(None)
     conv = gr.State([])
+    focus = gr.State(None)        # the message whose versions ‹ › moves between (a click picks it)
     status = gr.Markdown(slot.describe(), elem_id="vision-status")
     with gr.Row():
         with gr.Column(scale=1, min_width=200, elem_id="vision-conversations"):
             panel = ConversationPanel(ctx, "vision", "vconv", who)
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="Vision chat", height=480, elem_id="vision-chatbot", feedback_options=None)
+            # the Chat page's branch row: "Reply 2/3 (turn 1)", ‹ › move between a message's versions
+            nav_row, nav_label, prev_b, next_b = branch_row("vision-branches", "vision-")
             box = gr.MultimodalTextbox(placeholder="Attach or paste images and ask about them",
                                        file_types=["image"], file_count="multiple", show_label=False,
                                        elem_id="vision-input", sources=["upload"])
             with gr.Row():
-                stop = gr.Button("Stop", variant="stop", size="sm")
-                regen = gr.Button("Regenerate", size="sm")
-                clear = gr.Button("Clear", size="sm")
+                stop = gr.Button("Stop", variant="stop", size="sm", elem_id="vision-stop")
+                regen = gr.Button("Regenerate", size="sm", elem_id="vision-regenerate")
+                clear = gr.Button("Clear", size="sm", elem_id="vision-clear")
             context_md = gr.Markdown("", elem_id="vision-context")
         with gr.Column(scale=2):
             with gr.Accordion("Webcam", open=False):
@@ -365,10 +386,12 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
     common = dict(concurrency_id="generate", concurrency_limit="default")
     private = dict(api_visibility="private", queue=False, show_progress="hidden")
 
-    def after(who_id, query, cid_value, request: gr.Request = None):
-        return panel.side(owner_key(request, who_id), cid_value, query or "")
+    def after(turns, who_id, query, cid_value, request: gr.Request = None):
+        """After a reply (or Clear): the branch row for the last message with versions, and the list."""
+        return [None, *nav_view(turns, None), *panel.side(owner_key(request, who_id), cid_value, query or "")]
 
-    side_inputs = [who, panel.search if store is not None else gr.State(""), panel.cid]
+    after_inputs = [conv, who, panel.search if store is not None else gr.State(""), panel.cid]
+    after_outputs = [focus, nav_row, nav_label, *panel.side_outputs]
     sent = box.submit(respond, [box, conv, webcam, *sampling.values, panel.cid, who], outputs,
                       api_name="vision_send", **common)
     regenerated = regen.click(regenerate, [conv, *sampling.values, panel.cid, who], outputs,
@@ -380,15 +403,33 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
     stop.click(on_stop, None, None, api_name="vision_stop", queue=False)
     cleared = clear.click(lambda: ([], [], "", None), None, [conv, chatbot, context_md, panel.cid],
                           api_name="vision_clear", queue=False)
-    if store is not None:        # the side list follows
-        for event in (sent, regenerated, cleared):
-            event.then(after, side_inputs, panel.side_outputs, **private)
+    for event in (sent, regenerated, cleared):      # the branch row and the side list follow
+        event.then(after, after_inputs, after_outputs, **private)
+
+    def move(step):
+        """‹ / ›: the Chat page's move between versions (``ui.chat.move_branch``); the next question
+        continues from the branch shown, with that branch's images."""
+        def go(turns, focus_id, cid_value, who_id, request: gr.Request = None):
+            c = Conversation(store, "vision", owner_key(request, who_id), cid_value)
+            turns, focus_id = move_branch(c, turns, focus_id, step)
+            return turns, display(turns), focus_id, *nav_view(turns, focus_id)
+        return go
+
+    def pick(turns, evt: gr.SelectData):
+        i = picked_turn(turns, picked_index(evt))
+        fid = turns[i].get("id") if i is not None else None
+        return fid, *nav_view(turns, fid)
+
+    chatbot.select(pick, conv, [focus, nav_row, nav_label], **private)
+    move_outputs = [conv, chatbot, focus, nav_row, nav_label]
+    prev_b.click(move(-1), [conv, focus, panel.cid, who], move_outputs, **private)
+    next_b.click(move(+1), [conv, focus, panel.cid, who], move_outputs, **private)
 
     def show(turns, _system):
         """The page for a conversation opened from the list (or a new one)."""
-        return [turns, display(turns), ""]
+        return [turns, display(turns), "", None, *nav_view(turns, None)]
 
-    panel.wire([conv, chatbot, context_md], show)
+    panel.wire([conv, chatbot, context_md, focus, nav_row, nav_label], show)
     vload.click(load_vision, [vmodel, vengine], status, api_name="load_vision_model", concurrency_limit=1,
                 concurrency_id="admin")
     # without a vision model the page says what to do and its controls are off (ui.app's timer
