@@ -96,7 +96,10 @@ def test_conversations_branches_and_a_reply_cut_by_sigkill_survive_a_restart(cac
     assert after["path"] == [before["messages"][0]["id"], before["messages"][3]["id"]]
     last = data["messages"][-1]
     assert last["role"] == "assistant" and data["messages"][-2]["content"].startswith("Write a very long story")
-    assert last["content"] and seen.startswith(last["content"]), "what was stored is what had streamed"
+    # both are prefixes of one stream: the server may have stored a piece its client had not read
+    # yet when the kill came (the write is handed over as the piece is sent), or the reverse
+    assert last["content"] and (seen.startswith(last["content"]) or last["content"].startswith(seen)), \
+        f"what was stored is what had streamed: {last['content']!r} vs {seen!r}"
     assert len(last["content"].split()) >= 3, f"too little kept: {last['content']!r}"
     assert last["meta"]["finish_reason"] == "streaming", "marked as cut, not as finished"
     print(f"SIGKILL: {len(last['content'])} of the {len(seen)} characters the client saw were kept")
