@@ -175,6 +175,8 @@ class TransformersEngine:
                    **self._bandwidth_facts()})
         if getattr(self, "_quant_weights_bytes", None):
             self.info.extra.update(weights_bytes=self._quant_weights_bytes, weight_quant="int8")
+        if getattr(self, "_fp8", False):
+            self.info.extra["checkpoint_format"] = "fp8"     # run dequantized on a CPU; a reply's metadata says it
         self._dead: str | None = None   # why the scheduler thread ended, if it did
         self._give_back = False         # release the allocator's cache at the scheduler's next turn
         self._lock = threading.Lock()   # guards _requests, _pending, _admitting and _active membership
@@ -194,7 +196,7 @@ class TransformersEngine:
         import transformers as tf
 
         kw = dict(dtype=self.dtype, trust_remote_code=trust_remote_code)
-        fp8 = _fp8_checkpoint(path)
+        fp8 = self._fp8 = _fp8_checkpoint(path)
         if fp8 and self.device.type == "cpu" and not self.vision:
             # A blocked-FP8 checkpoint (engines/quantize_worker.py's, or any with weight_scale_inv) on
             # a CPU: dequantized here, block by block, to the engine's dtype. Transformers 5 would

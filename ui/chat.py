@@ -157,6 +157,11 @@ def reply_meta(manager: EngineManager, params: GenParams) -> dict:
     if info.backend in ("turbomind", "pytorch"):
         meta["format"] = opts.get("model_format") or "hf"
         meta["kv_quant"] = int(opts.get("quant_policy") or 0)
+    else:       # Transformers: a quantized checkpoint (FP8, run dequantized on a CPU) or int8 at load
+        fmt = [f for f in (info.extra.get("checkpoint_format"),
+                           info.extra.get("weight_quant") and f"{info.extra['weight_quant']} weight-only") if f]
+        if fmt:
+            meta["format"] = " ".join(fmt)
     return meta
 
 

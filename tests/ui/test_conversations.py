@@ -157,3 +157,28 @@ def test_no_history_stores_nothing_and_says_so(cache_dir, smollm2, tmp_path):
         assert "History is off" in page
     finally:
         app.stop()
+
+
+def test_a_replys_metadata_names_its_weight_format_on_transformers(tiny_llama, tmp_path):
+    """What produced a reply includes its weights' format where Transformers runs a quantized one:
+    a blocked-FP8 Quantize result (dequantized on a CPU: its dtype alone, bfloat16, did not say FP8)
+    and int8 weight-only at load; plain weights name none."""
+    from engines import quantize_worker
+    from engines.base import GenParams
+    from engines.manager import EngineManager
+    from ui.chat import details, reply_meta
+
+    fp8 = str(tmp_path / "tiny-fp8")
+    quantize_worker.run_fp8({"source": tiny_llama.path, "params": {"device": "cpu"}}, fp8)
+    m = EngineManager(str(tmp_path / "cache"))
+    try:
+        for model, opts, fmt in ((fp8, {"dtype": "bfloat16"}, "fp8"),
+                                 (tiny_llama.path, {"weight_quant": "int8"}, "int8 weight-only"),
+                                 (tiny_llama.path, {}, None)):
+            m.load(model, "transformers", device="cpu", **opts)
+            meta = reply_meta(m, GenParams(temperature=0))
+            assert meta.get("format") == fmt, (model, opts, meta)
+            if fmt:
+                assert f"· {fmt} ·" in details(meta), details(meta)
+    finally:
+        m.close()
