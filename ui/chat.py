@@ -254,9 +254,11 @@ class Conversation:
             return turns
 
 
-async def stream_reply(manager: EngineManager, request: ChatRequest,
-                       interval: float = UPDATE_INTERVAL) -> AsyncIterator[tuple[str, dict | None, str | None]]:
+async def stream_reply(manager: EngineManager, request: ChatRequest, interval: float = UPDATE_INTERVAL,
+                       progress: dict | None = None) -> AsyncIterator[tuple[str, dict | None, str | None]]:
     """Yield (reply so far, stats or None until the end, notice or None), at most every ``interval``.
+    ``progress`` (optional) is kept up to date while it streams: ``tokens`` generated so far and
+    ``first`` (``time.perf_counter()`` at the first token), for a live tokens/s (Compare's panes).
 
     The request takes the one road (``manager.submit``: limits, admission, history fitting; a notice
     says how many turns were left out) and is read through the one relay; engine errors and
@@ -286,6 +288,8 @@ async def stream_reply(manager: EngineManager, request: ChatRequest,
                 text += d.text
                 if ttft is None:
                     ttft = time.perf_counter() - t0
+            if progress is not None and ttft is not None:
+                progress["tokens"], progress["first"] = d.tokens, t0 + ttft
             if d.finish_reason == "error":
                 raise EngineError(d.error or "generation failed")
             now = time.perf_counter()

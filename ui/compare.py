@@ -174,12 +174,19 @@ def _pane(turns: list[dict]) -> list[dict]:
     return chat.display(turns)
 
 
-def _live(stats: dict | None, t0: float, ttft: float | None) -> str:
+def _live(stats: dict | None, t0: float, ttft: float | None, progress: dict | None = None) -> str:
+    """A pane's line: its stats once done; while it streams, its first-token latency and its
+    tokens/s so far (``progress``: ``ui.chat.stream_reply``'s tokens and first-token time)."""
     if stats:
         return fmt_stats(stats)
     if ttft is None:
         return f"*waiting… {time.perf_counter() - t0:.1f} s*"
-    return f"*streaming… first token {ttft * 1000:.0f} ms*"
+    line = f"*streaming… first token {ttft * 1000:.0f} ms"
+    tokens, first = (progress or {}).get("tokens") or 0, (progress or {}).get("first")
+    elapsed = time.perf_counter() - first if first is not None else 0.0
+    if tokens > 1 and elapsed > 0:
+        line += f" · {tokens} tokens · {(tokens - 1) / elapsed:.1f} tok/s"
+    return line + "*"
 
 
 def build(ctx: Context, who: gr.State | None = None):
@@ -275,7 +282,8 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
 
         await asyncio.to_thread(store_question)
         st["cid"] = convs["a"].cid
-        out = {k: {"text": "", "stats": None, "ttft": None, "error": None, "done": False} for k in sides}
+        out = {k: {"text": "", "stats": None, "ttft": None, "error": None, "done": False, "progress": {}}
+               for k in sides}
         t0 = time.perf_counter()
 
         async def run(k):
@@ -283,7 +291,7 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
             writer = convs[k].writer(turns[k], {**chat.reply_meta(mgr, params), "side": k.upper()}, mgr)
             req, _left = chat.chat_request(chat.to_messages(turns[k]), params, request, "compare", mgr.limits)
             try:
-                async for text, stats, _notice in chat.stream_reply(mgr, req):
+                async for text, stats, _notice in chat.stream_reply(mgr, req, progress=out[k]["progress"]):
                     o = out[k]
                     if text and o["ttft"] is None:
                         o["ttft"] = time.perf_counter() - t0
@@ -303,7 +311,7 @@ def _wire(ctx: Context, who, state, panel, models_md, choice, load_btn, unload_b
                 done = all(out[k]["done"] for k in sides)
                 shown = {k: turns[k] + [{"role": "assistant", "content": out[k]["text"]}] for k in sides}
                 lines = {k: (f"⚠ {out[k]['error']}" if out[k]["error"] else
-                             _live(out[k]["stats"], t0, out[k]["ttft"])) for k in sides}
+                             _live(out[k]["stats"], t0, out[k]["ttft"], out[k]["progress"])) for k in sides}
                 if done:
                     break
                 yield (gr.update(), st, _pane(shown["a"]), _pane(shown["b"]), lines["a"], lines["b"],

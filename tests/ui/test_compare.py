@@ -59,12 +59,14 @@ def test_compare_streams_both_and_saves_two_branches(app_server):
         assert "on transformers (cpu, bfloat16)" in c.predict(B_CAST, api_name="/compare_load")
         job = c.submit("What is the capital of France? Answer in one word.", True, 24, 0.2, 0.9, 40, 1.0, None,
                        api_name="/compare")
-        both_at_once = False
+        both_at_once = live_speed = False
         while not job.done():
             for o in job.outputs()[-1:]:
                 a, b, verdict = o[1], o[2], o[5]
                 if "both streaming" in verdict and a and b and a[-1]["content"] and b[-1]["content"]:
                     both_at_once = True
+                    # each pane's line gives its speed while it streams, not only at the end
+                    live_speed = live_speed or ("tok/s" in o[3] and "tok/s" in o[4] and "streaming" in o[3])
             time.sleep(0.02)
         out = job.result()
         text_a, text_b = out[1][-1]["content"][0]["text"], out[2][-1]["content"][0]["text"]
@@ -75,6 +77,7 @@ def test_compare_streams_both_and_saves_two_branches(app_server):
             n = re.search(r"(\d+) tokens", out[3]).group(1)
             assert f"({n} tokens)" in out[5], (out[3], out[5])
         assert both_at_once, "both panes should show streamed text before either reply ends"
+        assert live_speed, "tokens/s beside each pane while both stream"
         convs = [x for x in c.predict("", api_name="/conversations") if x["kind"] == "compare"]
         assert convs, "the comparison is saved as a conversation"
         got = c.predict(convs[0]["id"], api_name="/conversation_get")
