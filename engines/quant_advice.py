@@ -8,7 +8,7 @@ recommend. A new measurement is a new row, not new prose in a handler.
 
 Why per GPU: on the H200 W4A16 makes a 7B *slower* (0.66x bf16 on TurboMind, 0.61x on the PyTorch
 engine; LMDeploy's maintainers say Hopper's int4 path is not optimized, lmdeploy#2416) while blocked
-FP8 is 1.16x / 1.33x; on Ampere and Ada W4A16 is LMDeploy's documented fast path (~2.4x fp16 on an
+FP8 is 1.13x / 1.45x for one user through the app (2026-12-02; ~1.1x the best bf16 engine with 16 users); on Ampere and Ada W4A16 is LMDeploy's documented fast path (~2.4x fp16 on an
 A100 or a 4090, the tutorial's figure). On a CPU, the dtype cast halves a float32 model; int8
 weight-only (torchao) saves memory but decodes slower on the 2-core AVX2 machine it was measured on.
 """
@@ -40,16 +40,55 @@ class Figure:
     note: str = ""
 
 
-_H200 = dict(where="H200", date="2026-11", model="Llama-2-7B shape, 32k vocabulary, random weights, 256 new tokens",
-             note="bench/bench_quantize.py, LMDeploy 0.18 (issue #17's table)")
-MEASURED: tuple[Figure, ...] = (
-    Figure(engine="turbomind", fmt="bf16", batch1=212.8, batch16=3071, vs=1.0, **_H200),
-    Figure(engine="pytorch", fmt="bf16", batch1=220.2, batch16=3018, vs=1.0, **_H200),
-    Figure(engine="turbomind", fmt="fp8", batch1=246.8, batch16=3542, vs=1.16, **_H200),
-    Figure(engine="pytorch", fmt="fp8", batch1=293.6, batch16=3831, vs=1.33, **_H200),
-    Figure(engine="turbomind", fmt="w4a16", batch1=141.0, batch16=2150, vs=0.66, **_H200),
-    Figure(engine="pytorch", fmt="w4a16", batch1=134.9, batch16=1993, vs=0.61, **_H200),
+_H200 = dict(where="H200", date="2026-12-02", model="Llama-2-7B shape, 32k vocabulary, random weights, 256 new tokens",
+             note="bench/bench_formats.py: through the app, each format's app loaded at once, medians of 5 "
+                  "alternating rounds; batch 1 = one user's decode tok/s on /chat, batch 16 = 16 users on /v1 "
+                  "(the engine's own token count); LMDeploy 0.18, its FP8 GEMM the Gluon kernel it picks on Hopper")
+_H200_NOV = dict(where="H200", date="2026-11", model="Llama-2-7B shape, 32k vocabulary, random weights, 256 new tokens",
+                 note="bench/bench_quantize.py, LMDeploy 0.18 (issue #17's table): the engine alone")
+MEASURED: tuple[Figure, ...] = (      # today's rows first: ``_fig`` takes the first of a format and engine
+    Figure(engine="turbomind", fmt="bf16", batch1=213.1, batch16=2934.9, vs=1.0, **_H200),
+    Figure(engine="pytorch", fmt="bf16", batch1=233.9, batch16=2810.6, vs=1.0, **_H200),
+    Figure(engine="turbomind", fmt="fp8", batch1=240.2, batch16=3275.3, vs=1.127, **_H200),
+    Figure(engine="pytorch", fmt="fp8", batch1=338.2, batch16=3260.2, vs=1.446, **_H200),
+    # W4A16 was measured against bf16 in November, the engine alone (not re-run: it does not pay here)
+    Figure(engine="turbomind", fmt="bf16", batch1=212.8, batch16=3071, vs=1.0, **_H200_NOV),
+    Figure(engine="pytorch", fmt="bf16", batch1=220.2, batch16=3018, vs=1.0, **_H200_NOV),
+    Figure(engine="turbomind", fmt="w4a16", batch1=141.0, batch16=2150, vs=0.66, **_H200_NOV),
+    Figure(engine="pytorch", fmt="w4a16", batch1=134.9, batch16=1993, vs=0.61, **_H200_NOV),
 )
+# The same run with LMDeploy's portable Triton FP8 GEMM (LMDEPLOY_BLOCKED_FP8_GEMM_BACKEND=triton): what the
+# PyTorch engine falls back to on Hopper without DeepGEMM and without a Triton its Gluon kernel accepts
+PYTORCH_FP8_TRITON = Figure(engine="pytorch", fmt="fp8", batch1=169.3, batch16=2131.3, vs=0.724,
+                            **{**_H200, "note": _H200["note"] + "; LMDEPLOY_BLOCKED_FP8_GEMM_BACKEND=triton"})
+
+
+def pytorch_fp8_gemm_fast() -> bool | None:
+    """Whether LMDeploy's PyTorch engine would run blocked FP8 with a fast GEMM here: DeepGEMM, or its
+    Gluon kernel, which LMDeploy 0.18 takes on Hopper with Triton >= 3.6 and < 3.8
+    (``lmdeploy/pytorch/backends/cuda/blockedf8_modules.py``). Without either it uses a portable Triton
+    kernel that made FP8 *slower* than bf16 on the H200 (``PYTORCH_FP8_TRITON``). An environment that
+    names a backend wins. None: LMDeploy is not installed (nothing to say). Read from package metadata,
+    so nothing is imported."""
+    import os
+    from importlib import metadata
+
+    if importlib.util.find_spec("lmdeploy") is None:
+        return None
+    chosen = os.environ.get("LMDEPLOY_BLOCKED_FP8_GEMM_BACKEND", "auto").lower()
+    if chosen in ("deepgemm", "gluon"):
+        return True
+    if chosen == "triton":
+        return False
+    if importlib.util.find_spec("deep_gemm") is not None:
+        return True
+    try:
+        major, minor = (int(x) for x in metadata.version("triton").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    return (3, 6) <= (major, minor) < (3, 8)
+
+
 # Measured here, on the CI machine (2 cores, AVX2, no AVX-512/VNNI), SmolLM2-135M-Instruct through the
 # Quantize card on the Transformers engine (bench/bench_quantize.py --cpu; its JSON is in bench/results/
 # 2026-12-02-cpu-quantize-smollm2.json), batch 1, 32 new tokens, a shared and busy machine (CPU_FIGURES_NOTE).
@@ -113,16 +152,21 @@ def available_backends() -> set[str]:
     return have
 
 
-def _faster(fmt: str, backends: set[str]) -> Figure | None:
-    """The measured figure of ``fmt`` on the fastest installed LMDeploy engine at batch 1."""
-    rows = [f for f in MEASURED if f.fmt == fmt and f.engine in backends and f.batch1]
+def _faster(fmt: str, backends: set[str], pytorch_fast: bool | None = True) -> Figure | None:
+    """The measured figure of ``fmt`` on the fastest installed LMDeploy engine at batch 1 (for FP8 on
+    the PyTorch engine without its fast GEMM, ``pytorch_fast`` False: the Triton kernel's figure)."""
+    rows = [PYTORCH_FP8_TRITON if (fmt == "fp8" and f.engine == "pytorch" and pytorch_fast is False) else f
+            for f in MEASURED if f.fmt == fmt and f.engine in backends and f.batch1]
     return max(rows, key=lambda f: f.batch1, default=None)
 
 
-def advise(gpus: list[GpuSpec], backends: set[str] | None = None) -> Advice:
-    """The recommendation for this machine: ``gpus`` (``engines.gpus.local_gpus()``; [] on a CPU)
-    and ``backends`` (``available_backends()``; the engines installed)."""
+def advise(gpus: list[GpuSpec], backends: set[str] | None = None, pytorch_fast: bool | None = None) -> Advice:
+    """The recommendation for this machine: ``gpus`` (``engines.gpus.local_gpus()``; [] on a CPU),
+    ``backends`` (``available_backends()``; the engines installed) and ``pytorch_fast``
+    (``pytorch_fp8_gemm_fast()`` when None: whether the PyTorch engine has its fast FP8 GEMM here)."""
     backends = available_backends() if backends is None else set(backends)
+    if pytorch_fast is None:
+        pytorch_fast = pytorch_fp8_gemm_fast()
     if not gpus:
         f32, bf16, int8 = (_fig(k, "transformers", CPU_MEASURED) for k in ("float32", "bfloat16", "int8"))
         return Advice(
@@ -140,14 +184,22 @@ def advise(gpus: list[GpuSpec], backends: set[str] | None = None) -> Advice:
     arch = gpu.arch
     lmdeploy = bool(backends & {"turbomind", "pytorch"})
     if arch in ("hopper", "blackwell"):
-        best = _faster("fp8", backends) or _fig("fp8", "pytorch")
+        best = _faster("fp8", backends, pytorch_fast) or _fig("fp8", "pytorch")
         bf16 = _fig("bf16", best.engine)
+        top16 = max((f for f in MEASURED if f.fmt == "bf16" and f.date == best.date), key=lambda f: f.batch16)
         tm, pt = _fig("fp8", "turbomind"), _fig("fp8", "pytorch")
         w4 = _fig("w4a16", "turbomind")
         reason = (f"{best.where}: FP8 on {'the PyTorch engine' if best.engine == 'pytorch' else 'TurboMind'}, "
-                  f"{best.vs:.2f}x bf16 at batch 1 in our benchmark ({best.batch1} vs {bf16.batch1} tok/s; "
-                  f"TurboMind {tm.vs:.2f}x, PyTorch engine {pt.vs:.2f}x); W4A16 {w4.vs:.2f}x here "
-                  f"(Hopper's int4 path is not optimized in LMDeploy), and FP8 halves the weights (0.52x on disk).")
+                  f"{best.vs:.2f}x bf16 for one user in our benchmark through the app ({best.batch1} vs "
+                  f"{bf16.batch1} tok/s; TurboMind {tm.vs:.2f}x, PyTorch engine {pt.vs:.2f}x); with 16 users both "
+                  f"FP8 engines make {min(tm.batch16, pt.batch16) / top16.batch16:.2f}-"
+                  f"{max(tm.batch16, pt.batch16) / top16.batch16:.2f}x the best bf16 engine (TurboMind answers "
+                  f"first sooner); W4A16 {w4.vs:.2f}x here (Hopper's int4 path is not optimized in LMDeploy), and "
+                  f"FP8 halves the weights (0.52x on disk).")
+        if pytorch_fast is False and "pytorch" in backends:
+            reason += (f" The PyTorch engine would use LMDeploy's portable Triton FP8 kernel here (no DeepGEMM, and "
+                       f"not a Triton its Hopper kernel takes: >= 3.6, < 3.8), {PYTORCH_FP8_TRITON.vs:.2f}x bf16 "
+                       f"in the same run.")
         note = "" if arch == "hopper" else ("Measured on Hopper (H200); this Blackwell GPU has FP8 too but was "
                                             "not measured.")
         engine = best.engine
@@ -177,14 +229,14 @@ def advise(gpus: list[GpuSpec], backends: set[str] | None = None) -> Advice:
 
 def engine_for(kind: str, gpus: list[GpuSpec], backends: set[str] | None = None) -> str | None:
     """The engine a result of ``kind`` should load on here: for FP8 on a GPU, the engine measured
-    faster (LMDeploy's PyTorch engine on Hopper, 1.33x against TurboMind's 1.16x) among those
-    installed; None where the app's own choice ("auto") is as good."""
+    faster for one user (LMDeploy's PyTorch engine on Hopper, 1.45x bf16 against TurboMind's 1.13x,
+    where its fast FP8 GEMM is there) among those installed; None where the app's own choice ("auto") is as good."""
     backends = available_backends() if backends is None else set(backends)
     if kind != "fp8" or not gpus or not backends & {"turbomind", "pytorch"}:
         return None
-    best = _faster("fp8", backends)
+    best = _faster("fp8", backends, pytorch_fp8_gemm_fast())
     return best.engine if best else None
 
 
-__all__ = ["Advice", "CPU_MEASURED", "DOCUMENTED", "Figure", "MEASURED", "advise", "available_backends",
-           "engine_for", "local_gpus"]
+__all__ = ["Advice", "CPU_MEASURED", "DOCUMENTED", "Figure", "MEASURED", "PYTORCH_FP8_TRITON", "advise",
+           "available_backends", "engine_for", "local_gpus", "pytorch_fp8_gemm_fast"]
