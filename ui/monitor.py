@@ -13,6 +13,7 @@ import gradio as gr
 
 from engines import bandwidth, telemetry
 
+from .chat import DOWNLOAD_JS
 from .common import Context, Refusal, may_manage, model_label, redact_paths, sees_own, user_of
 
 WINDOW_S = 600   # plots show the last ten minutes
@@ -437,7 +438,11 @@ def build(ctx: Context, tab: gr.Tab):
                            height=220, x_lim=window, y_lim=[0, None])
     load = load_plot(ctx, x="seconds ago", y="requests", color="series", title="Running and queued requests",
                      height=220)
-    download = gr.DownloadButton("Download reply metrics (CSV)", size="sm")
+    # a plain button whose file the browser then downloads (DOWNLOAD_JS, as the Chat page's Export):
+    # a DownloadButton downloads the file it held *before* its click ran, so its first click gave
+    # nothing and each later one the metrics as they were at the click before
+    download = gr.Button("Download reply metrics (CSV)", size="sm", elem_id="metrics-csv")
+    downloaded = gr.File(visible="hidden", elem_id="metrics-csv-file")
     timer = gr.Timer(1.0, active=False)
 
     sent = gr.State({})
@@ -484,6 +489,7 @@ def build(ctx: Context, tab: gr.Tab):
             f.write(telemetry.metrics_csv(own_replies(ctx, request)))
         return path
 
-    download.click(export, None, download, api_name="metrics_csv", api_visibility="undocumented")
+    download.click(export, None, downloaded, api_name="metrics_csv", api_visibility="undocumented").then(
+        None, downloaded, None, js=DOWNLOAD_JS, api_visibility="private", queue=False, show_progress="hidden")
     build_benchmarks(ctx)
     return timer

@@ -191,3 +191,37 @@ def test_the_header_follows_a_model_switch(page, tiny_llama):
     assert "SmolLM2-135M-Instruct" in page.inner_text("#header"), "and at the next page load"
     open_tab(page, "Engines", "#engine-status")
     shot(page, "engines")
+
+
+def _download(pg, button: str) -> str:
+    """Click a download button once: the file it downloads (Playwright fails if none comes)."""
+    with pg.expect_download(timeout=20000) as d:
+        pg.click(button)
+    with open(d.value.path(), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_reply_metrics_csv_downloads_at_the_first_click(page):
+    """One click on "Download reply metrics (CSV)" downloads the metrics as they are at that click.
+    (A DownloadButton downloads the file it held *before* its click ran: the first click gave
+    nothing, each later one the file made at the click before.)"""
+    import csv
+    import io
+
+    open_tab(page, "Monitor", "#monitor-panel")
+    first = list(csv.DictReader(io.StringIO(_download(page, "#metrics-csv"))))
+    page.get_by_role("tab", name="Chat").first.click()
+    page.fill("#chat-input textarea", "Name a colour.")
+    page.click("#chat-send")
+    page.wait_for_selector("#chat-status >> text=generating", timeout=30000)
+    page.wait_for_function("() => document.querySelector('#chatbot .message.bot') && "
+                           "document.querySelector('#chatbot .message.bot').innerText.trim().length > 0",
+                           timeout=120000)
+    page.click("#chat-stop")
+    page.wait_for_function("!document.querySelector('#chat-status').innerText.includes('generating')",
+                           timeout=30000)
+    open_tab(page, "Monitor", "#monitor-panel")
+    rows = list(csv.DictReader(io.StringIO(_download(page, "#metrics-csv"))))
+    assert len(rows) == len(first) + 1, "the file made at this click, with the reply just sent"
+    assert rows[-1]["source"] == "chat" and int(rows[-1]["tokens"]) > 0, rows[-1]
+    assert no_error_badges(page)
