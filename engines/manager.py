@@ -477,6 +477,13 @@ class Submission:
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens: the engine's own count once its stream said it (Delta.prompt_tokens,
+        which the deltas read from here do not carry on), else the fit's (0 where the fit skipped
+        its tokenizer for a short conversation and the engine has not said yet)."""
+        return self._live.prompt_tokens or self.fit.prompt_tokens
+
     def abort(self) -> None:
         self.manager.abort(self.request.request_id)
 
@@ -547,7 +554,7 @@ class Submission:
             _settle(self.manager, eng, req.request_id, self._it, self._place, live, abort=reason == "abort")
             self.manager.metrics.add(telemetry.ReplyMetrics(
                 time=time.time(), session=req.session, backend=self.info.backend, model=self.info.model,
-                prompt_tokens=live.prompt_tokens or self.fit.prompt_tokens, tokens=tokens, ttft=ttft,
+                prompt_tokens=self.prompt_tokens, tokens=tokens, ttft=ttft,
                 seconds=time.perf_counter() - self._t0, finish_reason=reason, owner=req.owner,
                 source=req.source))
 

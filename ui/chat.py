@@ -305,7 +305,8 @@ async def stream_reply(manager: EngineManager, request: ChatRequest, interval: f
     tps = (tokens - 1) / (seconds - ttft) if ttft is not None and tokens > 1 and seconds > ttft else 0.0
     stats = {"ttft": ttft, "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tps, 2),
              "finish_reason": last.finish_reason if last else "abort",
-             "prompt_tokens": sub.fit.prompt_tokens, "dropped_turns": sub.fit.dropped}
+             # the engine's count where the fit skipped its tokenizer (a short conversation: 0)
+             "prompt_tokens": sub.prompt_tokens, "dropped_turns": sub.fit.dropped}
     yield text, stats, notice
 
 

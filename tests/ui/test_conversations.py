@@ -182,3 +182,59 @@ def test_a_replys_metadata_names_its_weight_format_on_transformers(tiny_llama, t
                 assert f"· {fmt} ·" in details(meta), details(meta)
     finally:
         m.close()
+
+
+def test_a_replys_prompt_tokens_are_the_engines_count_when_the_fit_skipped_the_tokenizer(tiny_llama, tmp_path):
+    """A short conversation fits the context without the manager running its tokenizer (its fit
+    says 0 prompt tokens): the reply's final stats and its stored metadata carry the engine's own
+    count (Delta.prompt_tokens), not 0. Through the Transformers engine, /chat's code
+    (``api_chat``) appending to a stored conversation, and ``stream_reply`` as the pages call it."""
+    import asyncio
+
+    from engines.base import ChatMessage, ChatRequest, GenParams
+    from engines.manager import EngineManager
+    from settings import Settings
+    from storage.conversations import ConversationStore
+    from ui.chat import api_chat, stream_reply
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    msgs = [ChatMessage.from_dict(m) for m in messages]
+    params = GenParams(temperature=0, max_new_tokens=4)
+    m = EngineManager(str(tmp_path / "cache"))
+    path = str(tmp_path / "history" / "conversations.sqlite3")
+    try:
+        m.load(tiny_llama.path, "transformers", device="cpu")
+        assert m.fit(msgs, params).prompt_tokens == 0, "the case at hand: the fit skipped its tokenizer"
+        want = m.token_cost(msgs)
+        assert want > 0
+
+        async def pages() -> dict:
+            final = None
+            async for _text, stats, _notice in stream_reply(m, ChatRequest(tuple(msgs), params)):
+                final = stats or final
+            return final
+
+        stats = asyncio.run(pages())
+        assert stats["prompt_tokens"] == want, stats
+
+        store = ConversationStore(path)
+        cid = store.create("session:anonymous", "chat")
+
+        async def api() -> str:
+            text = ""
+            async for text in api_chat(m, Settings(), messages, {"temperature": 0, "max_new_tokens": 4}, None,
+                                       store, cid):
+                pass
+            return text
+
+        asyncio.run(api())
+        store.close()                 # the writes handed over land first
+    finally:
+        m.close()
+    store = ConversationStore(path)
+    try:
+        reply = store.get("session:anonymous", cid)["messages"][-1]
+    finally:
+        store.close()
+    assert reply["role"] == "assistant" and reply["meta"]["finish_reason"] in ("length", "stop"), reply
+    assert reply["meta"]["prompt_tokens"] == want, reply["meta"]
