@@ -10,10 +10,23 @@ sibling, marked "‹ n/m ›"), and the Chat page's row of ‹ › (``ui.chat.br
 ``nav_view``; elem_ids ``vision-branches``, ``vision-branch-prev`` ...) moves between the versions of
 the message clicked (default: the last one with versions). The next question continues from the
 branch shown, with that branch's images.
+
+Export / import (issue #18), the Chat page's (``ui.chat.export_data``, ``DOWNLOAD_JS``) with the
+images carried in the file: the JSON export is the Chat page's format (``turbostudio-chat`` version 2,
+kind ``vision``) with every image of the tree as a base64 data URL in its message's ``images``, so
+the file stands alone and imports on another machine (:func:`export_conversation`,
+:func:`import_conversation`: each image goes through the upload's own path, ``save_prepared``). The
+Markdown (:func:`to_markdown`) embeds the images as data URLs too, as reference definitions at its
+end so the text stays readable, and lists every version of a reply, not only the one shown.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
+import mimetypes
+import tempfile
 from dataclasses import dataclass
 
 import hashlib
@@ -27,8 +40,11 @@ from engines.base import ChatMessage, GenParams
 from engines.images import ImageError, prepare
 from engines.manager import EngineManager
 
-from .chat import (Conversation, ConversationPanel, branch_mark, branch_row, chat_request, details, drop_reply,
-                   move_branch, nav_view, owner_key, picked_index, reply_meta, stream_reply, to_messages)
+from storage.conversations import EXPORT_FORMAT, EXPORT_VERSION, ConversationStore, parse_export, title_from
+
+from .chat import (DOWNLOAD_JS, Conversation, ConversationPanel, branch_mark, branch_row, chat_request, details,
+                   drop_reply, export_data, move_branch, nav_view, owner_key, parse_chat_json, picked_index,
+                   reply_meta, stream_reply, to_messages, turns_from)
 from .common import (Context, Refusal, SamplingControls, make_params, model_label, refuse, require_admin,
                      session_id)
 
@@ -137,9 +153,10 @@ def image_token_cost(manager: EngineManager, path: str) -> int | None:
         return None
 
 
-def save_prepared(cache_dir: str, src: str) -> tuple[str, list[str]]:
-    """Normalize an upload and store it as PNG (content-addressed); returns the path and notes."""
-    prep = prepare(src, os.path.basename(src))
+def save_prepared(cache_dir: str, src: str, name: str | None = None) -> tuple[str, list[str]]:
+    """Normalize an upload and store it as PNG (content-addressed); returns the path and notes.
+    ``name``: what messages call it (default: the file's name)."""
+    prep = prepare(src, name or os.path.basename(src))
     digest = hashlib.sha1(prep.image.tobytes()).hexdigest()[:16]
     folder = os.path.join(cache_dir, "uploads")
     os.makedirs(folder, exist_ok=True)
@@ -148,6 +165,195 @@ def save_prepared(cache_dir: str, src: str) -> tuple[str, list[str]]:
         prep.image.save(path + ".tmp.png")
         os.replace(path + ".tmp.png", path)
     return path, prep.notes
+
+
+# ---------------------------------------------------------------------- export / import
+MAX_IMPORT_IMAGES_FACTOR = 4
+"""An import keeps at most this many times --max-images distinct images (the branch shown holds at
+most --max-images; other versions may have asked about other images): a file of thousands of tiny
+images is not decoded one by one (the rest are left out, with a warning)."""
+
+
+def image_data_url(path: str, uploads: str) -> str:
+    """The image at ``path`` as a base64 data URL; ValueError (naming the file, not the server's path)
+    when it is missing or not in ``uploads``, the folder the page keeps its images in (a conversation's
+    image list is never read outside it)."""
+    name = os.path.basename(str(path))
+    real, folder = os.path.realpath(str(path)), os.path.realpath(uploads)
+    if os.path.commonpath([real, folder]) != folder:
+        raise ValueError(f"{name}: not one of this app's images")
+    try:
+        with open(real, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"{name}: missing from the server's image folder ({e.strerror})") from e
+    mime = mimetypes.guess_type(real)[0] or "image/png"
+    return f"data:{mime};base64," + base64.b64encode(raw).decode("ascii")
+
+
+def export_conversation(store: ConversationStore | None, owner: str, cid: str | None, turns: list[dict],
+                        uploads: str) -> tuple[dict, list[str]]:
+    """The Vision export of the conversation shown and the warnings it gave: the Chat page's
+    (``ui.chat.export_data``: the stored tree, or the tab's turns with history off) with kind
+    ``vision`` and each image of the tree as a data URL in its message's ``images``. An image that
+    cannot be read (gone from the cache folder) keeps its file name and is named in a warning (an
+    import warns about it again). ``messages``, the branch shown in version 1's shape, carries no
+    images: they are in the tree, once."""
+    data = export_data(store, owner, cid, turns, None)
+    data["kind"] = "vision"
+    urls: dict[str, str] = {}
+    warnings = []
+    for m in data["tree"]:
+        images = []
+        for p in m.get("images") or ():
+            if p not in urls:
+                try:
+                    urls[p] = image_data_url(p, uploads)
+                except ValueError as e:
+                    warnings.append(f"{e}: exported without it (only its name).")
+                    urls[p] = os.path.basename(str(p))
+            images.append(urls[p])
+        m["images"] = images
+    data["messages"] = [{k: v for k, v in m.items() if k != "images"} for m in data["messages"]]
+    return data, warnings
+
+
+def to_markdown(data: dict) -> str:
+    """Markdown of a Vision export (:func:`export_conversation`): the branch shown, where a message
+    has versions every version in order (the one the conversation goes on from marked), each reply
+    with its details line (``ui.chat.details``). Images are embedded as data URLs, written as
+    reference definitions at the end (``![image 1][image-1]`` in the text), so the one file shows
+    them wherever data URLs render (VS Code, Obsidian, Typora, pandoc; not GitHub, which drops them)
+    and the text still reads as text; an image the export lacks is named."""
+    lines = [f"# {data.get('title') or 'Vision conversation'}", ""]
+    if data.get("system"):
+        lines += [f"> **System:** {data['system']}", ""]
+    tree = data.get("tree") or []
+    by_id = {m["id"]: m for m in tree}
+    kids: dict = {}
+    for m in tree:
+        kids.setdefault(m["parent"], []).append(m["id"])
+    path, cur = [], data.get("leaf")
+    while cur is not None and cur in by_id:
+        path.append(by_id[cur])
+        cur = by_id[cur]["parent"]
+    path.reverse()
+    refs: dict[str, str] = {}         # data URL -> its reference label
+
+    def below(mid: str) -> int:
+        n, todo = 0, list(kids.get(mid, ()))
+        while todo:
+            n += 1
+            todo += kids.get(todo.pop(), ())
+        return n
+
+    def block(m: dict, head: str, note: str = "") -> None:
+        lines.extend([head, ""])
+        for u in m.get("images") or ():
+            if u.startswith("data:"):
+                label = refs.setdefault(u, f"image-{len(refs) + 1}")
+                lines.extend([f"![image {label.split('-')[1]}][{label}]", ""])
+            else:
+                lines.extend([f"*(image `{u}`: not in the export)*", ""])
+        lines.extend([m["content"], ""])
+        if m["role"] == "assistant" and m.get("meta") and details(m["meta"]):
+            lines.extend([f"<sub>{details(m['meta'])}</sub>", ""])
+        if note:
+            lines.extend([note, ""])
+
+    for i, m in enumerate(path):
+        who = "**User**" if m["role"] == "user" else "**Assistant**"
+        sibs = kids.get(m["parent"], [m["id"]])
+        if len(sibs) < 2:
+            block(m, who)
+            continue
+        for k, sid in enumerate(sibs, 1):
+            s, more = by_id[sid], below(sid)
+            head = f"{who} (version {k} of {len(sibs)})"
+            if sid == m["id"]:
+                note = "*(the conversation goes on from this version)*" if i + 1 < len(path) else ""
+            else:
+                note = f"*({more} more message(s) follow this version: see the JSON export)*" if more else ""
+            block(s, head, note)
+    if refs:
+        lines += [f"[{label}]: {url}" for url, label in refs.items()]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+class WrongKind(ValueError):
+    """An export of another page's conversation (a chat, a comparison)."""
+
+
+def import_conversation(store: ConversationStore | None, owner: str, data, cache_dir: str,
+                        max_images: int = 8 * MAX_IMPORT_IMAGES_FACTOR) -> tuple[list[dict], str | None, list[str], list[str]]:
+    """A new Vision conversation from an export: (the branch shown as turns, its id or None with
+    history off, warnings, notes). Each data URL is written back as a file under the cache folder
+    through the upload's own path (``save_prepared``: checked, normalized, content-addressed, so the
+    same image imported twice is one file). An image that cannot be used (not a data URL, not an
+    image, over the size limits, past ``max_images``) is left out of its message with a warning; the
+    rest, every message, version and metadata, is imported. Raises :class:`WrongKind` for another
+    page's export (kind ``chat`` or ``compare``; a file without a kind and without images is a text
+    chat) and ValueError for a file that is no export; nothing is written then."""
+    if isinstance(data, dict) and data.get("kind") is not None and data.get("kind") != "vision":
+        kind = data.get("kind")
+        where = "import it on the Chat page" if kind == "chat" else "the Vision page imports Vision conversations"
+        raise WrongKind(f"This file is a {kind!r} conversation, not a Vision one: {where}. Nothing was imported.")
+    tree, leaf = parse_export(data)
+    if not (isinstance(data, dict) and data.get("kind") == "vision") and not any(m["images"] for m in tree):
+        raise WrongKind("This file has no images: a text chat, not a Vision conversation (import it on the "
+                        "Chat page). Nothing was imported.")
+    saved: dict[str, str | Exception] = {}
+    warnings, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="vision-import-") as tmp:
+        for i, m in enumerate(tree, 1):
+            kept = []
+            for k, u in enumerate(m["images"], 1):
+                label = f"image {k} of message {i}"
+                if u not in saved:
+                    if len(saved) >= max_images:
+                        saved[u] = ImageError(f"{label}: past the {max_images} images one import may hold")
+                    else:
+                        try:
+                            saved[u], n = _save_data_url(cache_dir, u, label, os.path.join(tmp, f"{len(saved)}"))
+                            notes += n
+                        except ImageError as e:
+                            saved[u] = e
+                got = saved[u]
+                if isinstance(got, Exception):
+                    said = " ".join(m["content"].split())
+                    said = said if len(said) <= 40 else said[:39] + "…"
+                    warnings.append(f"{got} (the {m['role']}'s “{said}”): left out; the message is imported "
+                                    "without it.")
+                else:
+                    kept.append(got)
+            m["images"] = kept
+    meta = data if isinstance(data, dict) else {}
+    clean = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "kind": "vision",
+             "title": str(meta.get("title") or "") or next((title_from(m["content"]) for m in tree
+                                                           if m["role"] == "user"), ""),
+             "system": str(meta.get("system") or ""), "tree": tree, "leaf": leaf}
+    if store is None:
+        return parse_chat_json(clean), None, warnings, notes
+    cid = store.import_data(owner, clean, kind="vision")
+    return turns_from(store, owner, cid), cid, warnings, notes
+
+
+def _save_data_url(cache_dir: str, url: str, label: str, tmp: str) -> tuple[str, list[str]]:
+    """One image of an import (a ``data:image/...;base64,`` URL) saved as an upload is; ImageError
+    saying what is wrong."""
+    if not url.startswith("data:"):
+        shown = url if len(url) <= 60 else url[:59] + "…"
+        raise ImageError(f"{label}: {shown!r} is a file name, not an image embedded in the file")
+    head, _, body = url.partition(",")
+    if not head.startswith("data:image/") or not head.endswith(";base64"):
+        raise ImageError(f"{label}: not a base64 image data URL ({head[:40]!r})")
+    try:
+        raw = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"{label}: its base64 data is damaged ({e})") from e
+    with open(tmp, "wb") as f:
+        f.write(raw)
+    return save_prepared(cache_dir, tmp, label)
 
 
 def drawn(turns: list[dict]) -> list[tuple[int, dict]]:
@@ -208,6 +414,14 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
                 vengine = gr.Dropdown(["auto", "transformers", "pytorch", "turbomind"], value=settings.vision_engine,
                                       label="Engine")
                 vload = gr.Button("Load vision model", size="sm")
+            with gr.Accordion("Export / import", open=False, elem_id="vision-export-box"):
+                # the Chat page's: plain buttons whose file the browser then downloads (DOWNLOAD_JS;
+                # a DownloadButton downloads the file it held before its click ran)
+                export_btn = gr.Button("Export (JSON, images included)", size="sm", elem_id="vision-export")
+                export_md = gr.Button("Export (Markdown)", size="sm", elem_id="vision-export-md")
+                exported = gr.File(visible="hidden", elem_id="vision-exported")
+                import_btn = gr.UploadButton("Import vision chat (JSON)", file_types=[".json"], size="sm",
+                                             elem_id="vision-import")
             examples = [[{"text": q, "files": [os.path.join(EXAMPLES_DIR, f)]}] for f, q in EXAMPLES
                         if os.path.exists(os.path.join(EXAMPLES_DIR, f))]
             ex = gr.Examples(examples, [box], label="Examples (images made for this project, CC0)",
@@ -425,11 +639,68 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
     prev_b.click(move(-1), [conv, focus, panel.cid, who], move_outputs, **private)
     next_b.click(move(+1), [conv, focus, panel.cid, who], move_outputs, **private)
 
+    uploads = os.path.join(settings.cache_dir, "uploads")
+
+    def export_file(turns, cid_value, who_id, request, suffix: str) -> str:
+        """The conversation shown (the caller's own: ``owner_key``, as the Chat page's export) written
+        to a file: JSON, or Markdown for ``suffix`` ".md"; warnings as toasts."""
+        data, warnings = export_conversation(store, owner_key(request, who_id), cid_value, turns, uploads)
+        fd, path = tempfile.mkstemp(prefix="vision-", suffix=suffix)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if suffix == ".md":
+                f.write(to_markdown(data))
+            else:
+                json.dump(data, f, indent=1, ensure_ascii=False)
+        for w in warnings:
+            gr.Warning(w, title="Export")
+        mb = os.path.getsize(path) / 2**20
+        if suffix == ".json" and mb > settings.max_upload_mb:
+            gr.Warning(f"This export is {mb:.0f} MB (its images): this server imports files of up to "
+                       f"{settings.max_upload_mb} MB (--max-upload-mb).", title="Export")
+        return path
+
+    def export_json(turns, cid_value, who_id, request: gr.Request = None):
+        return export_file(turns, cid_value, who_id, request, ".json")
+
+    def export_markdown(turns, cid_value, who_id, request: gr.Request = None):
+        return export_file(turns, cid_value, who_id, request, ".md")
+
+    def import_json(file, who_id, request: gr.Request = None):
+        """A Vision export as a new conversation of the caller's, shown. A wrong kind or a file that
+        is no export: a warning, nothing imported, the page as it was; an image that cannot be used:
+        a warning naming it, the rest imported."""
+        keep = [gr.update(), gr.update()]
+        try:
+            with open(file if isinstance(file, str) else file.name, encoding="utf-8") as f:
+                data = json.load(f)
+            turns, new, warnings, notes = import_conversation(
+                store, owner_key(request, who_id), data, settings.cache_dir,
+                max_images=settings.max_images * MAX_IMPORT_IMAGES_FACTOR)
+        except WrongKind as e:
+            return [*keep, refuse(Refusal(str(e), title="Not a Vision conversation")), gr.update()]
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            return [*keep, refuse(Refusal(f"Not a Vision export: {e}. Nothing was imported.",
+                                          title="Import failed")), gr.update()]
+        for w in warnings:
+            gr.Warning(w, title="Image left out")
+        images = len({p for t in turns for p in t.get("images") or ()})
+        line = " ".join([f"Imported: {len(turns)} messages on the branch shown, {images} image(s).",
+                         *(f"⚠️ {w}" for w in warnings), *notes])
+        return [turns, display(turns), line, new]
+
     def show(turns, _system):
         """The page for a conversation opened from the list (or a new one)."""
         return [turns, display(turns), "", None, *nav_view(turns, None)]
 
     panel.wire([conv, chatbot, context_md, focus, nav_row, nav_label], show)
+    # named endpoints like the Chat page's (/export_chat ...): undocumented, each on the caller's own
+    # conversation; the browser downloads what an export wrote (a private js step)
+    export_btn.click(export_json, [conv, panel.cid, who], exported, api_name="export_vision",
+                     api_visibility="undocumented").then(None, exported, None, js=DOWNLOAD_JS, **private)
+    export_md.click(export_markdown, [conv, panel.cid, who], exported, api_name="export_vision_markdown",
+                    api_visibility="undocumented").then(None, exported, None, js=DOWNLOAD_JS, **private)
+    import_btn.upload(import_json, [import_btn, who], [conv, chatbot, context_md, panel.cid], api_name="import_vision",
+                      api_visibility="undocumented").then(after, after_inputs, after_outputs, **private)
     vload.click(load_vision, [vmodel, vengine], status, api_name="load_vision_model", concurrency_limit=1,
                 concurrency_id="admin")
     # without a vision model the page says what to do and its controls are off (ui.app's timer
@@ -437,4 +708,5 @@ def build(ctx: Context, slot: VisionSlot, who: gr.State | None = None):
     return status, VisionControls(box, [stop, regen], ex.dataset if ex is not None else None, model_box)
 
 
-__all__ = ["VisionSlot", "build", "display", "GenParams"]
+__all__ = ["VisionSlot", "build", "display", "GenParams", "export_conversation", "import_conversation",
+           "to_markdown", "WrongKind"]
