@@ -190,12 +190,19 @@ def test_a_replys_prompt_tokens_are_the_engines_count_when_the_fit_skipped_the_t
     count (Delta.prompt_tokens), not 0. Through the Transformers engine, /chat's code
     (``api_chat``) appending to a stored conversation, and ``stream_reply`` as the pages call it."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     from engines.base import ChatMessage, ChatRequest, GenParams
     from engines.manager import EngineManager
     from settings import Settings
     from storage.conversations import ConversationStore
     from ui.chat import api_chat, stream_reply
+
+    def _run(coro):
+        """``asyncio.run`` in a thread of its own (Playwright's sync API, when the browser tests ran
+        first in this process, holds an event loop in this one)."""
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coro).result()
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     msgs = [ChatMessage.from_dict(m) for m in messages]
@@ -214,7 +221,7 @@ def test_a_replys_prompt_tokens_are_the_engines_count_when_the_fit_skipped_the_t
                 final = stats or final
             return final
 
-        stats = asyncio.run(pages())
+        stats = _run(pages())
         assert stats["prompt_tokens"] == want, stats
 
         store = ConversationStore(path)
@@ -227,7 +234,7 @@ def test_a_replys_prompt_tokens_are_the_engines_count_when_the_fit_skipped_the_t
                 pass
             return text
 
-        asyncio.run(api())
+        _run(api())
         store.close()                 # the writes handed over land first
     finally:
         m.close()
