@@ -13,6 +13,7 @@ conversation continues from the branch shown. Messages are written as they happe
 sent, the reply from its first token, throttled). The side list (:class:`ConversationPanel`) is
 shared with the Vision page. Each conversation belongs to an owner (:func:`owner_key`): the user
 under --auth, else the browser (a random id kept in its localStorage through ``gr.BrowserState``).
+The browser also keeps which conversation was open (per owner), and a reload opens it again.
 With --no-history (``ctx.store`` None) the page works in the tab only and says so.
 """
 from __future__ import annotations
@@ -51,6 +52,8 @@ DOWNLOAD_JS = ("(f) => { if (f && f.url) { const a = document.createElement('a')
                "a.download = f.orig_name || ''; document.body.appendChild(a); a.click(); a.remove(); } }")
 """Has the browser download the file an export just wrote (a ``gr.File``'s value, given to a js step)."""
 BROWSER_KEY = "turbostudio-browser-id"   # the localStorage key of the browser's own id
+OPEN_KEY = "turbostudio-open-{kind}"      # the localStorage key of the conversation open (ConversationPanel)
+OPEN_OWNERS = 8     # owners (users logged in on one browser) whose open conversation a browser keeps
 HISTORY_OFF = ("**History is off** on this server (`--no-history`): this conversation lives in this "
                "browser tab only; a reload loses it. Export it to keep it.")
 
@@ -340,18 +343,28 @@ def identity(ctx: Context, demo: gr.Blocks | None) -> gr.State:
 class ConversationPanel:
     """The side list of a page's conversations (kind ``chat`` or ``vision``): new, open, rename,
     delete, search; newest first. With history off, a line saying so. ``wire`` connects it to the
-    page: ``show(turns, system)`` gives the page's outputs for a conversation opened (or a new one)."""
+    page: ``show(turns, system)`` gives the page's outputs for a conversation opened (or a new one).
 
-    def __init__(self, ctx: Context, kind: str, prefix: str, who: gr.State, loader=None):
+    With ``reopen``, the browser keeps the id of the conversation open (a ``gr.BrowserState`` under
+    :data:`OPEN_KEY`, next to the browser's own id: a dict of owner to id, so under --auth each
+    user of a browser has their own) and a page load (a reload) opens it again; one gone meanwhile
+    (deleted in another tab) opens the page empty, as before."""
+
+    def __init__(self, ctx: Context, kind: str, prefix: str, who: gr.State, loader=None, reopen: bool = False):
         """``loader(store, owner, cid)``: what ``show`` gets for a conversation opened (default: the
-        branch shown as turns, ``turns_from``; the Compare view reads both sides' branches)."""
+        branch shown as turns, ``turns_from``; the Compare view reads both sides' branches).
+        ``reopen``: a page load opens the conversation that was open in this browser."""
         self.store: ConversationStore | None = ctx.store
         self.kind, self.who, self.prefix = kind, who, prefix
         self.loader = loader or turns_from
         self.cid = gr.State(None)          # the conversation shown (None: a new one, not yet stored)
+        self.opened = None                 # the browser's {owner: id of the conversation open} (reopen)
         if self.store is None:
             self.off = gr.Markdown(HISTORY_OFF, elem_id=f"{prefix}-history-off")
             return
+        if reopen:
+            self.opened = gr.BrowserState({}, storage_key=OPEN_KEY.format(kind=kind),
+                                          secret=browser_secret(ctx.settings.cache_dir))
         self.new = gr.Button("+ New conversation", size="sm", elem_id=f"{prefix}-new")
         self.search = gr.Textbox(placeholder="Search conversations", show_label=False, max_lines=1,
                                  elem_id=f"{prefix}-search")
@@ -384,6 +397,46 @@ class ConversationPanel:
             return self.side(owner_key(request, who), cid, query)
         return refresh
 
+    def _remember(self, cid, who_id, opened, request: gr.Request = None):
+        """The browser's record of the conversation open, after ``cid`` changed (sent, opened, + New,
+        deleted, imported): this owner's entry set (or dropped for a new one), the newest last."""
+        owner = owner_key(request, who_id)
+        opened = {k: v for k, v in (opened if isinstance(opened, dict) else {}).items()
+                  if isinstance(k, str) and isinstance(v, str) and k != owner}
+        if isinstance(cid, str) and cid:
+            opened[owner] = cid
+        return dict(list(opened.items())[-OPEN_OWNERS:])
+
+    def remembered(self, event):
+        """``event`` (an unqueued one that sets :attr:`cid`: + New, Clear) followed by the browser's
+        record of the conversation open. Gradio tells the browser of a State changed only by a
+        queued event (``changed_state_ids`` come with the queue's messages), so ``cid.change`` does
+        not follow these: + New, then a reload, reopened the conversation shown before it."""
+        if self.opened is not None:
+            event.then(self._remember, [self.cid, self.who, self.opened], self.opened,
+                       api_visibility="private", queue=False, show_progress="hidden")
+        return event
+
+    def _reopen_fn(self, show, n_page: int):
+        store = self.store
+
+        def reopen(who_id, opened, query, request: gr.Request = None):
+            """At page load: the list, and the conversation this browser had open (the caller's own
+            only: the id comes from the browser); none, or one gone meanwhile: the list alone."""
+            owner = owner_key(request, who_id)
+            cid = opened.get(owner) if isinstance(opened, dict) else None
+            if isinstance(cid, str) and cid:
+                try:
+                    if store.owns(owner, cid):
+                        turns = self.loader(store, owner, cid)
+                        system = store.conversation(owner, cid)["system"] if self.kind == "chat" else None
+                        return [cid, *self.side(owner, cid, query), *show(turns, system)]
+                except NotFound:
+                    pass            # deleted between the check and the read
+            # nothing to open: the page as it is (a message typed meanwhile stays in the box)
+            return [gr.skip(), *self.side(owner, None, query), *[gr.skip()] * n_page]
+        return reopen
+
     def wire(self, page_outputs: list, show) -> None:
         if self.store is None:
             return
@@ -393,8 +446,16 @@ class ConversationPanel:
         # outside the generation's concurrency group, so they never wait behind a streaming reply
         says = dict(api_visibility="private", concurrency_limit=None)
         refresh = self.refresh_fn()
-        if getattr(who, "loaded", None) is not None:        # the list at page load (see identity)
-            who.loaded.then(refresh, [who, self.search, self.cid], self.side_outputs, **private)
+        loaded = getattr(who, "loaded", None)
+        if loaded is not None and self.opened is not None:
+            # the list at page load, with the conversation that was open in this browser opened
+            loaded.then(self._reopen_fn(show, len(page_outputs)), [who, self.opened, self.search],
+                        [self.cid, *self.side_outputs, *page_outputs], **private)
+            # a change of the conversation shown by a queued event (send, open, delete, import);
+            # an unqueued one reports no State change to the browser: see ``remembered``
+            self.cid.change(self._remember, [self.cid, who, self.opened], self.opened, **private)
+        elif loaded is not None:        # the list at page load (see identity)
+            loaded.then(refresh, [who, self.search, self.cid], self.side_outputs, **private)
         self.search.change(refresh, [who, self.search, self.cid], self.side_outputs, **private)
 
         def open_(picked, who_id, query, request: gr.Request = None):
@@ -413,7 +474,8 @@ class ConversationPanel:
         def new(who_id, query, request: gr.Request = None):
             return [None, *self.side(owner_key(request, who_id), None, query), *show([], None)]
 
-        self.new.click(new, [who, self.search], [self.cid, *self.side_outputs, *page_outputs], **private)
+        self.remembered(self.new.click(new, [who, self.search], [self.cid, *self.side_outputs, *page_outputs],
+                                       **private))
 
         def rename(title, cid, who_id, query, request: gr.Request = None):
             owner = owner_key(request, who_id)
@@ -521,7 +583,7 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
     focus = gr.State(None)        # the message whose versions ‹ › moves between (a click picks it)
     with gr.Row():
         with gr.Column(scale=1, min_width=220, elem_id="chat-conversations"):
-            panel = ConversationPanel(ctx, "chat", "conv", who)
+            panel = ConversationPanel(ctx, "chat", "conv", who, reopen=True)
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="Chat", height=520, buttons=["copy"], elem_id="chatbot",
                                  feedback_options=None)
@@ -763,10 +825,11 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
     def clear_fn():
         return [], [], "", None, None, gr.update(visible=False), ""
 
-    clear.click(clear_fn, None, [conv, chatbot, status, cid, focus, *nav_outputs], api_name="clear",
-                queue=False).then(after, after_inputs, after_outputs, **private)
-    chatbot.clear(clear_fn, None, [conv, chatbot, status, cid, focus, *nav_outputs], api_visibility="private",
-                  queue=False).then(after, after_inputs, after_outputs, **private)
+    for cleared in (clear.click(clear_fn, None, [conv, chatbot, status, cid, focus, *nav_outputs], api_name="clear",
+                                queue=False),
+                    chatbot.clear(clear_fn, None, [conv, chatbot, status, cid, focus, *nav_outputs],
+                                  api_visibility="private", queue=False)):
+        panel.remembered(cleared.then(after, after_inputs, after_outputs, **private))
     chatbot.select(pick, conv, [focus, *nav_outputs], **private)
     move_outputs = [conv, chatbot, focus, *nav_outputs]
     prev_b.click(move(-1), [conv, focus, cid, who], move_outputs, **private)

@@ -15,6 +15,7 @@ from tests.ui.test_conversations import history_cache
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 BOT = "#chatbot .message.bot"
+OPEN_KEY = "turbostudio-open-chat"       # the localStorage key of the conversation open (ui.chat)
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +208,64 @@ def test_export_downloads_the_conversation_shown_at_the_first_click(page):
     pg.wait_for_selector("#chat-branches", state="visible", timeout=20000)
     pg.wait_for_function("document.querySelector('#branch-label').innerText.includes('Reply 2/2')", timeout=20000)
     assert "Tell me about otters" in pg.inner_text("#chatbot")
+
+
+def test_a_reload_reopens_the_conversation_that_was_open(page):
+    """After a reload the page shows the conversation that was open (it opened empty, the list
+    alone kept), on the branch shown; one deleted meanwhile opens the page empty, without an error;
+    + New, then a reload, opens empty."""
+    pg = page
+    _send(pg, "Tell me about herons")
+    _wait_titles(pg, ["Tell me about herons"])
+    pg.click("#conv-new")
+    pg.wait_for_function(f"document.querySelectorAll('{BOT}').length === 0", timeout=10000)
+    _send(pg, "Tell me about kingfishers")
+    _wait_titles(pg, ["Tell me about kingfishers", "Tell me about herons"])
+    pg.locator("#conv-list label", has_text="Tell me about herons").click()       # open the older one
+    pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('Tell me about herons')",
+                         timeout=20000)
+    reply = pg.locator(BOT).last.inner_text().split("\n")[0]
+    pg.reload()
+    pg.wait_for_selector("#chat-input textarea", timeout=60000)
+    pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('Tell me about herons')",
+                         timeout=20000)
+    assert pg.locator(BOT).last.inner_text().split("\n")[0] == reply, (pg.inner_text("#chatbot"), reply)
+    assert "kingfishers" not in pg.inner_text("#chatbot")
+    pg.wait_for_function("document.querySelector('#conv-list input:checked') !== null", timeout=10000)
+    assert pg.locator("#conv-list label", has_text="Tell me about herons").locator("input").is_checked(), \
+        "selected in the list"
+    assert pg.input_value("#conv-title textarea, #conv-title input") == "Tell me about herons"
+    # the conversation continues from it: a reply sent now lands in it
+    _send(pg, "And their nests?")
+    _wait_titles(pg, ["Tell me about herons", "Tell me about kingfishers"])
+    pg.reload()
+    pg.wait_for_selector("#chat-input textarea", timeout=60000)
+    pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('And their nests?')", timeout=20000)
+
+    # deleted meanwhile (in another tab of this browser) while this browser's storage still names
+    # it: deleted here, and what the browser kept as open before put back (a Playwright page of its
+    # own context opens no second tab)
+    kept = pg.evaluate(f"localStorage.getItem({OPEN_KEY!r})")
+    assert kept, "the browser keeps the conversation open"
+    pg.click("#conv-delete")
+    _wait_titles(pg, ["Tell me about kingfishers"])
+    pg.wait_for_function(f"localStorage.getItem({OPEN_KEY!r}) !== {kept!r}", timeout=10000)
+    pg.evaluate(f"localStorage.setItem({OPEN_KEY!r}, {kept!r})")
+    pg.reload()
+    pg.wait_for_selector("#chat-input textarea", timeout=60000)
+    _wait_titles(pg, ["Tell me about kingfishers"])
+    time.sleep(1.5)              # what the load does has run (the list is drawn by the same chain)
+    assert pg.locator(BOT).count() == 0 and "herons" not in pg.inner_text("#chatbot"), pg.inner_text("#chatbot")
+    assert pg.get_by_text("Error", exact=True).count() == 0 and pg.get_by_text("No conversation").count() == 0
+    # + New (or Clear), then a reload: the page opens empty (a new conversation was what was open)
+    for button in ("#conv-new", "#chat-clear"):
+        pg.locator("#conv-list label", has_text="Tell me about kingfishers").click()
+        pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('kingfishers')", timeout=20000)
+        pg.click(button)
+        pg.wait_for_function(f"document.querySelectorAll('{BOT}').length === 0", timeout=10000)
+        time.sleep(1)
+        pg.reload()
+        pg.wait_for_selector("#chat-input textarea", timeout=60000)
+        _wait_titles(pg, ["Tell me about kingfishers"])
+        time.sleep(1.5)
+        assert pg.locator(BOT).count() == 0, (button, pg.inner_text("#chatbot"))
