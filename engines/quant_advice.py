@@ -67,19 +67,14 @@ def pytorch_fp8_gemm_fast() -> bool | None:
     """Whether LMDeploy's PyTorch engine would run blocked FP8 with a fast GEMM here: DeepGEMM, or its
     Gluon kernel, which LMDeploy 0.18 takes on Hopper with Triton >= 3.6 and < 3.8
     (``lmdeploy/pytorch/backends/cuda/blockedf8_modules.py``). Without either it uses a portable Triton
-    kernel that made FP8 *slower* than bf16 on the H200 (``PYTORCH_FP8_TRITON``). An environment that
-    names a backend wins. None: LMDeploy is not installed (nothing to say). Read from package metadata,
-    so nothing is imported."""
-    import os
+    kernel that made FP8 *slower* than bf16 on the H200 (``PYTORCH_FP8_TRITON``). None: LMDeploy is
+    not installed (nothing to say). Read from package metadata, so nothing is imported. LMDeploy's own
+    ``LMDEPLOY_BLOCKED_FP8_GEMM_BACKEND`` (a forced kernel) is not consulted: the engine layer reads no
+    environment (settings.py does), and forcing a kernel is an expert's experiment, not a setup."""
     from importlib import metadata
 
     if importlib.util.find_spec("lmdeploy") is None:
         return None
-    chosen = os.environ.get("LMDEPLOY_BLOCKED_FP8_GEMM_BACKEND", "auto").lower()
-    if chosen in ("deepgemm", "gluon"):
-        return True
-    if chosen == "triton":
-        return False
     if importlib.util.find_spec("deep_gemm") is not None:
         return True
     try:

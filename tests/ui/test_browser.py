@@ -30,8 +30,9 @@ def test_chat_in_the_browser_streams_an_answer(page):
     page.get_by_text("Sampling").first.click()             # greedy, so the answer is known
     # the page opens on the built-in model's recommended settings, says where they come from, and
     # the seed box is empty (random), not a 0 under a label that says "empty = random"
-    page.wait_for_function("() => document.querySelector('.defaults-line').innerText.includes('generation_config')",
-                           timeout=20000)
+    # the line is drawn after the Sampling accordion opens: wait for it, not only for its text
+    page.wait_for_function("() => { const e = document.querySelector('.defaults-line'); "
+                           "return !!e && e.innerText.includes('generation_config'); }", timeout=20000)
     line = page.inner_text(".defaults-line")
     assert "temperature 0.2 · top_p 0.9 from SmolLM2-135M-Instruct's generation_config.json" in line, line
     assert page.locator(".temperature input[type=number]").first.input_value() == "0.2"
