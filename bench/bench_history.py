@@ -215,6 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=7981, help="history on (off: the next port)")
     ap.add_argument("--store-cpu", type=int, nargs="?", const=1000, metavar="N",
                     help="only the store's CPU per request, N requests (default 1000): see above")
+    ap.add_argument("--unstored", action="store_true",
+                    help="a third mode: the history-on app's /chat without a conversation (tells the store's "
+                         "cost from the cost of the app's history UI)")
     ap.add_argument("--history", choices=("on", "off"), help=argparse.SUPPRESS)
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
@@ -232,12 +235,15 @@ def main(argv=None) -> int:
         print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
         return 0
     servers = {"on": _start(a.port, a, True), "off": _start(a.port + 1, a, False)}
+    if a.unstored:      # the history-on app, its /chat called without a conversation: nothing stored
+        servers["unstored"] = (servers["on"][0], servers["on"][1], None)
+    modes = list(servers)
     try:
         idle = {mode: _idle_cpu_rate(proc.pid) for mode, (proc, _, _) in servers.items()}
         figures: dict = {}
         for rnd in range(a.rounds):
             for n in [int(x) for x in a.users.split(",")]:
-                order = ("on", "off") if rnd % 2 == 0 else ("off", "on")
+                order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
                 for mode in order:
                     proc, url, cid = servers[mode]
                     r = _run(url, cid, n, a.new_tokens, proc.pid, idle[mode])
@@ -251,16 +257,26 @@ def main(argv=None) -> int:
             off = statistics.median(r["tokens_per_s"] for r in figures[(n, "off")])
             t_on = statistics.median(r["ttft_p50"] or 0 for r in figures[(n, "on")])
             t_off = statistics.median(r["ttft_p50"] or 0 for r in figures[(n, "off")])
-            print(f"{n:4d} users: tokens/s on {on:8.1f} off {off:8.1f} ratio {on / off:.3f} · first token p50 "
-                  f"on {t_on * 1000:.0f} ms off {t_off * 1000:.0f} ms ratio {t_on / t_off if t_off else 0:.3f}")
+            # each round's on/off pair ran back to back: the median of those ratios follows the
+            # machine's drift (other work, clock) less than the ratio of the two medians
+            paired = statistics.median(r_on["tokens_per_s"] / r_off["tokens_per_s"]
+                                       for r_on, r_off in zip(figures[(n, "on")], figures[(n, "off")]))
+            print(f"{n:4d} users: tokens/s on {on:8.1f} off {off:8.1f} ratio {on / off:.3f} (paired by round "
+                  f"{paired:.3f}) · first token p50 on {t_on * 1000:.0f} ms off {t_off * 1000:.0f} ms ratio "
+                  f"{t_on / t_off if t_off else 0:.3f}")
+            if "unstored" in servers:
+                un = statistics.median(r["tokens_per_s"] for r in figures[(n, "unstored")])
+                print(f"{n:4d} users: the history-on app not storing {un:8.1f} tokens/s: on / unstored "
+                      f"{on / un:.3f}, unstored / off {un / off:.3f} (the app's shape, not the store)")
         print(f"server CPU ms per request (psutil, user+system, idle {idle['on'] * 1000:.0f}/{idle['off'] * 1000:.0f} "
               f"ms/s on/off subtracted; rounds summed)")
         for n in [int(x) for x in a.users.split(",")]:
             per = {mode: 1000 * sum(r["cpu_s"] for r in figures[(n, mode)]) / sum(r["requests"] for r in figures[(n, mode)])
-                   for mode in ("on", "off")}
+                   for mode in modes}
             kids = 1000 * sum(r["children_cpu_s"] for r in figures[(n, "on")]) / sum(r["requests"] for r in figures[(n, "on")])
             print(f"{n:4d} users: on {per['on']:6.2f} off {per['off']:6.2f} history costs {per['on'] - per['off']:+.2f} "
-                  f"ms/request ({per['on'] / per['off']:.3f}x); the store's writer process (on) {kids:.2f} ms/request")
+                  f"ms/request ({per['on'] / per['off']:.3f}x); the store's writer process (on) {kids:.2f} ms/request"
+                  + (f"; the history-on app not storing {per['unstored']:6.2f}" if "unstored" in per else ""))
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
               f"({os.cpu_count()} cores)")
     finally:
