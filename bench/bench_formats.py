@@ -43,7 +43,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.bench_app import _EXTRA_INPUTS, _warm_worker  # noqa: E402
+from bench.bench_app import http_stream  # noqa: E402
 from bench.bench_engines import prompt_of  # noqa: E402
 
 
@@ -85,32 +85,6 @@ def wait_ready(procs: dict, timeout: float) -> dict:
                 pass
         time.sleep(0.5)
     return ready
-
-
-def chat_tokens(url, messages, params):
-    """One streamed ``/chat`` reply (Gradio's REST API, as ``bench_app.http_stream``): its text."""
-    if url not in _EXTRA_INPUTS:
-        info = json.load(urllib.request.urlopen(url + "gradio_api/info", timeout=30))
-        _EXTRA_INPUTS[url] = [p.get("parameter_default") for p in info["named_endpoints"]["/chat"]["parameters"][2:]]
-    t0 = time.perf_counter()
-    body = json.dumps({"data": [[m.to_dict() for m in messages], params, *_EXTRA_INPUTS[url]]}).encode()
-    req = urllib.request.Request(url + "gradio_api/call/chat", data=body, headers={"Content-Type": "application/json"})
-    event_id = json.load(urllib.request.urlopen(req, timeout=60))["event_id"]
-    ttft, text, event = None, "", ""
-    with urllib.request.urlopen(f"{url}gradio_api/call/chat/{event_id}", timeout=600) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:") and event in ("generating", "complete"):
-                data = json.loads(line[5:])
-                if data and data[0]:
-                    text = data[0]
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-            elif line.startswith("data:") and event == "error":
-                raise RuntimeError(line)
-    return {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": text}
 
 
 def v1_tokens(url, messages, params):
@@ -161,7 +135,7 @@ def _users(url, path, messages, params, count, start_at, model_path=None):
     def one(i):
         time.sleep(max(0.0, start_at - time.time()))
         start = time.time()
-        r = chat_tokens(url, messages, params) if path == "chat" else v1_tokens(url, messages, params)
+        r = http_stream(url, messages, params) if path == "chat" else v1_tokens(url, messages, params)
         r["start"], r["end"] = start, time.time()
         res[i] = r
 

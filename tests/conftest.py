@@ -134,14 +134,19 @@ def tiny_llava(tmp_path_factory):
     return build_tiny_llava(str(tmp_path_factory.mktemp("models") / "tiny-llava"))
 
 
-@pytest.fixture(scope="session")
-def vision_app(tiny_llava, cache_dir, smollm2):
-    app = AppProcess(["--cache-dir", cache_dir, "--vision-model", tiny_llava, "--max-images", "6"])
+def wait_for_vision(app: "AppProcess", tries: int = 120) -> "AppProcess":
+    """Wait (0.5 s a try) until the app's vision model, loaded in the background, is ready."""
     c = app.client()
-    for _ in range(120):   # the vision model loads in the background
+    for _ in range(tries):
         if "on **transformers**" in c.predict(api_name="/engine_info_vision"):
             break
         time.sleep(0.5)
+    return app
+
+
+@pytest.fixture(scope="session")
+def vision_app(tiny_llava, cache_dir, smollm2):
+    app = wait_for_vision(AppProcess(["--cache-dir", cache_dir, "--vision-model", tiny_llava, "--max-images", "6"]))
     yield app
     app.stop()
 

@@ -11,7 +11,7 @@ import sqlite3
 
 import pytest
 
-from tests.conftest import ROOT, AppProcess
+from tests.conftest import ROOT, AppProcess, wait_for_vision
 from tests.ui.test_conversations import history_cache
 
 SHAPES = os.path.join(ROOT, "assets", "examples", "shapes.png")
@@ -76,16 +76,10 @@ BOT = "#vision-chatbot .message.bot"
 
 @pytest.fixture(scope="module")
 def app(cache_dir, smollm2, tiny_llava, tmp_path_factory):
-    import time
-
     folder = tmp_path_factory.mktemp("vision-branches") / "cache"
     a = AppProcess(["--cache-dir", history_cache(cache_dir, folder), "--vision-model", tiny_llava])
     a.folder = str(folder)
-    c = a.client()
-    for _ in range(240):         # the vision model loads in the background
-        if "on **transformers**" in c.predict(api_name="/engine_info_vision"):
-            break
-        time.sleep(0.5)
+    wait_for_vision(a, 240)         # the vision model loads in the background
     yield a
     a.stop()
 
@@ -101,10 +95,12 @@ def _wait_reply_done(pg, count: int) -> None:
                          "&& b[b.length - 1].innerText.includes('tok/s'); })()", timeout=180000)
 
 
-def _label(pg, want: str) -> None:
-    """The branch row says ``want`` (it is not drawn at all while hidden)."""
+def _label(pg, want: str, timeout: int = 120000) -> None:
+    """The branch row says ``want`` (it is not drawn at all while hidden). The wait is long: after a
+    regenerate the row follows the new reply, which the tiny LLaVA on a busy 2-core machine (CI
+    beside other apps) takes well over 20 s to write."""
     pg.wait_for_function("(w) => { const l = document.querySelector('#vision-branch-label'); "
-                         "return l !== null && l.innerText.includes(w); }", arg=want, timeout=20000)
+                         "return l !== null && l.innerText.includes(w); }", arg=want, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from tests.conftest import ROOT, AppProcess
+from tests.conftest import ROOT, AppProcess, wait_for_vision
 from tests.ui.test_conversations import history_cache
 
 SHAPES = os.path.join(ROOT, "assets", "examples", "shapes.png")
@@ -141,16 +141,10 @@ def turns_with(image: str) -> list[dict]:
 def fresh(cache_dir, smollm2, tiny_llava, tmp_path_factory):
     """A second app with the tiny LLaVA and a cache folder of its own (its own conversations file and
     uploads folder: "another machine")."""
-    import time
-
     folder = tmp_path_factory.mktemp("vision-export") / "cache"
     app = AppProcess(["--cache-dir", history_cache(cache_dir, folder), "--vision-model", tiny_llava])
     app.folder = str(folder)
-    c = app.client()
-    for _ in range(240):         # the vision model loads in the background
-        if "on **transformers**" in c.predict(api_name="/engine_info_vision"):
-            break
-        time.sleep(0.5)
+    wait_for_vision(app, 240)         # the vision model loads in the background
     yield app
     app.stop()
 
