@@ -765,6 +765,9 @@ def build(ctx: Context, demo: gr.Blocks | None = None, who: gr.State | None = No
         try:
             with open(file if isinstance(file, str) else file.name, encoding="utf-8") as f:
                 data = json.load(f)
+            if isinstance(data, dict) and data.get("kind") == "vision":
+                # its images would land in a chat the text model then refuses ("does not take images")
+                raise ValueError("this is a Vision conversation: import it on the Vision page. Nothing was imported.")
             turns = parse_chat_json(data)
             if store is not None:
                 owner = owner_key(request, who_id)

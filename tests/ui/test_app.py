@@ -221,6 +221,10 @@ def test_export_then_import_a_chat(app_server, tmp_path):
     bad.write_text('{"messages": [{"role": "wizard", "content": 1}]}')
     with pytest.raises(AppError, match="Not a chat export"):
         other.predict(handle_file(str(bad)), api_name="/import_chat")
+    vision = tmp_path / "vision.json"        # a Vision page's export: its images have no place here
+    vision.write_text(json.dumps({**data, "kind": "vision"}))
+    with pytest.raises(AppError, match="import it on the Vision page"):
+        other.predict(handle_file(str(vision)), api_name="/import_chat")
 
 
 def test_regenerate_undo_and_edit_last(app_server):
