@@ -119,12 +119,13 @@ def http_stream(url, messages, params):
     req = urllib.request.Request(url + "gradio_api/call/chat", data=body,
                                  headers={"Content-Type": "application/json"})
     event_id = json.load(urllib.request.urlopen(req, timeout=60))["event_id"]
-    ttft, text, updates, event = None, "", 0, ""
+    ttft, text, updates, event, complete = None, "", 0, "", False
     with urllib.request.urlopen(f"{url}gradio_api/call/chat/{event_id}", timeout=600) as resp:
         for raw in resp:
             line = raw.decode().strip()
             if line.startswith("event:"):
                 event = line[6:].strip()
+                complete = complete or event == "complete"
             elif line.startswith("data:") and event in ("generating", "complete"):
                 data = json.loads(line[5:])
                 if data and data[0]:
@@ -134,7 +135,10 @@ def http_stream(url, messages, params):
                         ttft = time.perf_counter() - t0
             elif line.startswith("data:") and event == "error":
                 raise RuntimeError(line)
-    return {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": text, "updates": updates}
+    out = {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": text, "updates": updates}
+    if not complete:        # the server closed the stream early: a cut reply, not a fast one
+        out["error"] = f"the stream ended without its 'complete' event, after {updates} updates"
+    return out
 
 
 _SERVED_MODEL: dict[str, str] = {}     # url -> the server's first listed model, asked once per process

@@ -161,7 +161,7 @@ def run_users(pool, url, path, messages, params, n, model_path: str) -> dict:
               if n == 1 and one["tokens"] and one["ttft"] is not None and one["seconds"] > one["ttft"] else None)
     return {"tok_s": tokens / wall, "decode_tok_s": decode, "tokens": tokens,
             "ttft_ms": statistics.median(r["ttft"] for r in res if r["ttft"] is not None) * 1000,
-            "errors": sum(1 for r in res if r["ttft"] is None),
+            "errors": sum(1 for r in res if r["ttft"] is None or r.get("error")),
             "tokens_per_reply": statistics.median(r["tokens"] or 0 for r in res)}
 
 
