@@ -11,7 +11,7 @@ import os
 import pytest
 
 from tests.conftest import ROOT
-from tests.ui.browser import open_page, shot
+from tests.ui.browser import ask_vision, open_page, shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 pytest.importorskip("playwright.sync_api")
@@ -102,10 +102,7 @@ def test_vision_page_takes_an_uploaded_image_and_answers(browser, vision_app):
         widths = {round(pg.locator("#vision-examples .gallery-item").nth(i).bounding_box()["width"])
                   for i in range(pg.locator("#vision-examples .gallery-item").count())}
         assert len(widths) == 1, f"the example cards have uneven widths: {widths}"
-        pg.set_input_files("#vision-input input[type=file]", SHAPES)
-        pg.wait_for_selector("#vision-input img, #vision-input .thumbnail-item", timeout=20000)
-        pg.fill("#vision-input textarea", "What shapes are here?")
-        pg.press("#vision-input textarea", "Enter")
+        ask_vision(pg, "What shapes are here?")
         pg.wait_for_function(
             "() => document.querySelector('#vision-context').innerText.includes('Image cost: shapes.png')",
             timeout=120000)

@@ -106,17 +106,14 @@ def _label(pg, want: str, timeout: int = 120000) -> None:
 @pytest.mark.slow
 @pytest.mark.browser
 def test_regenerate_twice_move_between_three_branches_and_continue_from_one(browser, app):
-    from tests.ui.browser import open_page, shot
+    from tests.ui.browser import ask_vision, open_page, shot
 
     pg = open_page(browser, app.url, width=1400, height=900)
     try:
         pg.get_by_role("tab", name="Vision").click()
         pg.wait_for_selector("#vision-input textarea:not([disabled])", state="visible", timeout=60000)
         assert not pg.locator("#vision-branches").is_visible(), "no versions yet: no branch row"
-        pg.set_input_files("#vision-input input[type=file]", SHAPES)
-        pg.wait_for_selector("#vision-input img, #vision-input .thumbnail-item", timeout=20000)
-        pg.fill("#vision-input textarea", "What shapes are here?")
-        pg.press("#vision-input textarea", "Enter")
+        ask_vision(pg, "What shapes are here?")
         _wait_reply_done(pg, 1)
         replies = [_reply_text(pg)]
         for n in (2, 3):          # sampled (the page's default temperature): each version its own text

@@ -232,16 +232,13 @@ def _export(pg, button: str) -> str:
 @pytest.mark.slow
 @pytest.mark.browser
 def test_one_click_on_export_downloads_the_vision_conversation(browser, fresh):
-    from tests.ui.browser import open_page, shot
+    from tests.ui.browser import ask_vision, open_page, shot
 
     pg = open_page(browser, fresh.url, width=1400, height=900)
     try:
         pg.get_by_role("tab", name="Vision").click()
         pg.wait_for_selector("#vision-input textarea:not([disabled])", state="visible", timeout=60000)
-        pg.set_input_files("#vision-input input[type=file]", SHAPES)
-        pg.wait_for_selector("#vision-input img, #vision-input .thumbnail-item", timeout=20000)
-        pg.fill("#vision-input textarea", "Which shapes?")
-        pg.press("#vision-input textarea", "Enter")
+        ask_vision(pg, "Which shapes?")
         pg.wait_for_function(f"[...document.querySelectorAll('{BOT}')].pop()?.innerText.includes('tok/s')",
                              timeout=180000)
         pg.click("#vision-regenerate")
