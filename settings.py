@@ -41,6 +41,7 @@ class Settings:
     session_len: int | None = None    # context length; None: the model's own
     tp: int = 1                       # tensor parallel GPUs (LMDeploy)
     trust_remote_code: bool = False
+    engine_process: str = "auto"      # auto | on | off: the engine in a process of its own (engines/core.py)
     server_name: str = "127.0.0.1"
     server_port: int = 7860
     share: bool = False
@@ -80,6 +81,8 @@ class Settings:
     def validate(self) -> "Settings":
         if self.engine not in ENGINES:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine_process not in ("auto", "on", "off"):
+            raise ValueError(f"--engine-process must be auto, on or off, got {self.engine_process!r}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
@@ -188,7 +191,8 @@ class Settings:
         return dict(device=self.device, dtype=self.dtype, model_format=self.model_format,
                     quant_policy=self.quant_policy, cache_max_entry_count=self.cache_max_entry_count,
                     session_len=self.session_len, tp=self.tp,
-                    trust_remote_code=self.trust_remote_code, remote_model=self.remote_model,
+                    trust_remote_code=self.trust_remote_code, engine_process=self.engine_process,
+                    remote_model=self.remote_model,
                     api_key=self.remote_api_key, wait_end=self.lmdeploy_wait_end or None)
 
 
@@ -205,6 +209,9 @@ _HELP = {
     "session_len": "context length in tokens (default: the model's)",
     "tp": "GPUs one model spans (tensor parallel, LMDeploy engines)",
     "trust_remote_code": "allow models that ship their own Python code",
+    "engine_process": "run the engine in a process of its own, so the web server and the engine do not "
+                      "share one Python GIL (auto: on for TurboMind and LMDeploy's PyTorch engine, off for "
+                      "Transformers)",
     "server_name": "address to bind; 127.0.0.1 keeps it local (use an SSH tunnel)",
     "server_port": "port to serve on",
     "share": "create a public Gradio share link (requires --auth)",
@@ -243,13 +250,13 @@ _HELP = {
                     "default: keep them)",
 }
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-_CHOICES = {"engine": ENGINES, "vision_engine": ENGINES, "device": DEVICES, "model_format": MODEL_FORMATS,
+_CHOICES = {"engine_process": ("auto", "on", "off"), "engine": ENGINES, "vision_engine": ENGINES, "device": DEVICES, "model_format": MODEL_FORMATS,
             "quant_policy": QUANT_POLICIES, "dtype": DTYPES}
 # --help in groups, in this order; options not named here are benchmarking knobs, hidden from --help
 _GROUPS = {
     "model and engine": ("model", "engine", "device", "dtype", "model_format", "quant_policy",
                          "cache_max_entry_count", "session_len", "tp", "trust_remote_code", "remote_model",
-                         "remote_api_key", "vision_model", "vision_engine", "no_load", "cache_dir"),
+                         "remote_api_key", "vision_model", "vision_engine", "engine_process", "no_load", "cache_dir"),
     "serving and security": ("server_name", "server_port", "share", "auth", "admin", "share_without_auth",
                              "root_path", "api", "model_roots", "allowed_models"),
     "limits": ("max_input_chars", "max_messages", "max_new_tokens_limit", "max_images_per_turn", "max_images",

@@ -9,9 +9,12 @@ timed on the same greedy request, round after round (the order rotates each roun
                LMDeploy's own Python API streams at best (the reference every ratio divides by);
 * ``adapter``  TurboStudio's engine layer alone in this process (``engines/lmdeploy.py``), N threads:
                what our adapter costs before any web layer;
-* ``chat``     the app (``python app.py --api``) through its public ``/chat`` endpoint, plain HTTP
-               server-sent events (Gradio's REST protocol);
+* ``chat``     the app (``python app.py --api``, its engine in a process of its own: ``--engine-process
+               on``, engines/core.py) through its public ``/chat`` endpoint, plain HTTP server-sent
+               events (Gradio's REST protocol);
 * ``v1``       the same app's ``/v1/chat/completions`` (OpenAI protocol, streaming);
+* ``chat-inproc``, ``v1-inproc``  a second app with the engine in the web server's process
+               (``--engine-process off``, as before issue #19's split): the split's before/after;
 * ``server``   LMDeploy's own ``lmdeploy serve api_server`` (its OpenAI endpoint, streaming): the peer.
 
 The web sides' users run in a pool of load-generator processes (8 users each, all warmed first), so
@@ -36,7 +39,8 @@ from bench.bench_app import _users_in_process, _warm_worker, start_server, strea
 from bench.bench_engines import build_engine, one_stream, prompt_of  # noqa: E402
 from engines.base import GenParams  # noqa: E402
 
-SIDES = ("raw", "adapter", "chat", "v1", "server")
+SIDES = ("raw", "adapter", "chat", "v1", "chat-inproc", "v1-inproc", "server")
+APPS = {"chat": "on", "v1": "on", "chat-inproc": "off", "v1-inproc": "off"}   # side -> --engine-process
 
 
 def p99(xs):
@@ -95,9 +99,9 @@ def web_run(pool, url: str, kind: str, messages, params: dict, n: int) -> dict:
             "errors": sum(1 for r in res if r["ttft"] is None)}
 
 
-def launch_app(model, backend, port, cache, session_len, model_format="hf"):
+def launch_app(model, backend, port, cache, session_len, model_format="hf", engine_process="auto"):
     args = [sys.executable, os.path.join(ROOT, "app.py"), "--server-port", str(port), "--engine", backend,
-            "--model", model, "--api", "--model-format", model_format]
+            "--model", model, "--api", "--model-format", model_format, "--engine-process", engine_process]
     if backend != "transformers":
         args += ["--cache-max-entry-count", str(cache), "--session-len", str(session_len)]
     return start_server(args, port)
@@ -160,21 +164,24 @@ def main(argv=None):
             one_stream(eng, msgs, params.replace(max_new_tokens=8), "warm")
             ready["adapter"] = time.perf_counter() - t0
         urls = {}
-        if "chat" in sides or "v1" in sides:
-            proc, ready["app"] = launch_app(a.model, a.backend, a.port, a.cache, a.session_len, a.model_format)
-            procs.append(proc)
-            urls["chat"] = urls["v1"] = f"http://127.0.0.1:{a.port}/"
+        for mode, port in (("on", a.port), ("off", a.port + 2)):    # one app per --engine-process
+            mine = [s for s in sides if APPS.get(s) == mode]
+            if mine:
+                proc, ready[f"app-{mode}"] = launch_app(a.model, a.backend, port, a.cache, a.session_len,
+                                                        a.model_format, mode)
+                procs.append(proc)
+                urls.update({s: f"http://127.0.0.1:{port}/" for s in mine})
         if "server" in sides:
             proc, ready["server"] = launch_api_server(a.model, a.backend, a.port + 1, a.cache, a.session_len,
                                                       a.model_format)
             procs.append(proc)
             urls["server"] = f"http://127.0.0.1:{a.port + 1}/"
         print("ready (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ready.items()), flush=True)
-        kinds = {"chat": "http", "v1": "openai", "server": "openai"}
+        kinds = {"chat": "http", "v1": "openai", "chat-inproc": "http", "v1-inproc": "openai", "server": "openai"}
         workers = max(1, (max(users) + 7) // 8)
         rounds = []
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            for side in ("chat", "v1", "server"):       # every load-generator process warmed on every server
+            for side in kinds:       # every load-generator process warmed on every server
                 if side in sides:
                     start_at = time.time() + 5.0
                     fs = [pool.submit(_warm_worker, urls[side], kinds[side], msgs, {**web_params, "max_new_tokens": 8},

@@ -132,7 +132,12 @@ def _serve(port: int, step_ms: float, extra: list[str]) -> int:
     from engines import manager as m
 
     def load(self, model, engine="auto", progress=None, policy=None, **options):
-        self._engine = SyntheticEngine(step_ms)
+        if {**self.options, **options}.get("engine_process") == "on":     # the engine core (engines/core.py)
+            from engines.core import CoreEngine
+
+            self._engine = CoreEngine("bench.bench_web:SyntheticEngine", (step_ms,))
+        else:
+            self._engine = SyntheticEngine(step_ms)
         return self._engine.info
 
     m.EngineManager.load = load
@@ -169,6 +174,16 @@ def users_in_process(url: str, path: str, messages, params: dict, count: int, st
     [t.start() for t in threads]
     [t.join() for t in threads]
     return res
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (the app's engine core and history writer processes)."""
+    import psutil
+
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return [pid]
 
 
 def _cpu_s(pids) -> float:
@@ -267,13 +282,14 @@ def _users(pool, url, path, msgs, p, n, server_pid, client_pids, expect) -> dict
     per = [8] * (n // 8) + ([n % 8] if n % 8 else [])
     load = os.getloadavg()[0]
     start_at = time.time() + 1.0      # every worker has its users' threads ready by then
-    cpu0, ccpu0 = _cpu_s([server_pid]), _cpu_s(client_pids)
+    server = _tree(server_pid)        # the app's processes: itself, its engine core, its history writer
+    cpu0, ccpu0 = _cpu_s(server), _cpu_s(client_pids)
     futs = [pool.submit(users_in_process, url, path, msgs, p, k, start_at) for k in per]
     res = [r for f in futs for r in f.result()]
     errors = [r["error"] for r in res if r.get("error")]
     if errors:
         raise SystemExit(f"{len(errors)} of {n} users failed through /{path}: {errors[0]}")
-    cpu1, ccpu1 = _cpu_s([server_pid]), _cpu_s(client_pids)
+    cpu1, ccpu1 = _cpu_s(server), _cpu_s(client_pids)
     wall = max(r["end"] for r in res) - min(r["start"] for r in res)
     ttfts = sorted(r["ttft"] if r["ttft"] is not None else r["seconds"] for r in res)
     tokens = expect * n
@@ -348,9 +364,9 @@ def main(argv=None):
         for i, v in enumerate(variants):
             procs[v["label"]] = (_start(v, a.port + i, a), f"http://127.0.0.1:{a.port + i}/")
         time.sleep(2.0)
-        idle = {lab: _cpu_s([pr.pid]) for lab, (pr, _) in procs.items()}
+        idle = {lab: _cpu_s(_tree(pr.pid)) for lab, (pr, _) in procs.items()}
         time.sleep(5.0)
-        idle = {lab: (_cpu_s([pr.pid]) - idle[lab]) / 5.0 for lab, (pr, _) in procs.items()}
+        idle = {lab: (_cpu_s(_tree(pr.pid)) - idle[lab]) / 5.0 for lab, (pr, _) in procs.items()}
         workers = max(1, (max(users) + 7) // 8)
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                  initializer=_nice_worker, initargs=(a.client_nice,)) as pool:

@@ -32,6 +32,7 @@ class TransformersConfig:
     # weight-only; nothing is written to disk). Measured on a 2-core AVX2 CPU it saves memory but
     # decodes slower (README, Quantize); it is a memory saving, not a speed-up, there.
     weight_quant: str = "none"
+    engine_process: str = "auto"    # auto (= off here) | on | off: engines/core.py
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
@@ -57,6 +58,8 @@ class LMDeployConfig:
     trust_remote_code: bool = False
     max_batch: int | None = None    # None: LMDeploy's default
     wait_end: bool = False          # diagnostic: end streams at LMDeploy's end marker (A/B runs)
+    # auto (= on) | on | off: the engine in a process of its own, off the web side's GIL (engines/core.py)
+    engine_process: str = "auto"
 
     def __post_init__(self):
         if self.backend not in ("turbomind", "pytorch"):
@@ -93,7 +96,12 @@ class RemoteConfig:
             raise ValueError("timeout must be in (0, 600] seconds")
 
 
+ENGINE_PROCESS = ("auto", "on", "off")
+
+
 def _check_common(cfg) -> None:
+    if cfg.engine_process not in ENGINE_PROCESS:
+        raise ValueError(f"engine_process must be auto, on or off, got {cfg.engine_process!r}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.session_len is not None and int(cfg.session_len) < 16:

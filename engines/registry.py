@@ -112,7 +112,16 @@ def _transformers_knows(resolved: ResolvedModel, trust_remote_code: bool) -> Non
 
 
 def create(resolved: ResolvedModel, config: BackendConfig) -> Engine:
-    """Build the backend ``config`` describes (call ``precheck`` first; the manager does)."""
+    """Build the backend ``config`` describes (call ``precheck`` first; the manager does). Where the
+    config asks for it (``engine_process``, on by default for LMDeploy's engines), the engine is
+    built in a process of its own and a proxy returned (:mod:`engines.core` says why)."""
+    from .core import CoreEngine, wants_process
+
+    if wants_process(config):
+        import dataclasses
+
+        here = dataclasses.replace(config, engine_process="off")   # what the child builds in itself
+        return CoreEngine("engines.registry:create", (resolved, here))
     if isinstance(config, TransformersConfig):
         from .transformers import TransformersEngine
 

@@ -155,8 +155,12 @@ class FakePipe:
 
 @pytest.fixture
 def fake_lmdeploy(monkeypatch):
-    """LMDeployEngine's LMDeploy-facing steps replaced by the fake; returns the pipes it built."""
-    from engines import lmdeploy
+    """LMDeployEngine's LMDeploy-facing steps replaced by the fake; returns the pipes it built. The
+    fake lives in this process, so the engine is built here too (``engine_process`` off; the engine
+    core itself is tested in tests/engines/test_core.py, on the GPU in tests/gpu)."""
+    from engines import core, lmdeploy
+
+    monkeypatch.setattr(core, "wants_process", lambda config: False)
 
     pipes = []
 

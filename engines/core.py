@@ -1,0 +1,525 @@
+"""The engine in a process of its own (issue #19): the web side and the engine no longer share a GIL.
+
+Why: in one process, every web thing the app does (Gradio's queue and its server-sent events, the
+``/v1`` SSE encoding, the relay's pump threads, the Monitor's polls) competes for one GIL with the
+engine's own Python: LMDeploy's PyTorch engine schedules every decode step in Python, and TurboMind's
+side detokenizes every token of every stream in Python on LMDeploy's event loop. Under many users each
+side slows the other. vLLM's V1 answered the same problem by splitting its API server from its
+"engine core" (a socket between them); this module does that for any :class:`~engines.base.Engine`:
+
+* :class:`CoreEngine` (this process) *is* an Engine: the manager, its admission, limits, history
+  fitting, metrics and abort work as before, and every entry point still takes the one road
+  (``EngineManager.submit``); only the object behind it is a proxy.
+* The engine core (a child process: a fresh interpreter started with ``subprocess``, not
+  ``multiprocessing``'s spawn, which would import the parent's ``__main__`` again: a script or
+  notebook without a main guard would start itself) builds the real engine from a factory
+  (``"module:function"`` and its arguments: ``engines.registry:create`` for a model,
+  ``bench.bench_web:SyntheticEngine`` for the web benchmark) and serves it over one Unix socket
+  pair (pickled, length-prefixed frames: ``multiprocessing.connection.Connection``, the standard
+  library's own, rather than a framing of ours).
+
+The protocol (frames are tuples; the child merges what it sends while the parent reads):
+
+====================  ===========================================================================
+parent -> child        ``("s", rid, request)`` start a stream; ``("a", rid)`` abort it;
+                       ``("c", cid, method, args, kwargs)`` call a method (count_tokens, scheduler, ...);
+                       ``("q",)`` close the engine and exit.
+                       (first, once: the parent's ``sys.path``, then ``("init", factory, args,
+                       log level)``.)
+child -> parent        ``("ready", info, methods)`` once loaded, or ``("failed", error)``;
+                       ``("e", [(rid, events), ...], [(cid, ok, value), ...])`` everything that
+                       happened since the last frame. A stream's events: ``("ok",)`` it started
+                       (``stream()`` returned), ``("x", error)`` it raised, ``("d", text, tokens,
+                       finish_reason, error, prompt_tokens)`` a delta, ``("end",)`` it ended.
+====================  ===========================================================================
+
+Deltas of one stream that wait together in the child's outbox are merged into one (text
+concatenated, the last count and finish reason): while the parent keeps up, every token goes on its
+own; when it falls behind, frames carry more, never less. Nothing is dropped.
+
+Failure: if the child dies (TurboMind aborts its process on some CUDA errors, an out-of-memory
+kills it), the parent's reader sees the pipe close; every running stream ends with an error delta
+naming the exit code, calls raise :class:`EngineUnavailable`, ``health()`` says the engine process
+exited, and the app keeps serving its pages (the Engines page offers a reload). The child exits
+when the parent does (its pipe closes), so no GPU memory is left held by an orphan.
+
+Exceptions cross the pipe as (class path, message, attributes) and are rebuilt as the same
+:class:`~engines.base.EngineError` subclass (``InvalidRequest.param`` kept) or built-in type; anything
+else becomes an :class:`EngineError` naming its type. pickle alone would lose keyword-only
+attributes (``InvalidRequest(message, *, param)`` is rebuilt from ``args`` only).
+"""
+from __future__ import annotations
+
+import builtins
+import concurrent.futures
+import importlib
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any, Iterator, Sequence
+
+from .base import ChatMessage, ChatRequest, Delta, EngineError, EngineInfo, EngineUnavailable, SchedulerView
+
+log = logging.getLogger(__name__)
+
+# Methods some engines have beyond the contract, forwarded when the engine in the child has them
+# (the Quantize card's perplexity, the PyTorch engine's own KV capacity count).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTRA_METHODS = ("perplexity", "kv_capacity", "lmdeploy_sessions")
+CLOSE_TIMEOUT = 60.0     # seconds the child may take to free its engine before it is killed
+CALL_TIMEOUT = 30.0      # seconds a status call (health, scheduler, live_requests) may take
+
+
+# ---------------------------------------------------------------------- errors across the pipe
+def portable(e: BaseException) -> tuple:
+    """An exception as plain data: (module, class name, message, attributes)."""
+    cls = type(e)
+    msg = getattr(e, "message", None) or (str(e.args[0]) if e.args else str(e))
+    attrs = {k: v for k, v in vars(e).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return cls.__module__, cls.__qualname__, str(msg), attrs
+
+
+def rebuild(data: tuple) -> BaseException:
+    """The exception :func:`portable` described: the same EngineError subclass or built-in type."""
+    module, name, message, attrs = data
+    cls = None
+    if module == "builtins":
+        cls = getattr(builtins, name, None)
+    elif module.startswith("engines."):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            cls = None
+    if isinstance(cls, type) and issubclass(cls, BaseException) and \
+            (issubclass(cls, EngineError) or module == "builtins"):
+        e = cls.__new__(cls)
+        BaseException.__init__(e, message)
+        for k, v in attrs.items():
+            try:
+                setattr(e, k, v)
+            except AttributeError:
+                pass
+        if isinstance(e, EngineError):
+            e.message = message
+            if not hasattr(e, "code"):
+                e.code = None
+        return e
+    return EngineError(f"{name}: {message}")
+
+
+# ---------------------------------------------------------------------- the child
+class _Outbox:
+    """What the child has to say, merged per stream until the sender takes it (see the module)."""
+
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.streams: dict[str, list] = {}
+        self.results: list = []
+        self.closed = False
+
+    def event(self, rid: str, ev: tuple) -> None:
+        with self.cv:
+            evs = self.streams.get(rid)
+            if evs is None:
+                self.streams[rid] = [ev]
+            else:
+                last = evs[-1]
+                if ev[0] == "d" and last[0] == "d" and last[3] is None:
+                    evs[-1] = ("d", last[1] + ev[1], ev[2], ev[3], ev[4], last[5] or ev[5])
+                else:
+                    evs.append(ev)
+            self.cv.notify()
+
+    def result(self, cid: int, ok: bool, value: Any) -> None:
+        with self.cv:
+            self.results.append((cid, ok, value))
+            self.cv.notify()
+
+    def take(self):
+        with self.cv:
+            while not (self.streams or self.results or self.closed):
+                self.cv.wait()
+            streams, results = list(self.streams.items()), self.results
+            self.streams, self.results = {}, []
+            return streams, results
+
+
+def main(fd: int) -> None:
+    """The child's entry (``python -c "...main(FD)"``): the socket is ``fd``; the first frame is the
+    parent's ``sys.path`` (so the factory's module imports as it does there), the second the init."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    try:
+        sys.path[:] = conn.recv()
+        _, factory, args, level = conn.recv()
+    except (EOFError, OSError):
+        os._exit(1)
+    _serve(conn, factory, args, level)
+
+
+def _serve(conn, factory: str, args: tuple, log_level: int) -> None:
+    """The engine core's main (the child process): build the engine, then serve frames until the
+    parent says close or goes away."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
+    for noisy in ("torchao", "torch.utils._pytree"):    # as app.py says: warnings about kernels never used
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    module, _, fn = factory.partition(":")
+    try:
+        engine = getattr(importlib.import_module(module), fn)(*args)
+    except BaseException as e:  # noqa: BLE001 - told to the parent, which raises it where load was called
+        log.debug("engine factory failed", exc_info=True)
+        try:
+            conn.send(("failed", portable(e)))
+        finally:
+            os._exit(1)
+    methods = [m for m in EXTRA_METHODS if callable(getattr(engine, m, None))]
+    out = _Outbox()
+    send_lock = threading.Lock()
+    conn.send(("ready", engine.info, methods))
+
+    def sender():
+        while True:
+            streams, results = out.take()
+            if not (streams or results):
+                return                          # closed and drained
+            try:
+                with send_lock:
+                    conn.send(("e", streams, results))
+            except (OSError, ValueError):       # the parent is gone
+                return
+
+    def pump(rid: str, request: ChatRequest):
+        try:
+            it = engine.stream(request)
+        except BaseException as e:  # noqa: BLE001 - raised in the parent's stream() call
+            out.event(rid, ("x", portable(e)))
+            return
+        out.event(rid, ("ok",))
+        try:
+            for d in it:
+                out.event(rid, ("d", d.text, d.tokens, d.finish_reason, d.error, d.prompt_tokens))
+        except BaseException as e:  # noqa: BLE001 - raised in the parent after the deltas before it
+            out.event(rid, ("x", portable(e)))
+            return
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001
+                    pass
+        out.event(rid, ("end",))
+
+    calls = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="core-call")
+
+    def call(cid: int, method: str, margs: tuple, kwargs: dict):
+        try:
+            out.result(cid, True, getattr(engine, method)(*margs, **kwargs))
+        except BaseException as e:  # noqa: BLE001
+            out.result(cid, False, portable(e))
+
+    threading.Thread(target=sender, daemon=True, name="core-sender").start()
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):         # the parent died: free the engine, go
+                break
+            kind = msg[0]
+            if kind == "s":
+                threading.Thread(target=pump, args=(msg[1], msg[2]), daemon=True, name="core-pump").start()
+            elif kind == "a":
+                try:
+                    engine.abort(msg[1])
+                except Exception:  # noqa: BLE001 - an abort of a finished request
+                    log.debug("abort failed", exc_info=True)
+            elif kind == "c":
+                calls.submit(call, msg[1], msg[2], tuple(msg[3]), dict(msg[4]))
+            elif kind == "q":
+                break
+    finally:
+        try:
+            engine.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the engine failed")
+        with out.cv:
+            out.closed = True
+            out.cv.notify()
+        try:
+            with send_lock:
+                conn.send(("closed",))
+        except (OSError, ValueError):
+            pass
+        # LMDeploy leaves non-daemon threads behind; the engine is closed, the process goes now
+        os._exit(0)
+
+
+# ---------------------------------------------------------------------- the parent
+class _Stream:
+    """A stream as the parent reads it: what the reader thread handed over, event by event. A class
+    rather than a generator so that closing it before its first read still aborts it in the child
+    (a generator's ``finally`` does not run if it never started)."""
+
+    def __init__(self, core: "CoreEngine", rid: str):
+        import queue
+
+        self.core, self.rid = core, rid
+        self.q = queue.SimpleQueue()   # lists of events, as the reader got them
+        self.buffer: list = []
+        self.finished = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Delta:
+        while not self.finished:
+            if not self.buffer:
+                self.buffer = list(self.q.get())
+                continue
+            ev = self.buffer.pop(0)
+            kind = ev[0]
+            if kind == "d":
+                _, text, tokens, reason, error, prompt = ev
+                if reason:
+                    self._end()
+                return Delta(text, tokens, reason, error, prompt)
+            if kind == "x":
+                self._end()
+                raise rebuild(ev[1])
+            if kind == "end":
+                self._end()
+        raise StopIteration
+
+    def _end(self) -> None:
+        self.finished = True
+        with self.core._lock:
+            if self.core._streams.get(self.rid) is self:
+                del self.core._streams[self.rid]
+
+    def close(self) -> None:
+        """Stop reading; a stream that had not ended is aborted in the child."""
+        if self.finished:
+            return
+        self._end()
+        if not self.core._dead:
+            try:
+                self.core._send(("a", self.rid))
+            except EngineUnavailable:
+                pass
+
+
+class CoreEngine:
+    """An :class:`~engines.base.Engine` whose engine runs in a child process (see the module).
+
+    ``CoreEngine(factory, args)`` starts the child and returns once the engine is loaded there
+    (raising what loading raised). ``info`` is the child's engine's info, as it was after loading."""
+
+    def __init__(self, factory: str, args: Sequence = ()):
+        from multiprocessing.connection import Connection
+
+        mine, theirs = socket.socketpair()
+        fd = theirs.fileno()
+        code = f"import sys; sys.path.insert(0, {_ROOT!r}); from engines.core import main; main({fd})"
+        self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(fd,), close_fds=True)
+        theirs.close()
+        parent = self._conn = Connection(mine.detach())
+        parent.send(list(sys.path))
+        parent.send(("init", factory, tuple(args), logging.getLogger().getEffectiveLevel()))
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._ids = itertools.count(1)
+        self._dead: str | None = None
+        self._closed = False
+        try:
+            msg = parent.recv()
+        except (EOFError, OSError):
+            code = _wait(self._proc, 5)
+            raise EngineError(f"The engine process exited while loading (exit code {code}); "
+                              "its log above says why.", code="engine_dead") from None
+        if msg[0] == "failed":
+            _wait(self._proc, 10)
+            raise rebuild(msg[1])
+        _, self.info, methods = msg
+        self.info: EngineInfo
+        self.info.extra["engine_process"] = self._proc.pid
+        self._methods = frozenset(methods)
+        threading.Thread(target=self._reader, daemon=True, name="core-reader").start()
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def _send(self, msg: tuple) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except (OSError, ValueError) as e:
+            raise EngineUnavailable(self._dead or f"The engine process is not reachable ({e}).") from None
+
+    def _reader(self) -> None:
+        conn = self._conn
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            if msg[0] == "closed":
+                break
+            _, streams, results = msg
+            for rid, evs in streams:
+                st = self._streams.get(rid)
+                if st is not None:
+                    st.q.put(evs)
+            for cid, ok, value in results:
+                with self._lock:
+                    fut = self._calls.pop(cid, None)
+                if fut is not None:
+                    if ok:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(rebuild(value))
+        self._died()
+
+    def _died(self) -> None:
+        """The pipe closed: everything waiting on the child hears why, once."""
+        code = _wait(self._proc, 2 if not self._closed else CLOSE_TIMEOUT)
+        why = ("This model was unloaded." if self._closed else
+               f"The engine process exited (exit code {code}); reload the model on the Engines page.")
+        with self._lock:
+            self._dead = self._dead or why
+            streams, self._streams = list(self._streams.values()), {}
+            calls, self._calls = list(self._calls.values()), {}
+        if not self._closed:
+            log.error("%s", why)
+        err = portable(EngineUnavailable(why, code="engine_dead"))
+        for st in streams:
+            st.q.put([("x", err)])
+        for fut in calls:
+            if not fut.done():
+                fut.set_exception(EngineUnavailable(why, code="engine_dead"))
+
+    def _call(self, method: str, *args, timeout: float | None = None, **kwargs):
+        if self._dead:
+            raise EngineUnavailable(self._dead, code="engine_dead")
+        cid = next(self._ids)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._calls[cid] = fut
+        self._send(("c", cid, method, args, kwargs))
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            with self._lock:
+                self._calls.pop(cid, None)
+            raise EngineUnavailable(f"The engine process did not answer {method} within {timeout:.0f} s.",
+                                    code="engine_timeout") from None
+
+    def __getattr__(self, name: str):
+        # only called for names the class does not define: the engine's extra methods, where it has them
+        if name in EXTRA_METHODS and name in self.__dict__.get("_methods", ()):
+            return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+        raise AttributeError(name)
+
+    # ------------------------------------------------------------------ the Engine contract
+    def stream(self, request: ChatRequest) -> Iterator[Delta]:
+        if self._dead:
+            raise EngineUnavailable(self._dead, code="engine_dead")
+        rid = request.request_id
+        st = _Stream(self, rid)
+        with self._lock:
+            if rid in self._streams:
+                raise EngineError(f"A request with id {rid!r} is still running.", code="invalid_request")
+            self._streams[rid] = st
+        try:
+            self._send(("s", rid, request))
+            evs = st.q.get()                   # the child's stream() has returned or raised
+            first, st.buffer = evs[0], list(evs[1:])
+            if first[0] == "x":
+                raise rebuild(first[1])
+        except BaseException:
+            st._end()
+            raise
+        return st
+
+    def abort(self, request_id: str) -> None:
+        if self._dead:
+            return
+        try:
+            self._send(("a", request_id))
+        except EngineUnavailable:
+            pass
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return self._call("count_tokens", list(messages))
+
+    def message_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return self._call("message_tokens", list(messages))
+
+    def health(self) -> str | None:
+        if self._dead:
+            return self._dead
+        try:
+            return self._call("health", timeout=CALL_TIMEOUT)
+        except EngineError as e:
+            return e.message
+
+    def scheduler(self) -> SchedulerView | None:
+        if self._dead:
+            return None
+        try:
+            return self._call("scheduler", timeout=CALL_TIMEOUT)
+        except EngineError:
+            return None
+
+    def live_requests(self) -> int:
+        if self._dead:
+            return 0
+        return self._call("live_requests", timeout=CALL_TIMEOUT)
+
+    def close(self) -> None:
+        """Close the engine in its process and wait for the process to end (its GPU memory is then
+        free); killed after ``CLOSE_TIMEOUT``. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        alive = self._dead is None
+        self._dead = "This model was unloaded."       # from now on, whatever the reader is doing
+        if alive:
+            try:
+                with self._send_lock:
+                    self._conn.send(("q",))
+            except (OSError, ValueError):
+                pass
+        if _wait(self._proc, CLOSE_TIMEOUT) is None:
+            log.warning("the engine process did not end in %.0f s; killing it", CLOSE_TIMEOUT)
+            self._proc.kill()
+            _wait(self._proc, 5)
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The process's exit code once it ended within ``timeout`` seconds, else None."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def wants_process(config) -> bool:
+    """Whether a backend config asks for its own process (``engine_process``: on, off, or auto =
+    on for LMDeploy's engines, whose Python work per token competes with the web side's)."""
+    mode = getattr(config, "engine_process", "off")
+    if mode == "auto":
+        return getattr(config, "backend", None) in ("turbomind", "pytorch")
+    return mode == "on"

@@ -1,0 +1,83 @@
+"""A small engine for the engine-core tests (``tests/engines/test_core.py``), built in the child
+process by ``CoreEngine("tests.engines.core_engine:ScriptedEngine", ...)``.
+
+It keeps the engine contract with real threads and timing, and lets a test ask for the cases the
+process boundary must carry: a refusal with its parameter, an error in the middle of a stream, a
+stream that runs until aborted, a process that dies mid-stream. The prompt (the last message's
+text) says what to do: ``"count N"`` streams words 1..N; ``"forever"`` one word every 10 ms until
+aborted; ``"fail after N"`` raises after N words; ``"refuse"`` raises InvalidRequest in ``stream()``;
+``"die after N"`` ends the process after N words."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from engines.base import Capabilities, Delta, EngineInfo, InvalidRequest, ModelLoadError, SchedulerView
+
+
+class ScriptedEngine:
+    def __init__(self, fail_load: bool = False):
+        if fail_load:
+            raise ModelLoadError("the test asked this load to fail", code="test_code")
+        self.info = EngineInfo(backend="scripted", model="scripted", context_length=4096, max_batch=8,
+                               capabilities=Capabilities(seed=False))
+        self._aborted: set[str] = set()
+        self._live: set[str] = set()
+        self._lock = threading.Lock()
+
+    def count_tokens(self, messages) -> int:
+        return sum(len(m.content.split()) for m in messages) + 3 * len(messages)
+
+    def message_tokens(self, messages) -> list[int]:
+        return [len(m.content.split()) for m in messages]
+
+    def perplexity(self, text: str, max_tokens: int = 4096) -> dict:
+        return {"perplexity": 1.5, "tokens": min(max_tokens, len(text.split())), "pid": os.getpid()}
+
+    def stream(self, request):
+        prompt = request.messages[-1].content
+        if prompt == "refuse":
+            raise InvalidRequest("the test refuses this", param="temperature", code="test_refusal")
+        with self._lock:
+            self._live.add(request.request_id)
+        return self._gen(request.request_id, prompt)
+
+    def _gen(self, rid: str, prompt: str):
+        words = prompt.split()
+        try:
+            n = int(words[-1]) if words[-1].isdigit() else 10 ** 6
+            for i in range(1, n + 1):
+                if rid in self._aborted:
+                    yield Delta("", i - 1, "abort")
+                    return
+                if words[0] == "fail" and i > n - 1:
+                    raise RuntimeError("the engine failed on purpose")
+                if words[0] == "die" and i > n - 1:
+                    os._exit(3)
+                if words[0] == "forever":
+                    time.sleep(0.01)
+                yield Delta(f" w{i}", i, "length" if i == n else None, prompt_tokens=len(words) if i == 1 else None)
+        finally:
+            with self._lock:
+                self._live.discard(rid)
+                self._aborted.discard(rid)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._live:
+                self._aborted.add(request_id)
+
+    def health(self):
+        return None
+
+    def scheduler(self):
+        with self._lock:
+            return SchedulerView(active=len(self._live), waiting=0)
+
+    def live_requests(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def close(self) -> None:
+        pass

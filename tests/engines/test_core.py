@@ -1,0 +1,182 @@
+"""The engine in a process of its own (``engines/core.py``): what crosses the process boundary
+(deltas, refusals with their parameter, errors mid-stream, aborts, calls), and what happens when the
+engine's process dies: every waiting stream and call hears it, the manager's places come back, and a
+new engine can be loaded. Real child processes, real threads; the engine in the child is
+``tests/engines/core_engine.py`` (the Transformers one in the slow test at the end)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from engines.base import (ChatMessage, ChatRequest, EngineError, EngineUnavailable, GenParams, InvalidRequest,
+                          ModelLoadError)
+from engines.core import CoreEngine, portable, rebuild
+from engines.manager import EngineManager
+
+FACTORY = "tests.engines.core_engine:ScriptedEngine"
+
+
+def req(text: str, rid: str | None = None, **params) -> ChatRequest:
+    kw = {"request_id": rid} if rid else {}
+    return ChatRequest((ChatMessage("user", text),), GenParams(**params), **kw)
+
+
+@pytest.fixture(scope="module")
+def core():
+    eng = CoreEngine(FACTORY)
+    yield eng
+    eng.close()
+
+
+def wait_for(cond, timeout=5.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_the_engine_runs_in_another_process_and_streams_every_delta(core):
+    assert core.pid != os.getpid() and psutil.pid_exists(core.pid)
+    assert core.info.backend == "scripted" and core.info.extra["engine_process"] == core.pid
+    deltas = list(core.stream(req("count 50")))
+    assert "".join(d.text for d in deltas) == "".join(f" w{i}" for i in range(1, 51))
+    assert deltas[-1].tokens == 50 and deltas[-1].finish_reason == "length"
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    assert deltas[0].prompt_tokens == 2            # the engine's own count crosses too
+    assert core.live_requests() == 0
+
+
+def test_many_streams_at_once_each_get_their_own_text(core):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        return "".join(d.text for d in core.stream(req(f"count {20 + i}")))
+
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(one, range(32)))
+    assert texts == ["".join(f" w{k}" for k in range(1, 21 + i)) for i in range(32)]
+
+
+def test_a_refusal_keeps_its_class_parameter_and_code(core):
+    with pytest.raises(InvalidRequest) as e:
+        core.stream(req("refuse"))
+    assert e.value.param == "temperature" and e.value.code == "test_refusal"
+    assert "refuses" in e.value.message
+    assert core.live_requests() == 0
+
+
+def test_an_error_mid_stream_comes_after_the_text_before_it(core):
+    got = []
+    with pytest.raises(RuntimeError, match="the engine failed on purpose"):     # the same type as in-process
+        for d in core.stream(req("fail after 4")):
+            got.append(d.text)
+    assert "".join(got) == " w1 w2 w3"
+
+
+def test_abort_ends_a_running_stream_in_the_child(core):
+    r = req("forever")
+    it = core.stream(r)
+    first = next(it)
+    assert first.text == " w1"
+    core.abort(r.request_id)
+    rest = list(it)
+    assert rest[-1].finish_reason == "abort"
+    assert wait_for(lambda: core.live_requests() == 0)
+
+
+@pytest.mark.parametrize("read_first", [True, False])
+def test_closing_a_stream_early_aborts_it_there(core, read_first):
+    it = core.stream(req("forever"))
+    if read_first:
+        next(it)
+    assert wait_for(lambda: core.live_requests() == 1)
+    it.close()
+    assert wait_for(lambda: core.live_requests() == 0)
+
+
+def test_calls_and_extra_methods_cross(core):
+    msgs = [ChatMessage("user", "one two three"), ChatMessage("assistant", "four")]
+    assert core.count_tokens(msgs) == 4 + 6
+    assert core.message_tokens(msgs) == [3, 1]
+    assert core.health() is None and core.scheduler().active == 0
+    assert core.perplexity("a b c", max_tokens=2) == {"perplexity": 1.5, "tokens": 2, "pid": core.pid}
+    assert getattr(core, "kv_capacity", None) is None     # the child's engine has none
+    with pytest.raises(AttributeError):
+        core.model      # noqa: B018 - what the manager's weight count asks of a Transformers engine
+
+
+def test_errors_are_rebuilt_as_their_own_class():
+    e = rebuild(portable(InvalidRequest("bad", param="top_p", code="c")))
+    assert type(e) is InvalidRequest and (e.message, e.param, e.code) == ("bad", "top_p", "c")
+    assert type(rebuild(portable(ValueError("v")))) is ValueError
+    odd = rebuild(portable(KeyError("k")))
+    assert type(odd) is KeyError
+    class Private(Exception):
+        pass
+    e = rebuild(portable(Private("p")))
+    assert type(e) is EngineError and "Private: p" in e.message
+
+
+def test_a_failed_load_is_raised_here_and_leaves_no_process():
+    before = {p.pid for p in psutil.Process().children()}
+    with pytest.raises(ModelLoadError, match="asked this load to fail") as e:
+        CoreEngine(FACTORY, (True,))
+    assert e.value.code == "test_code"
+    assert wait_for(lambda: {p.pid for p in psutil.Process().children()} <= before)
+
+
+def test_when_the_engine_process_dies_everyone_waiting_hears_why_and_a_reload_works(tmp_path):
+    m = EngineManager(str(tmp_path))
+    m._engine = CoreEngine(FACTORY)
+    pid = m._engine.pid
+    long = m.submit(req("forever"))
+    it = iter(long)
+    assert next(it).text == " w1"
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(EngineUnavailable, match=r"engine process exited \(exit code -9\)"):
+        list(it)
+    assert m.places_taken == 0 and m.running == 0        # nothing held by the dead engine's requests
+    assert "exited" in m.health()
+    with pytest.raises(EngineUnavailable, match="exited"):
+        m.submit(req("count 3"))
+    assert m.places_taken == 0
+    # a stream cut by the process ending by itself mid-reply hears it the same way
+    m._engine = CoreEngine(FACTORY)
+    with pytest.raises(EngineUnavailable, match=r"exit code 3"):
+        m.submit(req("die after 3")).text()
+    m._engine = CoreEngine(FACTORY)
+    assert m.submit(req("count 3")).text()[0] == " w1 w2 w3"
+    m._engine.close()
+
+
+def test_close_ends_the_process(tmp_path):
+    eng = CoreEngine(FACTORY)
+    proc = psutil.Process(eng.pid)
+    eng.close()
+    assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(EngineUnavailable, match="unloaded"):
+        eng.stream(req("count 2"))
+    eng.close()                          # idempotent
+
+
+@pytest.mark.slow
+def test_the_built_in_model_answers_the_same_in_its_own_process(tmp_path):
+    """SmolLM2 on Transformers, greedy: the same text and token count in-process and in the engine
+    core, through the manager (the config's ``engine_process``)."""
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "turbostudio")
+    out = {}
+    for mode in ("off", "on"):
+        with EngineManager(cache, {"engine_process": mode}) as m:
+            info = m.load(None, "transformers")
+            assert ("engine_process" in info.extra) == (mode == "on")
+            r = ChatRequest((ChatMessage("user", "What is the capital of France?"),),
+                            GenParams(temperature=0, max_new_tokens=24))
+            text, last = m.submit(r).text()
+            out[mode] = (text, last.tokens, m.token_cost(list(r.messages)))
+    assert out["on"] == out["off"] and "Paris" in out["on"][0]
