@@ -75,10 +75,13 @@ def main(argv=None) -> int:
 
     ctx.servers = ServerManager(os.path.join(s.cache_dir, "servers"))
     atexit.register(ctx.servers.stop_all)
-    from ui.gradio_patches import call_overheads, event_driven_queue, lazy_session_config, quiet_range_refusals
+    from ui.gradio_patches import (call_overheads, event_driven_queue, lazy_session_config, no_queue_analytics,
+                                   quiet_range_refusals)
 
     call_overheads()             # Gradio's per-call type hints kept, no matplotlib search per call
     quiet_range_refusals()       # a value past a slider's range: one log line, not a traceback
+    if s.queue_shim:
+        no_queue_analytics()     # no pandas summary of 10 000 events after every event (monitoring is off)
 
     if s.session_shim:           # TURBOSTUDIO_SESSION_SHIM=0: Gradio's own (for A/B runs)
         lazy_session_config()    # a new session no longer builds ~190 component configs on the loop
@@ -120,6 +123,9 @@ def main(argv=None) -> int:
                 auth=s.auth_pairs(), root_path=s.root_path, allowed_paths=[uploads],
                 max_threads=max(40, concurrency + 16), prevent_thread_lock=True,
                 max_file_size=f"{s.max_upload_mb}mb", app_kwargs=app_kwargs, css=CSS,
+                # Gradio's /monitoring dashboard off: the Monitor page is the app's own (and with it
+                # off, Gradio's per-event analytics can be skipped: ui/gradio_patches.no_queue_analytics)
+                enable_monitoring=False,
                 quiet=True)   # Gradio's own banner says "set share=True in launch()": ours names --share
     local = f"http://{'127.0.0.1' if s.server_name == '0.0.0.0' else s.server_name}:{s.server_port}"
     print(f"TurboStudio is running at {local}{s.root_path or ''}/", flush=True)

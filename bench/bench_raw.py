@@ -99,6 +99,18 @@ def web_run(pool, url: str, kind: str, messages, params: dict, n: int) -> dict:
             "errors": sum(1 for r in res if r["ttft"] is None)}
 
 
+def together(runs: list[dict]) -> dict:
+    """Runs one after another as one measurement: their seconds and tokens added, first tokens pooled."""
+    if len(runs) == 1:
+        return runs[0]
+    p50s = [r["ttft_p50"] for r in runs if r.get("ttft_p50") is not None]
+    p99s = [r["ttft_p99"] for r in runs if r.get("ttft_p99") is not None]
+    return {"seconds": sum(r["seconds"] for r in runs),
+            "tokens": sum(r["tokens"] for r in runs) if all(r.get("tokens") for r in runs) else None,
+            "ttft_p50": statistics.median(p50s) if p50s else None, "ttft_p99": max(p99s) if p99s else None,
+            "texts": runs[0]["texts"], "errors": sum(r.get("errors", 0) for r in runs)}
+
+
 def launch_app(model, backend, port, cache, session_len, model_format="hf", engine_process="auto"):
     args = [sys.executable, os.path.join(ROOT, "app.py"), "--server-port", str(port), "--engine", backend,
             "--model", model, "--api", "--model-format", model_format, "--engine-process", engine_process]
@@ -126,6 +138,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-words", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeat-one", type=int, default=5,
+                    help="at 1 user, this many replies one after another make one timing")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"a subset of {','.join(SIDES)}")
     ap.add_argument("--cache", type=float, default=0.15, help="LMDeploy cache_max_entry_count of EACH side "
                     "(all sides share the GPU: a fraction of the memory free when that side loads)")
@@ -190,15 +204,20 @@ def main(argv=None):
             for r in range(a.rounds):
                 order = sides[r % len(sides):] + sides[:r % len(sides)]
                 res = {}
+                def run(side, n):
+                    if side == "raw":
+                        return raw_run(pipe, dicts, a.new_tokens, n)
+                    if side == "adapter":
+                        return adapter_run(eng, msgs, params, n)
+                    return web_run(pool, urls[side], kinds[side], msgs, web_params, n)
+
                 for side in order:
                     res[side] = {}
                     for n in users:
-                        if side == "raw":
-                            res[side][n] = raw_run(pipe, dicts, a.new_tokens, n)
-                        elif side == "adapter":
-                            res[side][n] = adapter_run(eng, msgs, params, n)
-                        else:
-                            res[side][n] = web_run(pool, urls[side], kinds[side], msgs, web_params, n)
+                        # one user: one reply is ~0.5 s, less than the noise of a single timing, so
+                        # --repeat-one replies one after another are timed together
+                        k = a.repeat_one if n == 1 else 1
+                        res[side][n] = together([run(side, n) for _ in range(k)])
                 line = []
                 for n in users:
                     base = res.get("raw", res[sides[0]])[n]["seconds"]

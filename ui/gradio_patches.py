@@ -26,6 +26,16 @@ of the handler each time, which evaluates its string annotations anew (this app'
 enters ``MatplotlibBackendMananger``, whose ``import matplotlib`` searches every folder of
 ``sys.path`` twice per call when matplotlib is not installed (~3%): without matplotlib it does
 nothing. Both measured side by side with ``bench/bench_web.py`` (server CPU per request).
+
+``no_queue_analytics``: after every event (each REST call, each page event), Gradio 6.31's queue
+rebuilds a pandas DataFrame of the last ``GRADIO_ANALYTICS_MAX_EVENTS`` (10 000) events, groups it
+by function and takes percentiles (``Queue.compute_analytics_summary``, in a worker thread that
+holds the GIL for most of it), for one reader: Gradio's ``/monitoring`` dashboard. Its cost grows
+with the server's age, up to 10 000 events: found with py-spy (2026-12-02) as the largest single
+cost of a ``/chat`` call, ~25% of the event loop's busy samples, after a few hundred requests.
+TurboStudio has its own Monitor page and launches Gradio with ``enable_monitoring=False`` (its
+dashboard endpoints answer 403); with monitoring off the shim skips the summary and keeps 16
+events' records instead of 10 000 (each event copies the list). With monitoring on it changes nothing.
 """
 from __future__ import annotations
 
@@ -326,6 +336,35 @@ def call_overheads() -> bool:
         manager.__exit__ = lambda self, *exc: None
     utils._turbostudio_calls = True
     log.info("Gradio's per-call type hints kept per handler, no matplotlib lookups (ui/gradio_patches.py)")
+    return True
+
+
+_ANALYTICS_SHA = "fce570ad9e7b8daa"     # Gradio 6.31's Queue.compute_analytics_summary
+_ANALYTICS_KEPT = 16
+
+
+def no_queue_analytics() -> bool:
+    """Install it (see the module's docstring); False where this Gradio's summary is not the known one."""
+    _, cls = _gradio_class("queueing", "Queue")
+    if cls is None:
+        return False
+    if getattr(cls, "_turbostudio_no_analytics", False):
+        return True
+    real = cls.compute_analytics_summary
+    if _source_sha(real) != _ANALYTICS_SHA:
+        log.info("Gradio's queue analytics are not the known ones: left as they are")
+        return False
+
+    def compute_analytics_summary(self, records):
+        blocks = getattr(self, "blocks", None)
+        if blocks is None or getattr(blocks, "enable_monitoring", None) is not False:
+            return real(self, records)
+        self.ANALYTICS_MAX_EVENTS = _ANALYTICS_KEPT       # the per-event copy stays short too
+        return self.cached_event_analytics_summary
+
+    cls.compute_analytics_summary = compute_analytics_summary
+    cls._turbostudio_no_analytics = True
+    log.info("Gradio's per-event monitoring summary skipped while its dashboard is off (ui/gradio_patches.py)")
     return True
 
 

@@ -228,16 +228,20 @@ def build_api(manager: EngineManager, settings: Settings) -> FastAPI:
                     yield chunk({"role": "assistant", "content": ""})
                     # the one relay (a vanished client cancels it: abort); under load it reads
                     # at a pace, so several tokens go in one chunk (see stream_pace)
-                    async for d in sub.updates(lambda: stream_pace(manager.running)):
-                        tokens = d.tokens
-                        if d.finish_reason == "error":
-                            err = error_body(d.error or "generation failed", "server_error", "engine_error")
-                            yield f"data: {json.dumps(err)}\n\n"
-                            break
-                        if d.text:
-                            yield content(d.text)
-                        if d.finish_reason:
-                            yield chunk({}, FINISH[d.finish_reason])
+                    try:
+                        async for d in sub.updates(lambda: stream_pace(manager.running)):
+                            tokens = d.tokens
+                            if d.finish_reason == "error":
+                                err = error_body(d.error or "generation failed", "server_error", "engine_error")
+                                yield f"data: {json.dumps(err)}\n\n"
+                                break
+                            if d.text:
+                                yield content(d.text)
+                            if d.finish_reason:
+                                yield chunk({}, FINISH[d.finish_reason])
+                    except EngineError as e:      # the engine's stream raised (its process died): said in
+                        err = error_body(e.message, "server_error", e.code or "engine_error")   # the stream
+                        yield f"data: {json.dumps(err)}\n\n"
                     if include_usage:
                         u = {"id": rid, "object": "chat.completion.chunk", "created": created,
                              "model": info.model, "choices": [], "usage": usage(await prompt_tokens(), tokens)}
@@ -263,6 +267,8 @@ def build_api(manager: EngineManager, settings: Settings) -> FastAPI:
             async for d in sub:
                 text.append(d.text)
                 last = d
+        except EngineError as e:
+            raise from_engine_error(e) from None
         finally:
             watcher.cancel()
             sub.close()

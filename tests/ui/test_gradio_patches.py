@@ -219,3 +219,43 @@ def test_a_value_past_a_sliders_range_is_refused_without_a_traceback():
     with pytest.raises(gr.Error, match="less than minimum value 1"):
         gr.Number(minimum=1).preprocess(0)
     assert gr.Slider(0, 2).preprocess(1.5) == 1.5
+
+
+@pytest.mark.parametrize("monitoring", [False, None])
+def test_no_pandas_summary_after_each_event_while_gradios_monitoring_is_off(gr, monitoring):
+    """no_queue_analytics: with ``enable_monitoring=False`` (the app's launch) the queue neither
+    builds its DataFrame summary nor keeps 10 000 event records; with Gradio's default (None: its
+    dashboard reachable) the summary is Gradio's own, computed as before."""
+    from gradio import queueing
+    from gradio_client import Client
+
+    from ui.gradio_patches import no_queue_analytics
+
+    assert no_queue_analytics() and no_queue_analytics(), "installs once, idempotent"
+    frames = {"n": 0}
+    real = queueing.Queue._get_df
+
+    def counting(records):
+        frames["n"] += 1
+        return real(records)
+
+    with gr.Blocks() as app:
+        box = gr.Textbox()
+        gr.Button().click(lambda x: x + "!", box, box, api_name="echo")
+    app.queue()
+    app.launch(prevent_thread_lock=True, quiet=True, enable_monitoring=monitoring)
+    queueing.Queue._get_df = staticmethod(counting)
+    try:
+        client = Client(app.local_url, verbose=False)
+        for i in range(30):
+            assert client.predict(str(i), api_name="/echo") == f"{i}!"
+        q = app._queue
+        if monitoring is False:
+            assert frames["n"] == 0 and len(q.event_analytics) <= 16
+        else:
+            # (the last event's summary may still be computing when its reply arrives)
+            assert frames["n"] >= 29 and len(q.event_analytics) == 30
+            assert q.cached_event_analytics_summary["functions"]["echo"]["total_requests"] >= 29
+    finally:
+        queueing.Queue._get_df = staticmethod(real)
+        app.close()
