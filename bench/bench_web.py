@@ -9,15 +9,18 @@ Not an engine benchmark and not a stand-in for one: it answers one question the 
 separate, namely how much of the gap between the app and an in-process engine the server costs by
 itself. The synthetic engine is a continuous-batching loop: every ``--step-ms`` (a decode step, GIL
 released like a GPU kernel) it hands one token to every running request through that request's
-queue, per-token Python work like LMDeploy's pipeline does. It runs in the app's process, where
-TurboMind would.
+queue, per-token Python work like LMDeploy's pipeline does. It runs in the app's process, as an
+in-process engine would; with ``--variant core=env:TURBOSTUDIO_ENGINE_PROCESS=on`` a second app runs
+it in an engine core process of its own (``engines/core.py``), and the server CPU figures count the
+app's child processes too.
 
 Figures, for each number of users and each path (``chat``: Gradio's REST protocol,
 ``/gradio_api/call/chat`` and its server-sent events; ``v1``: the OpenAI endpoint, streaming):
 
 * app/engine: aggregate tokens/s of the app against the engine driven by threads in this process;
 * first-token latency p50/p99, measured by each client from the moment it sends its request;
-* **server CPU ms per token**: the app process's CPU time (user + system, every thread: psutil)
+* **server CPU ms per token**: the app's CPU time (user + system, every thread, its child processes
+  included: psutil)
   over the run, per token delivered to the clients. Unlike the ratios it hardly depends on what else
   the machine runs, so it is the figure to develop against on a shared machine. The synthetic
   engine's own share is measured alone (``engine CPU``) and printed beside it;
