@@ -178,5 +178,5 @@ def test_the_built_in_model_answers_the_same_in_its_own_process(tmp_path):
             r = ChatRequest((ChatMessage("user", "What is the capital of France?"),),
                             GenParams(temperature=0, max_new_tokens=24))
             text, last = m.submit(r).text()
-            out[mode] = (text, last.tokens, m.token_cost(list(r.messages)))
+            out[mode] = (text, last.tokens, m.token_cost(list(r.messages)), info.extra["weights_bytes"])
     assert out["on"] == out["off"] and "Paris" in out["on"][0]
