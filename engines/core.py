@@ -528,6 +528,10 @@ def wants_process(config) -> bool:
     """Whether a backend config asks for its own process (``engine_process``: on, off, or auto =
     on for LMDeploy's engines, whose Python work per token competes with the web side's)."""
     mode = getattr(config, "engine_process", "off")
+    if os.name != "posix":       # the socket is handed to the child with pass_fds: POSIX only
+        if mode == "on":
+            raise EngineError("--engine-process on needs a POSIX system (Linux, macOS); use auto or off here.")
+        return False
     if mode == "auto":
         return getattr(config, "backend", None) in ("turbomind", "pytorch")
     return mode == "on"

@@ -136,6 +136,7 @@ _DETAILS = {
     "kv_bytes_per_token": lambda v: f"KV cache {telemetry.human_bytes(float(v))} per token",
     "moe_experts": lambda v: f"mixture of {int(v)} experts" if int(v) > 1 else "",
     "gpu_name": str,
+    "engine_process": lambda v: f"engine in a process of its own (pid {int(v)}, --engine-process)",
 }
 # the bandwidth meter's inputs (engines/bandwidth.py), read by the Monitor page, not facts a person
 # reading the status needs ("weights unread bytes 0" was jargon there): left out of the line
