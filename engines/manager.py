@@ -109,25 +109,6 @@ class _Place:
         self._manager._give_back_place()
 
 
-_SUBMITTER = None
-_SUBMITTER_LOCK = threading.Lock()
-SUBMIT_THREADS = 64
-
-
-def _submitter():
-    """The threads ``submit_async`` runs ``submit`` in. Not the event loop's default executor:
-    that has min(32, cores + 4) threads (6 on a 2-core machine), and ``submit`` can block for a
-    while (the tokenizer on a long history; with the engine in its own process, the round trip
-    until the engine has the request), so 64 users arriving together waited for each other there."""
-    global _SUBMITTER
-    with _SUBMITTER_LOCK:
-        if _SUBMITTER is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _SUBMITTER = ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="submit")
-        return _SUBMITTER
-
-
 class EngineManager:
     def __init__(self, cache_dir: str, options: dict | None = None, limits: Limits | None = None):
         self.cache_dir = cache_dir
@@ -326,7 +307,7 @@ class EngineManager:
     async def submit_async(self, request: ChatRequest) -> "Submission":
         """:meth:`submit` in a worker thread (it may tokenize a long history). If the caller is
         cancelled meanwhile, the submission is closed as soon as it exists."""
-        fut = asyncio.get_running_loop().run_in_executor(_submitter(), self.submit, request)
+        fut = asyncio.get_running_loop().run_in_executor(None, self.submit, request)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
