@@ -29,10 +29,12 @@ def prompt_of(n_words: int) -> list[ChatMessage]:
 
 
 def build_engine(resolved, backend: str, opts: dict):
-    """The backend alone (the engine layer the app's manager drives): config, pre-check, create."""
+    """The backend alone (the engine layer the app's manager drives): config, pre-check, create. In
+    this process (``engine_process`` off unless ``opts`` asks): "the engine alone" is the reference
+    the app, whose engine runs in a process of its own, is measured against."""
     from engines import configs, registry
 
-    config = configs.config_for(backend, opts)[0]
+    config = configs.config_for(backend, {"engine_process": "off", **opts})[0]
     registry.precheck(resolved, config)
     return registry.create(resolved, config)
 
