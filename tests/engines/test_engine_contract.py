@@ -35,7 +35,10 @@ def create(resolved, backend: str, **opts):
     """The backend for ``opts`` as the manager builds it: a typed config, the pre-check, create."""
     from engines import configs, registry
 
-    config = configs.config_for(backend, opts)[0]
+    # in this process (engine_process off): these tests read the engine's own objects (its pipeline,
+    # its model) beside the contract; the engine core is tested in tests/engines/test_core.py and
+    # through the app in tests/gpu/test_gpu_app.py, where it is the default
+    config = configs.config_for(backend, {"engine_process": "off", **opts})[0]
     registry.precheck(resolved, config)
     return registry.create(resolved, config)
 
