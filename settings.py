@@ -20,6 +20,7 @@ ENGINES = ("auto", "transformers", "turbomind", "pytorch", "remote")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_FORMATS = ("hf", "awq", "fp8")
 QUANT_POLICIES = (0, 4, 8, 16)
+ENGINE_PROCESSES = ("auto", "on", "off")
 
 
 def _default_cache_dir() -> str:
@@ -81,7 +82,7 @@ class Settings:
     def validate(self) -> "Settings":
         if self.engine not in ENGINES:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.engine_process not in ("auto", "on", "off"):
+        if self.engine_process not in ENGINE_PROCESSES:
             raise ValueError(f"--engine-process must be auto, on or off, got {self.engine_process!r}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
@@ -250,13 +251,14 @@ _HELP = {
                     "default: keep them)",
 }
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-_CHOICES = {"engine_process": ("auto", "on", "off"), "engine": ENGINES, "vision_engine": ENGINES, "device": DEVICES, "model_format": MODEL_FORMATS,
-            "quant_policy": QUANT_POLICIES, "dtype": DTYPES}
+_CHOICES = {"engine": ENGINES, "vision_engine": ENGINES, "device": DEVICES, "model_format": MODEL_FORMATS,
+            "quant_policy": QUANT_POLICIES, "dtype": DTYPES, "engine_process": ENGINE_PROCESSES}
 # --help in groups, in this order; options not named here are benchmarking knobs, hidden from --help
 _GROUPS = {
     "model and engine": ("model", "engine", "device", "dtype", "model_format", "quant_policy",
                          "cache_max_entry_count", "session_len", "tp", "trust_remote_code", "remote_model",
-                         "remote_api_key", "vision_model", "vision_engine", "engine_process", "no_load", "cache_dir"),
+                         "remote_api_key", "vision_model", "vision_engine", "engine_process", "no_load",
+                         "cache_dir"),
     "serving and security": ("server_name", "server_port", "share", "auth", "admin", "share_without_auth",
                              "root_path", "api", "model_roots", "allowed_models"),
     "limits": ("max_input_chars", "max_messages", "max_new_tokens_limit", "max_images_per_turn", "max_images",
