@@ -251,6 +251,9 @@ def _serve(conn, factory: str, args: tuple, log_level: int) -> None:
             elif kind == "q":
                 break
     finally:
+        # an engine whose close hangs must not keep this process (and its GPU memory) alive
+        # once the parent has gone or asked it to stop
+        threading.Timer(CLOSE_TIMEOUT, lambda: os._exit(1)).start()
         try:
             engine.close()
         except Exception:  # noqa: BLE001

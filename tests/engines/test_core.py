@@ -165,6 +165,35 @@ def test_close_ends_the_process(tmp_path):
     eng.close()                          # idempotent
 
 
+def test_the_engine_process_ends_when_the_app_is_killed(tmp_path):
+    """An app killed with SIGKILL runs no cleanup: its engine's process sees its socket close and
+    ends by itself (no orphan holding the GPU's memory)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = tmp_path / "app.py"
+    script.write_text("import sys, time\n"
+                      f"sys.path.insert(0, {ROOT!r})\n"
+                      "from engines.core import CoreEngine\n"
+                      f"eng = CoreEngine({FACTORY!r})\n"
+                      "it = eng.stream(__import__('tests.engines.test_core', fromlist=['req']).req('forever'))\n"
+                      "next(it)\n"
+                      "print(eng.pid, flush=True)\n"
+                      "time.sleep(60)\n")
+    app = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        child = psutil.Process(int(app.stdout.readline()))
+        assert child.is_running()
+        app.kill()
+        app.wait(10)
+        child.wait(10)                   # raises TimeoutExpired if it lingers
+    finally:
+        if app.poll() is None:
+            app.kill()
+
+
 @pytest.mark.slow
 def test_the_built_in_model_answers_the_same_in_its_own_process(tmp_path):
     """SmolLM2 on Transformers, greedy: the same text and token count in-process and in the engine
