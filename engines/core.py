@@ -35,7 +35,9 @@ child -> parent        ``("ready", info, methods)`` once loaded, or ``("failed",
 
 Deltas of one stream that wait together in the child's outbox are merged into one (text
 concatenated, the last count and finish reason): while the parent keeps up, every token goes on its
-own; when it falls behind, frames carry more, never less. Nothing is dropped.
+own; when it falls behind, frames carry more, never less. Nothing is dropped. Under load the child
+also paces its frames (:func:`frame_pace`: none up to 4 streams, 4 ms apart at 64), since each
+frame wakes threads in the web side's process.
 
 Failure: if the child dies (TurboMind aborts its process on some CUDA errors, an out-of-memory
 kills it), the parent's reader sees the pipe close; every running stream ends with an error delta
