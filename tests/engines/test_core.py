@@ -111,6 +111,14 @@ def test_calls_and_extra_methods_cross(core):
         core.model      # noqa: B018 - what the manager's weight count asks of a Transformers engine
 
 
+def test_frames_are_paced_only_under_load():
+    from engines.core import FRAME_PACE, frame_pace
+
+    assert [frame_pace(n) for n in (0, 1, 4)] == [0.0, 0.0, 0.0]       # a few users: every token at once
+    paces = [frame_pace(n) for n in range(4, 200)]
+    assert paces == sorted(paces) and frame_pace(64) == FRAME_PACE and frame_pace(500) == FRAME_PACE
+
+
 def test_errors_are_rebuilt_as_their_own_class():
     e = rebuild(portable(InvalidRequest("bad", param="top_p", code="c")))
     assert type(e) is InvalidRequest and (e.message, e.param, e.code) == ("bad", "top_p", "c")
