@@ -358,8 +358,8 @@ class CoreEngine:
 
         mine, theirs = socket.socketpair()
         fd = theirs.fileno()
-        code = f"import sys; sys.path.insert(0, {_ROOT!r}); from engines.core import main; main({fd})"
-        self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(fd,), close_fds=True)
+        boot = f"import sys; sys.path.insert(0, {_ROOT!r}); from engines.core import main; main({fd})"
+        self._proc = subprocess.Popen([sys.executable, "-c", boot], pass_fds=(fd,), close_fds=True)
         theirs.close()
         parent = self._conn = Connection(mine.detach())
         parent.send(list(sys.path))
@@ -380,8 +380,8 @@ class CoreEngine:
         if msg[0] == "failed":
             _wait(self._proc, 10)
             raise rebuild(msg[1])
-        _, self.info, methods = msg
-        self.info: EngineInfo
+        self.info: EngineInfo = msg[1]
+        methods = msg[2]
         self.info.extra["engine_process"] = self._proc.pid
         self._methods = frozenset(methods)
         threading.Thread(target=self._reader, daemon=True, name="core-reader").start()
