@@ -194,12 +194,15 @@ def _serve(conn, factory: str, args: tuple, log_level: int) -> None:
     methods = [m for m in EXTRA_METHODS if callable(getattr(engine, m, None))]
     # the weights' bytes as held (the manager counts a Transformers model's parameters, which it
     # cannot reach from the parent: the same count, made here)
-    model = getattr(engine, "model", None)
-    if "weights_bytes" not in engine.info.extra and callable(getattr(model, "parameters", None)):
+    if "weights_bytes" not in engine.info.extra:
+        from .manager import held_weights_bytes
+
         try:
-            engine.info.extra["weights_bytes"] = int(sum(p.numel() * p.element_size() for p in model.parameters()))
+            held = held_weights_bytes(engine)
         except Exception:  # noqa: BLE001 - a figure for the panel, never a reason to fail a load
-            pass
+            held = None
+        if held is not None:
+            engine.info.extra["weights_bytes"] = held
     out = _Outbox()
     send_lock = threading.Lock()
     conn.send(("ready", engine.info, methods))

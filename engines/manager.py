@@ -610,13 +610,21 @@ class StopFilter:
         return rest
 
 
+def held_weights_bytes(eng) -> int | None:
+    """The bytes of the parameters of the model ``eng`` holds in this process (Transformers), else None."""
+    model = getattr(eng, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
 def _weights_bytes(eng, resolved) -> int | None:
     """The model weights' bytes: the parameters where we hold the model (Transformers), else the
     checkpoint's size (LMDeploy loads it as stored; float32 checkpoints as 16-bit)."""
-    model = getattr(eng, "model", None)
     try:
-        if model is not None and hasattr(model, "parameters"):
-            return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+        held = held_weights_bytes(eng)
+        if held is not None:
+            return held
         if resolved.local:
             from .lmdeploy import weight_bytes
 
