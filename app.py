@@ -112,11 +112,16 @@ def main(argv=None) -> int:
     # The OpenAI-compatible API is part of the server from its first request: its routes go into
     # the FastAPI app Gradio builds (ahead of Gradio's catch-all routes), not mounted after launch,
     # when a client could already be refused with a 404.
-    app_kwargs = {}
+    app_kwargs = {"routes": []}
+    if s.rest_chat:    # /chat's REST calls on two plain routes, not Gradio's queue (ui/rest_chat.py says why)
+        from ui.app import CHAT_INPUTS, chat_endpoint
+        from ui.rest_chat import RestChat
+
+        app_kwargs["routes"] += RestChat(chat_endpoint(ctx), CHAT_INPUTS).routes()
     if s.api:
         from ui.openai_api import routes
 
-        app_kwargs["routes"] = routes(manager, s)
+        app_kwargs["routes"] += routes(manager, s)
     # Each streaming event holds a worker thread while it waits for the engine: the pool must be
     # larger than the number of streams served at once, or users wait for a thread, not the GPU.
     demo.launch(server_name=s.server_name, server_port=s.server_port, share=s.share,

@@ -77,6 +77,7 @@ class Settings:
     profile: str | None = None        # TURBOSTUDIO_PROFILE: sample the server's stacks into this file
     session_shim: bool = True         # TURBOSTUDIO_SESSION_SHIM=0: Gradio's own per-session configs
     queue_shim: bool = True           # TURBOSTUDIO_QUEUE_SHIM=0: Gradio's own 1 ms queue poll
+    rest_chat: bool = True            # TURBOSTUDIO_REST_CHAT=0: /chat's REST calls through Gradio's queue
     lmdeploy_wait_end: bool = False   # TURBOSTUDIO_LMDEPLOY_WAIT_END=1: old stream ends (A/B runs)
 
     def validate(self) -> "Settings":
@@ -290,7 +291,8 @@ def _env_value(name: str, typ, env) -> object | None:
 # not user options, so they get no flag.
 _ENV_ONLY = {"hosted": "SPACE_ID", "hub_offline": "HF_HUB_OFFLINE", "hub_endpoint": "HF_ENDPOINT",
              "profile": "TURBOSTUDIO_PROFILE", "session_shim": "TURBOSTUDIO_SESSION_SHIM",
-             "queue_shim": "TURBOSTUDIO_QUEUE_SHIM", "lmdeploy_wait_end": "TURBOSTUDIO_LMDEPLOY_WAIT_END"}
+             "queue_shim": "TURBOSTUDIO_QUEUE_SHIM", "rest_chat": "TURBOSTUDIO_REST_CHAT",
+             "lmdeploy_wait_end": "TURBOSTUDIO_LMDEPLOY_WAIT_END"}
 
 
 def _env_only(env) -> dict:

@@ -22,6 +22,23 @@ CSS = """
 """
 
 
+CHAT_INPUTS = ("messages", "params", "conversation_id")     # /chat's inputs, in order
+
+
+def chat_endpoint(ctx: Context):
+    """The ``/chat`` endpoint's function: Gradio's ``gr.api`` and the app's own REST routes
+    (``ui.rest_chat``) call this one."""
+    settings, manager = ctx.settings, ctx.manager
+
+    async def api_chat(messages: list, params: dict | None = None, conversation_id: str | None = None,
+                       request: gr.Request = None) -> AsyncIterator[str]:
+        async for text in chat.api_chat(manager, settings, messages, params or {}, request, ctx.store,
+                                        conversation_id):
+            yield text
+
+    return api_chat
+
+
 def build_app(ctx: Context) -> gr.Blocks:
     settings, manager = ctx.settings, ctx.manager
     with gr.Blocks(title="TurboStudio") as demo:
@@ -61,12 +78,7 @@ def build_app(ctx: Context) -> gr.Blocks:
             if others:
                 tab.select(_stop_timers(len(others)), None, others, api_visibility="private", queue=False)
 
-        async def api_chat(messages: list, params: dict | None = None, conversation_id: str | None = None,
-                           request: gr.Request = None) -> AsyncIterator[str]:
-            async for text in chat.api_chat(manager, settings, messages, params or {}, request, ctx.store,
-                                            conversation_id):
-                yield text
-
+        api_chat = chat_endpoint(ctx)
         def engine_info(request: gr.Request = None) -> dict:
             return engines.engine_info(ctx, request)
 

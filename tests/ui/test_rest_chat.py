@@ -1,0 +1,261 @@
+"""``/chat`` through Gradio's REST protocol on the app's own routes (ui/rest_chat.py).
+
+The fast tests launch a real Gradio server in this process with a test endpoint registered twice:
+as ``chat`` (served by :class:`ui.rest_chat.RestChat`) and as ``chat_gradio`` (Gradio's own queue),
+so every answer of the new routes is compared with Gradio's own answer to the same request. The
+slow tests drive the real app (SmolLM2) with plain HTTP."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import AsyncIterator
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from ui import rest_chat  # noqa: E402
+from ui.rest_chat import RestChat  # noqa: E402
+
+USERS = [("ann", "pw1")]
+
+
+class _Log:
+    def __init__(self):
+        self.started, self.cancelled, self.requests = [], [], []
+
+
+LOG = _Log()
+
+
+async def endpoint(messages: list, params: dict | None = None, conversation_id: str | None = None,
+                   request: gr.Request = None) -> AsyncIterator[str]:
+    """A test endpoint with /chat's inputs: cumulative text, and failures on demand."""
+    params = params or {}
+    LOG.requests.append({"user": getattr(request, "username", None),
+                         "session": getattr(request, "session_hash", None), "conversation": conversation_id})
+    if messages == "refuse":
+        raise gr.Error("Refused on purpose.", title="Invalid input", print_exception=False)
+    if messages == "crash":
+        raise RuntimeError("an internal detail the client must not see")
+    tag = params.get("tag", "")
+    LOG.started.append(tag)
+    text = ""
+    try:
+        await asyncio.sleep(params.get("first_delay", 0))
+        for i in range(int(params.get("n", 3))):
+            text += f" t{i}"
+            yield text
+            await asyncio.sleep(params.get("delay", 0))
+    except (asyncio.CancelledError, GeneratorExit):
+        LOG.cancelled.append(tag)
+        raise
+
+
+@pytest.fixture(scope="module")
+def server():
+    from tests.conftest import free_port
+
+    with gr.Blocks() as demo:
+        gr.api(endpoint, api_name="chat")
+        gr.api(endpoint, api_name="chat_gradio")
+    demo.queue()
+    port = free_port()
+    routes = RestChat(endpoint, ("messages", "params", "conversation_id")).routes()
+    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True, auth=USERS,
+                app_kwargs={"routes": routes})
+    url = f"http://127.0.0.1:{port}/"
+    # log in as ann: Gradio's own /login sets the access-token cookie
+    import http.cookiejar
+
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(urllib.request.Request(url + "login", data=b"username=ann&password=pw1", method="POST"))
+    assert any(c.name.startswith("access-token") for c in jar), "login failed"
+    yield url, opener
+    demo.close()
+
+
+def post(server, body, api="chat", raw: bytes | None = None, login=True):
+    url, opener = server
+    req = urllib.request.Request(f"{url}gradio_api/call/{api}", data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        r = (opener.open if login else urllib.request.urlopen)(req, timeout=30)
+        return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def events(server, event_id, api="chat", login=True) -> list[tuple[str, object]]:
+    url, opener = server
+    req = urllib.request.Request(f"{url}gradio_api/call/{api}/{event_id}")
+    out, kind = [], None
+    with (opener.open if login else urllib.request.urlopen)(req, timeout=30) as resp:
+        for raw in resp:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:"):
+                out.append((kind, json.loads(line[5:])))
+    return out
+
+
+def both(server, body):
+    """The end event of the same request through the new routes and through Gradio's queue."""
+    ends = []
+    for api in ("chat", "chat_gradio"):
+        status, got = post(server, body, api)
+        assert status == 200, got
+        evs = events(server, got["event_id"], api)
+        ends.append((evs[-1], evs))
+    return ends
+
+
+M = [{"role": "user", "content": "hi"}]
+
+
+def test_streams_like_gradio_queue(server):
+    (ours, our_events), (theirs, _) = both(server, {"data": [M, {"n": 4, "delay": 0.02}, None]})
+    assert ours == theirs == ("complete", [" t0 t1 t2 t3"])
+    # every update is the reply so far, growing, and the last one is the complete text
+    texts = [d[0] for k, d in our_events if k == "generating"]
+    assert texts and texts[-1] == " t0 t1 t2 t3" and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+
+
+@pytest.mark.parametrize("messages", ["refuse", "crash"])
+def test_errors_are_gradios_payloads(server, messages):
+    (ours, _), (theirs, _) = both(server, {"data": [messages, {}, None]})
+    assert ours == theirs and ours[0] == "error"
+    if messages == "refuse":
+        assert ours[1]["error"] == "Refused on purpose." and ours[1]["title"] == "Invalid input"
+    else:          # an internal failure stays hidden, as Gradio hides it
+        assert ours[1] == {"error": None}
+
+
+@pytest.mark.parametrize("raw", [b'{"x": 1}', b"{not json", b'{"data": "not a list"}'])
+def test_malformed_bodies_get_fastapis_422(server, raw):
+    ours, theirs = post(server, None, "chat", raw=raw), post(server, None, "chat_gradio", raw=raw)
+    assert ours[0] == theirs[0] == 422
+    assert [e["loc"] for e in ours[1]["detail"]] == [e["loc"] for e in theirs[1]["detail"]]
+
+
+def test_missing_inputs_take_their_defaults_and_extra_ones_are_named(server):
+    status, got = post(server, {"data": [M]})
+    assert events(server, got["event_id"])[-1] == ("complete", [" t0 t1 t2"])
+    status, got = post(server, {"data": [M, {}, None, "extra"]})
+    kind, payload = events(server, got["event_id"])[-1]
+    assert kind == "error" and "at most 3 inputs" in payload["error"] and "sent 4" in payload["error"]
+
+
+def test_credentials_are_gradios(server):
+    ours = post(server, {"data": [M]}, "chat", login=False)
+    theirs = post(server, {"data": [M]}, "chat_gradio", login=False)
+    assert ours == theirs and ours[0] == 401
+    status, got = post(server, {"data": [M]})     # logged in: the handler sees the user
+    events(server, got["event_id"])
+    assert LOG.requests[-1]["user"] == "ann"
+    with pytest.raises(urllib.error.HTTPError) as e:      # reading someone's events needs a login too
+        events(server, got["event_id"], login=False)
+    assert e.value.code == 401
+
+
+def test_session_hash_is_the_clients_or_the_event_id(server):
+    _, got = post(server, {"data": [M], "session_hash": "my-session"})
+    events(server, got["event_id"])
+    assert LOG.requests[-1]["session"] == "my-session"
+    _, got = post(server, {"data": [M]})
+    events(server, got["event_id"])
+    assert LOG.requests[-1]["session"] == got["event_id"]
+
+
+def test_unknown_read_and_reread_ids(server):
+    url, opener = server
+    with pytest.raises(urllib.error.HTTPError) as e:
+        events(server, "0" * 32)
+    assert e.value.code == 404 and "is waiting to be read" in e.value.read().decode()
+    _, got = post(server, {"data": [M, {"n": 3, "delay": 0.3}]})
+    first = threading.Thread(target=events, args=(server, got["event_id"]))
+    first.start()
+    time.sleep(0.2)
+    with pytest.raises(urllib.error.HTTPError) as e:      # a second reader of the same request
+        events(server, got["event_id"])
+    assert e.value.code == 409
+    first.join(10)
+    with pytest.raises(urllib.error.HTTPError) as e:      # read to its end: gone
+        events(server, got["event_id"])
+    assert e.value.code == 404
+
+
+def test_gradios_own_event_ids_are_still_read(server):
+    """An event posted to Gradio's queue, read on the /chat URL: Gradio's own route answers."""
+    _, got = post(server, {"data": [M, {}, None]}, "chat_gradio")
+    assert events(server, got["event_id"], "chat")[-1] == ("complete", [" t0 t1 t2"])
+
+
+def test_a_reader_that_leaves_aborts_the_request(server):
+    url, opener = server
+    _, got = post(server, {"data": [M, {"n": 200, "delay": 0.05, "tag": "leaver"}]})
+    resp = opener.open(f"{url}gradio_api/call/chat/{got['event_id']}", timeout=30)
+    resp.readline()
+    resp.close()              # the client vanishes mid-stream
+    deadline = time.time() + 5
+    while "leaver" not in LOG.cancelled and time.time() < deadline:
+        time.sleep(0.05)
+    assert "leaver" in LOG.cancelled
+
+
+def test_a_request_nobody_reads_is_aborted(server, monkeypatch):
+    monkeypatch.setattr(rest_chat, "UNCLAIMED_S", 0.5)
+    _, got = post(server, {"data": [M, {"n": 200, "delay": 0.05, "tag": "unread"}]})
+    deadline = time.time() + 5
+    while "unread" not in LOG.cancelled and time.time() < deadline:
+        time.sleep(0.05)
+    assert "unread" in LOG.cancelled
+    with pytest.raises(urllib.error.HTTPError) as e:
+        events(server, got["event_id"])
+    assert e.value.code == 404
+
+
+def test_a_slow_first_token_gets_heartbeats(server, monkeypatch):
+    monkeypatch.setattr(rest_chat, "HEARTBEAT_S", 0.2)
+    _, got = post(server, {"data": [M, {"first_delay": 0.7, "n": 1}]})
+    evs = events(server, got["event_id"])
+    assert [k for k, _ in evs].count("heartbeat") >= 2 and evs[-1] == ("complete", [" t0"])
+
+
+# ---------------------------------------------------------------------- the real app
+def _call_chat(url, messages, params, conversation_id=None):
+    body = json.dumps({"data": [messages, params, conversation_id]}).encode()
+    req = urllib.request.Request(url + "gradio_api/call/chat", data=body, headers={"Content-Type": "application/json"})
+    event_id = json.load(urllib.request.urlopen(req, timeout=60))["event_id"]
+    return urllib.request.urlopen(f"{url}gradio_api/call/chat/{event_id}", timeout=120)
+
+
+@pytest.mark.slow
+def test_real_app_rest_chat_streams_and_a_vanished_client_frees_its_place(app_server):
+    from tests.clients import wait_released
+
+    with _call_chat(app_server.url, [{"role": "user", "content": "Name three colors."}],
+                    {"max_new_tokens": 12, "temperature": 0}) as resp:
+        body = resp.read().decode()
+    assert "event: complete" in body
+    final = json.loads(body.rsplit("event: complete\ndata:", 1)[1])[0]
+    assert final.strip()
+    # the same request through gradio_client (Gradio's queue) gives the same greedy text
+    same = app_server.client().predict([{"role": "user", "content": "Name three colors."}],
+                                       {"max_new_tokens": 12, "temperature": 0}, None, api_name="/chat")
+    assert same == final
+    # eight clients leave mid-stream: nothing keeps running
+    for _ in range(8):
+        resp = _call_chat(app_server.url, [{"role": "user", "content": "Count to one hundred."}],
+                          {"max_new_tokens": 400})
+        resp.readline()
+        resp.close()
+    client = app_server.client()
+    wait_released(client, 30)
+    assert client.predict(api_name="/engine_info")["running"] == 0

@@ -1,0 +1,256 @@
+"""``/chat`` through Gradio's REST protocol, served by two routes of the app's own instead of
+Gradio's queue: the same URLs, bodies and server-sent events, the same credentials, a third of the
+server's work per request.
+
+Why: ``/chat`` is the endpoint scripts and load tests call (``POST /gradio_api/call/chat``, then
+``GET /gradio_api/call/chat/{event_id}`` for its events). Through Gradio 6.31 each call costs the
+web process ~4.5 ms of CPU on its one event loop before the first token can go out (CPU, 2-core
+Xeon, 2026-12-03, py-spy): two requests through Gradio's middleware and router, a new session state,
+the queue's bookkeeping, ``process_api``'s pre- and post-processing, a ``request.is_disconnected()``
+poll (an anyio cancel scope) before every message. With 16 or 64 users arriving together those
+starts queue behind each other on the loop: every user's first token waited for all of them
+(16 users: 51 ms here, 93 ms p99 on the H200 host; ``/v1``, one plain route, 18 and 46 ms). These two
+routes do what the endpoint needs and nothing else: ~1.5 ms a call.
+
+What is kept from Gradio, not re-implemented:
+* **credentials**: Gradio's own ``get_current_user`` and ``login_check`` (its ``/user`` and
+  ``/login_check`` routes' functions) are called, so ``--auth``'s cookie, an ``auth_dependency``
+  and whatever Gradio adds later decide exactly as they do for Gradio's routes;
+* the **body** model (``gradio.data_classes.SimplePredictBody``) and FastAPI's 422 answer shape;
+* **error payloads** (``gradio.utils.error_payload``: a ``gr.Error``'s message, title and duration,
+  anything else hidden unless the app shows errors);
+* the **event format** (``event: generating|complete|error|heartbeat``, ``data:`` JSON lists);
+* an event id this module did not make (an older client, Gradio's ``/call/v2``) goes to Gradio's own
+  route.
+
+What differs, on purpose (tests/ui/test_rest_chat.py checks each against Gradio's own path):
+* each update is the whole reply so far, so a reader that falls behind gets the newest one (never a
+  backlog of stale ones; the end is never dropped);
+* a body with fewer inputs than ``/chat`` has gets their defaults (Gradio answered ``{"error": null}``)
+  and one with more is refused by name (Gradio ignored them silently); an unknown event id gets a 404
+  (Gradio's stream broke off mid-chunk);
+* a posted request whose events nobody reads within ``UNCLAIMED_S`` is aborted (Gradio kept
+  generating for nobody); a reader that leaves aborts it at once, like ``/v1``;
+* ``/chat`` no longer waits in Gradio's queue: admission is the engine manager's, the same places and
+  limits as ``/v1`` and the pages (``EngineManager.submit``), so a full server says so in the error
+  event instead of queueing behind the page's events.
+
+``TURBOSTUDIO_REST_CHAT=0`` leaves ``/chat`` to Gradio (A/B runs: ``bench/bench_web.py --variant``).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import AsyncIterator, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+log = logging.getLogger(__name__)
+
+UNCLAIMED_S = 60.0      # seconds a posted request may wait for its reader before it is aborted
+HEARTBEAT_S = 15.0      # Gradio's heartbeat rate (utils.get_heartbeat_rate), for proxies that cut idle streams
+
+Handler = Callable[..., AsyncIterator]
+
+
+class _Event:
+    """One posted request: its task and what its reader has not seen yet."""
+
+    __slots__ = ("task", "latest", "end", "changed", "claimed", "timer")
+
+    def __init__(self):
+        self.task: asyncio.Task | None = None
+        self.latest: list | None = None     # the newest update (a cumulative reply: newer replaces older)
+        self.end: tuple[str, object] | None = None      # ("complete", data) or ("error", payload)
+        self.changed = asyncio.Event()
+        self.claimed = False
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def _endpoints(routes, depth: int = 0):
+    """(path, endpoint) of every route, those of included routers too (Gradio 6.31 keeps its
+    ``/gradio_api`` routes in an ``_IncludedRouter`` whose ``original_router`` has them unprefixed)."""
+    for route in routes:
+        if getattr(route, "endpoint", None) is not None and getattr(route, "path", None):
+            yield route.path, route.endpoint
+        inner = getattr(getattr(route, "original_router", None), "routes", None) or getattr(route, "routes", None)
+        if inner and depth < 4:
+            yield from _endpoints(inner, depth + 1)
+
+
+class RestChat:
+    """The two routes of ``/chat`` (see the module's docstring). ``handler(*inputs, request=...)`` is
+    the endpoint's own async generator (``ui.app``'s ``api_chat``); ``inputs`` its input names, in
+    order, each with a default."""
+
+    def __init__(self, handler: Handler, inputs: tuple[str, ...], api_name: str = "chat"):
+        from gradio.route_utils import API_PREFIX
+
+        self.handler, self.inputs, self.api_name = handler, inputs, api_name
+        self.events: dict[str, _Event] = {}
+        self.post_path = f"{API_PREFIX}/call/{api_name}"
+        self.get_path = f"{API_PREFIX}/call/{api_name}/{{event_id}}"
+        self._gradio: dict[str, Callable] | None = None
+
+    def routes(self) -> list[Route]:
+        return [Route(self.post_path, self.post, methods=["POST"]),
+                Route(self.post_path + "/", self.post, methods=["POST"]),
+                Route(self.get_path, self.get, methods=["GET"])]
+
+    # ------------------------------------------------------------------ Gradio's own functions
+    def _functions(self, app) -> dict[str, Callable]:
+        """Gradio's ``get_current_user``, ``login_check`` and its ``/call`` GET endpoint, found once
+        among the app's routes by their paths."""
+        if self._gradio is None:
+            from gradio.route_utils import API_PREFIX
+
+            want = {"user": "/user", "login_check": "/login_check", "get": "/call/{api_name}/{event_id}"}
+            found = {}
+            for path, endpoint in _endpoints(app.router.routes):
+                for key, rel in want.items():
+                    if path in (rel, API_PREFIX + rel) and key not in found:
+                        found[key] = endpoint
+            missing = sorted(set(want) - set(found))
+            if missing:      # a Gradio that moved them: refuse rather than serve without its checks
+                raise RuntimeError(f"ui.rest_chat: Gradio's routes for {missing} were not found; "
+                                   "set TURBOSTUDIO_REST_CHAT=0 to leave /chat to Gradio")
+            self._gradio = found
+        return self._gradio
+
+    async def _caller(self, request: Request) -> tuple[str | None, Response | None]:
+        """(the logged-in user or None, None) or (None, the 401 answer), decided by Gradio's functions."""
+        from fastapi import HTTPException
+
+        fns = self._functions(request.app)
+        user = await fns["user"](request)
+        try:
+            fns["login_check"](user)
+        except HTTPException as e:
+            return None, JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)
+        return user, None
+
+    # ------------------------------------------------------------------ POST: start the request
+    async def post(self, request: Request) -> Response:
+        import gradio as gr
+        from fastapi.encoders import jsonable_encoder
+        from gradio.data_classes import SimplePredictBody
+        from pydantic import ValidationError
+
+        user, refused = await self._caller(request)
+        if refused is not None:
+            return refused
+        raw = await request.body()
+        try:
+            body = SimplePredictBody.model_validate(json.loads(raw))
+        except json.JSONDecodeError as e:        # FastAPI's own answer to a body that is not JSON
+            return JSONResponse({"detail": [{"type": "json_invalid", "loc": ["body", e.pos],
+                                             "msg": "JSON decode error", "input": {}, "ctx": {"error": e.msg}}]},
+                                status_code=422)
+        except ValidationError as e:
+            errors = [{**err, "loc": ["body", *err["loc"]]} for err in e.errors(include_url=False)]
+            return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+        event_id = uuid.uuid4().hex
+        ev = _Event()
+        self.events[event_id] = ev
+        greq = gr.Request(request=request, username=user, session_hash=body.session_hash or event_id)
+        show_error = bool(getattr(request.app.get_blocks(), "show_error", False))
+        ev.task = asyncio.create_task(self._run(ev, body.data, greq, show_error))
+        ev.timer = asyncio.get_running_loop().call_later(UNCLAIMED_S, self._unclaimed, event_id)
+        return JSONResponse({"event_id": event_id})
+
+    async def _run(self, ev: _Event, data: list, greq, show_error: bool) -> None:
+        import gradio as gr
+        from gradio.utils import error_payload
+
+        try:
+            if len(data) > len(self.inputs):
+                raise gr.Error(f"/{self.api_name} takes at most {len(self.inputs)} inputs "
+                               f"({', '.join(self.inputs)}); this request sent {len(data)}.",
+                               title="Invalid input", print_exception=False)
+            last = None
+            async for out in self.handler(*data, request=greq):
+                ev.latest = last = [out]
+                ev.changed.set()
+            ev.end = ("complete", last if last is not None else [None])
+        except asyncio.CancelledError:
+            ev.end = ("error", {"error": "The request was aborted."})
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure is the client's error event
+            if not isinstance(e, gr.Error):
+                log.exception("/%s failed", self.api_name)
+            ev.end = ("error", error_payload(e, show_error))
+        finally:
+            ev.changed.set()
+
+    def _unclaimed(self, event_id: str) -> None:
+        ev = self.events.get(event_id)
+        if ev is not None and not ev.claimed:
+            self.events.pop(event_id, None)
+            if ev.task is not None and not ev.task.done():
+                ev.task.cancel()          # the reply's relay aborts the engine request
+
+    # ------------------------------------------------------------------ GET: its events
+    async def get(self, request: Request) -> Response:
+        user, refused = await self._caller(request)
+        if refused is not None:
+            return refused
+        event_id = request.path_params["event_id"]
+        ev = self.events.get(event_id)
+        if ev is None:
+            if self._gradio_knows(request.app, event_id):
+                # one of Gradio's queue (posted there: /call/v2, or before this route existed)
+                return await self._functions(request.app)["get"](request=request, event_id=event_id)
+            return JSONResponse({"detail": f"No /{self.api_name} request {event_id!r} is waiting to be read "
+                                           "(unknown, already read, or not read in time)."}, status_code=404)
+        if ev.claimed:
+            return JSONResponse({"detail": f"/{self.api_name} request {event_id!r} is already being read."},
+                                status_code=409)
+        ev.claimed = True
+        if ev.timer is not None:
+            ev.timer.cancel()
+        return StreamingResponse(self._events(event_id, ev), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @staticmethod
+    def _gradio_knows(app, event_id: str) -> bool:
+        """Whether Gradio's own queue holds this event (running, or finished and not yet read); when
+        that cannot be told (a Gradio without these fields), it is left to Gradio to answer."""
+        queue = getattr(app.get_blocks(), "_queue", None)
+        events = getattr(queue, "event_ids_to_events", None)
+        pending = getattr(queue, "pending_event_ids_session", None)
+        if events is None or pending is None:
+            return True
+        return event_id in events or any(event_id in ids for ids in pending.values())
+
+    async def _events(self, event_id: str, ev: _Event):
+        loop = asyncio.get_running_loop()
+        sent = None
+        try:
+            while True:
+                if ev.latest is not sent:
+                    sent = ev.latest
+                    yield f"event: generating\ndata: {json.dumps(sent)}\n\n"
+                if ev.end is not None:
+                    kind, data = ev.end
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                    return
+                ev.changed.clear()
+                # a timer handle for the heartbeat, cheaper than wait_for's task per update
+                beat = loop.call_later(HEARTBEAT_S, ev.changed.set)
+                try:
+                    await ev.changed.wait()
+                finally:
+                    beat.cancel()
+                if ev.latest is sent and ev.end is None:
+                    yield "event: heartbeat\ndata: null\n\n"
+        finally:
+            self.events.pop(event_id, None)
+            if ev.task is not None and not ev.task.done():
+                ev.task.cancel()          # the reader left: abort (the relay frees the engine's place)
+
+
+__all__ = ["RestChat", "UNCLAIMED_S"]
