@@ -30,7 +30,8 @@ What differs, on purpose (tests/ui/test_rest_chat.py checks each against Gradio'
   and one with more is refused by name (Gradio ignored them silently); an unknown event id gets a 404
   (Gradio's stream broke off mid-chunk);
 * a posted request whose events nobody reads within ``UNCLAIMED_S`` is aborted (Gradio kept
-  generating for nobody); a reader that leaves aborts it at once, like ``/v1``;
+  generating for nobody), and at most ``UNREAD_MAX`` may wait to be read (a 503 past it, as Gradio's
+  full queue answers); a reader that leaves aborts it at once, like ``/v1``;
 * ``/chat`` no longer waits in Gradio's queue: admission is the engine manager's, the same places and
   limits as ``/v1`` and the pages (``EngineManager.submit``), so a full server says so in the error
   event instead of queueing behind the page's events.
@@ -52,6 +53,7 @@ from starlette.routing import Route
 log = logging.getLogger(__name__)
 
 UNCLAIMED_S = 60.0      # seconds a posted request may wait for its reader before it is aborted
+UNREAD_MAX = 1024       # posted requests not yet read, at most: past it a POST gets 503 (Gradio's full queue)
 HEARTBEAT_S = 15.0      # Gradio's heartbeat rate (utils.get_heartbeat_rate), for proxies that cut idle streams
 
 Handler = Callable[..., AsyncIterator]
@@ -90,7 +92,12 @@ class RestChat:
     def __init__(self, handler: Handler, inputs: tuple[str, ...], api_name: str = "chat"):
         from gradio.route_utils import API_PREFIX
 
+        import inspect
+
         self.handler, self.inputs, self.api_name = handler, inputs, api_name
+        sig = inspect.signature(handler).parameters
+        # the inputs a request must send: those without a default in the handler
+        self.required = tuple(n for n in inputs if n in sig and sig[n].default is inspect.Parameter.empty)
         self.events: dict[str, _Event] = {}
         self.post_path = f"{API_PREFIX}/call/{api_name}"
         self.get_path = f"{API_PREFIX}/call/{api_name}/{{event_id}}"
@@ -153,6 +160,12 @@ class RestChat:
         except ValidationError as e:
             errors = [{**err, "loc": ["body", *err["loc"]]} for err in e.errors(include_url=False)]
             return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+        if sum(not e.claimed for e in self.events.values()) >= UNREAD_MAX:
+            # a client posting without reading cannot pile up requests (each one a place in the
+            # engine's admission until UNCLAIMED_S): refused like Gradio's full queue, before any work
+            return JSONResponse({"detail": f"Too many /{self.api_name} requests are waiting to be read "
+                                           f"({UNREAD_MAX}); read the events of those posted first."},
+                                status_code=503)
         event_id = uuid.uuid4().hex
         ev = _Event()
         self.events[event_id] = ev
@@ -170,6 +183,10 @@ class RestChat:
             if len(data) > len(self.inputs):
                 raise gr.Error(f"/{self.api_name} takes at most {len(self.inputs)} inputs "
                                f"({', '.join(self.inputs)}); this request sent {len(data)}.",
+                               title="Invalid input", print_exception=False)
+            if len(data) < len(self.required):
+                raise gr.Error(f"/{self.api_name} needs {', '.join(self.required)} (its inputs: "
+                               f"{', '.join(self.inputs)}); this request sent {len(data)}.",
                                title="Invalid input", print_exception=False)
             last = None
             async for out in self.handler(*data, request=greq):

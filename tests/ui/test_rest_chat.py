@@ -147,6 +147,9 @@ def test_malformed_bodies_get_fastapis_422(server, raw):
 def test_missing_inputs_take_their_defaults_and_extra_ones_are_named(server):
     status, got = post(server, {"data": [M]})
     assert events(server, got["event_id"])[-1] == ("complete", [" t0 t1 t2"])
+    status, got = post(server, {"data": []})
+    kind, payload = events(server, got["event_id"])[-1]
+    assert kind == "error" and payload["error"].startswith("/chat needs messages")
     status, got = post(server, {"data": [M, {}, None, "extra"]})
     kind, payload = events(server, got["event_id"])[-1]
     assert kind == "error" and "at most 3 inputs" in payload["error"] and "sent 4" in payload["error"]
@@ -221,6 +224,15 @@ def test_a_request_nobody_reads_is_aborted(server, monkeypatch):
     assert e.value.code == 404
 
 
+def test_posting_without_reading_is_bounded(server, monkeypatch):
+    monkeypatch.setattr(rest_chat, "UNREAD_MAX", 2)
+    ids = [post(server, {"data": [M, {"n": 1}]}) for _ in range(3)]
+    assert [s for s, _ in ids] == [200, 200, 503] and "waiting to be read" in ids[2][1]["detail"]
+    for _, got in ids[:2]:        # reading them makes room again
+        events(server, got["event_id"])
+    assert post(server, {"data": [M, {"n": 1}]})[0] == 200
+
+
 def test_a_slow_first_token_gets_heartbeats(server, monkeypatch):
     monkeypatch.setattr(rest_chat, "HEARTBEAT_S", 0.2)
     _, got = post(server, {"data": [M, {"first_delay": 0.7, "n": 1}]})
@@ -259,3 +271,62 @@ def test_real_app_rest_chat_streams_and_a_vanished_client_frees_its_place(app_se
     client = app_server.client()
     wait_released(client, 30)
     assert client.predict(api_name="/engine_info")["running"] == 0
+
+
+@pytest.mark.slow
+def test_real_app_rest_chat_fuzzed_bodies_get_answers_not_crashes(app_server):
+    """Random bodies (hypothesis) at the real app's ``/chat``: every POST is taken (200) or refused
+    with FastAPI's 422, every request ends with ``complete`` or an error event *that says what was
+    wrong* (an internal failure shows as ``{"error": null}``), and the app keeps serving."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=20)
+    json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                               max_leaves=8)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", ""]) | scalars,
+                                     "content": st.text(max_size=40) | json_values})
+    valid = st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": st.text(min_size=1, max_size=40)}),
+                     min_size=1, max_size=2)
+    messages = valid | st.lists(message, max_size=3) | json_values
+    param = st.sampled_from(["temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "max_new_tokens", "x"])
+    params = st.dictionaries(param, json_values, max_size=4) | st.just({}) | json_values
+    conversation = st.none() | st.text(max_size=12) | st.integers()
+    bodies = st.tuples(messages, params, conversation, st.integers(0, 4)).map(
+        lambda t: {"data": list(t[:3])[:t[3]] if t[3] < 3 else list(t[:3])})
+
+    seen = {"complete": 0, "error": 0, "422": 0}
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(bodies)
+    def one(body):
+        data = body["data"]
+        if len(data) > 1 and isinstance(data[1], dict):        # keep replies short: CPU time
+            n = data[1].get("max_new_tokens")
+            if not isinstance(n, int) or n > 4:
+                data[1]["max_new_tokens"] = 2
+        elif len(data) > 1 or len(data) == 1:
+            data[1:2] = [{"max_new_tokens": 2}]
+        req = urllib.request.Request(app_server.url + "gradio_api/call/chat", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            event_id = json.load(urllib.request.urlopen(req, timeout=30))["event_id"]
+        except urllib.error.HTTPError as e:
+            assert e.code == 422, (body, e.code)
+            seen["422"] += 1
+            return
+        with urllib.request.urlopen(f"{app_server.url}gradio_api/call/chat/{event_id}", timeout=120) as resp:
+            text = resp.read().decode()
+        last = text.strip().rsplit("event:", 1)[1]
+        kind, _, data_line = last.partition("\n")
+        kind = kind.strip()
+        assert kind in ("complete", "error"), (body, text[-300:])
+        if kind == "error":
+            payload = json.loads(data_line[5:])
+            assert payload.get("error"), f"an internal failure for {body}: {text[-300:]}"
+        seen[kind] += 1
+
+    one()
+    print("fuzzed /chat:", seen)
+    assert seen["complete"] and seen["error"]
+    assert "/chat failed" not in app_server.output()      # ui/rest_chat.py logs an internal failure so
+    assert app_server.client().predict(api_name="/engine_info")["running"] == 0
