@@ -25,7 +25,7 @@ What is kept from Gradio, not re-implemented:
 
 Two of the routes guard Gradio's REST protocol for *every* endpoint, since its own routes failed
 on malformed requests (schemathesis on Gradio's own schema, ``/gradio_api/openapi.json``, 2026-12-03:
-37 of 75 operations answered a 500, 36 broke their stream off): ``POST /call/v2/{api_name}`` (inputs by
+37 of 75 operations answered a 500, 35-37 more broke their stream off in two runs): ``POST /call/v2/{api_name}`` (inputs by
 name, the form that schema documents) gets a 422 naming a missing, unknown or mistyped field, a 404
 for an unknown endpoint, then Gradio's route; ``GET /call/{api_name}/{event_id}`` gets a 404 for an id
 nobody holds. After them the same schemathesis run found only Gradio's 503 "Queue is full" (right under
