@@ -23,12 +23,15 @@ What is kept from Gradio, not re-implemented:
 * an event id this module did not make (one Gradio's queue holds: any other endpoint's) goes to
   Gradio's own route.
 
-Two of the routes guard Gradio's REST protocol for *every* endpoint, since its own routes failed
-on malformed requests (schemathesis on Gradio's own schema, ``/gradio_api/openapi.json``, 2026-12-03:
-37 of 75 operations answered a 500, 35-37 more broke their stream off in two runs): ``POST /call/v2/{api_name}`` (inputs by
-name, the form that schema documents) gets a 422 naming a missing, unknown or mistyped field, a 404
-for an unknown endpoint, then Gradio's route; ``GET /call/{api_name}/{event_id}`` gets a 404 for an id
-nobody holds. After them the same schemathesis run found only Gradio's 503 "Queue is full" (right under
+The routes guard Gradio's REST protocol for *every* endpoint, since its own routes failed on
+malformed requests (schemathesis on Gradio's own schema, ``/gradio_api/openapi.json``, 2026-12-03:
+37 of 75 operations answered a 500, 35-37 more broke their stream off in two runs): ``POST
+/call/v2/{api_name}`` (inputs by name, the form that schema documents) gets a 422 naming a missing,
+unknown or mistyped field, a 404 for an unknown endpoint, then Gradio's route; ``POST
+/call/{api_name}`` gets its left-out inputs' defaults or a 422 naming the missing or surplus ones
+(Gradio: ``{"error": null}``); ``GET /call/{api_name}/{event_id}`` gets a 404 for an id nobody holds.
+The values themselves are not checked against Gradio's declared types (some of its schemas cannot be
+met, e.g. a string type with integer choices): each handler refuses what it cannot use. After them the same schemathesis run found only Gradio's 503 "Queue is full" (right under
 that load) and its multipart ``/upload``.
 
 What differs, on purpose (tests/ui/test_rest_chat.py checks each against Gradio's own path):
@@ -131,9 +134,9 @@ class RestChat:
         # the inputs a request must send: those without a default in the handler
         self.required = tuple(n for n in inputs if n in sig and sig[n].default is inspect.Parameter.empty)
         self.events: dict[str, _Event] = {}
-        self.post_path = f"{API_PREFIX}/call/{api_name}"
         self._gradio: dict[str, Callable] | None = None
         self._v2 = None
+        self._api_info: dict | None = None
 
     def routes(self) -> list[Route]:
         """The routes, ahead of Gradio's. The two with ``{api_name}`` serve every endpoint of Gradio's
@@ -141,8 +144,8 @@ class RestChat:
         the rest to them (see :meth:`get` and :meth:`post_v2`)."""
         from gradio.route_utils import API_PREFIX
 
-        return [Route(self.post_path, self.post, methods=["POST"]),
-                Route(self.post_path + "/", self.post, methods=["POST"]),
+        return [Route(f"{API_PREFIX}/call/{{api_name}}", self.post, methods=["POST"]),
+                Route(f"{API_PREFIX}/call/{{api_name}}/", self.post, methods=["POST"]),
                 # the form Gradio's own OpenAPI schema (/gradio_api/openapi.json) documents: inputs by name
                 Route(f"{API_PREFIX}/call/v2/{{api_name}}", self.post_v2, methods=["POST"]),
                 Route(f"{API_PREFIX}/call/v2/{{api_name}}/", self.post_v2, methods=["POST"]),
@@ -157,7 +160,7 @@ class RestChat:
             from gradio.route_utils import API_PREFIX
 
             want = {"user": "/user", "login_check": "/login_check", "get": "/call/{api_name}/{event_id}",
-                    "post_v2": "/call/v2/{api_name}"}
+                    "post": "/call/{api_name}", "post_v2": "/call/v2/{api_name}"}
             found = {}
             for path, endpoint in _endpoints(app.router.routes):
                 if getattr(endpoint, "__self__", None) is self:
@@ -194,7 +197,38 @@ class RestChat:
         body, invalid = await _parse(request, SimplePredictBody)
         if invalid is not None:
             return invalid
-        return self._start(request, user, body.data, body.session_hash)
+        api_name = request.path_params["api_name"]
+        if api_name == self.api_name:
+            return self._start(request, user, body.data, body.session_hash)
+        # another endpoint: its inputs counted first (Gradio answered too few with {"error": null}),
+        # the ones left out that have a default filled in, then Gradio's own route
+        params, refused = self._inputs_of(request, api_name)
+        if refused is not None:
+            return refused
+        names = ", ".join(p["parameter_name"] for p in params) or "none"
+        data = list(body.data)
+        errors = ([{"type": "too_long", "loc": ["body", "data"],
+                    "msg": f"/{api_name} takes {len(params)} inputs ({names}); this request sent {len(data)}"}]
+                  if len(data) > len(params) else
+                  [{"type": "missing", "loc": ["body", "data", i], "msg": f"Field required: {p['parameter_name']}"}
+                   for i, p in enumerate(params) if i >= len(data) and not p.get("parameter_has_default")])
+        if errors:
+            return JSONResponse({"detail": errors}, status_code=422)
+        body.data = data + [p.get("parameter_default") for p in params[len(data):]]
+        out = await self._functions(request.app)["post"](api_name=api_name, body=body, request=request,
+                                                        username=user)
+        return out if isinstance(out, Response) else JSONResponse(out)    # FastAPI serialized its dict
+
+    def _inputs_of(self, request: Request, api_name: str) -> tuple[list, Response | None]:
+        """(the endpoint's API inputs as Gradio's api info lists them, None) or ([], a 404). The info is
+        built once (~5 ms: every endpoint of the app; they do not change once it is launched)."""
+        if self._api_info is None:
+            self._api_info = request.app.get_blocks().get_api_info()["named_endpoints"]
+        endpoint = self._api_info.get("/" + api_name)
+        if endpoint is None:
+            return [], JSONResponse({"detail": f"No API endpoint named {api_name!r} (see /gradio_api/info)."},
+                                    status_code=404)
+        return endpoint["parameters"], None
 
     async def post_v2(self, request: Request) -> Response:
         """``POST /gradio_api/call/v2/{api_name}``: the inputs by name (``{"messages": ..., "params":
@@ -218,16 +252,14 @@ class RestChat:
         return self._start(request, user, data, body.session_hash)
 
     async def _other_v2(self, request: Request, api_name: str, user: str | None) -> Response:
-        endpoint = request.app.get_blocks().get_api_info()["named_endpoints"].get("/" + api_name)
-        if endpoint is None:
-            return JSONResponse({"detail": f"No API endpoint named {api_name!r} (see /gradio_api/info)."},
-                                status_code=404)
+        params, refused = self._inputs_of(request, api_name)
+        if refused is not None:
+            return refused
         raw = await request.body()
         try:
             body = json.loads(raw)
         except ValueError as e:       # JSONDecodeError, UnicodeDecodeError
             return _json_invalid(e)
-        params = endpoint["parameters"]
         names = {p["parameter_name"] for p in params} | {"oauth_token"}
         errors = [{"type": "dict_type", "loc": ["body"], "msg": "Input should be a valid dictionary"}] \
             if not isinstance(body, dict) else (

@@ -186,6 +186,19 @@ def test_v2_inputs_by_name_as_gradios_openapi_schema_documents(server):
     assert status == 404 and "no_such_endpoint" in detail["detail"]
 
 
+def test_other_endpoints_rest_bodies_are_counted_then_gradios(server):
+    """Another endpoint's ``POST /call/{name}``: left-out inputs with a default are filled in, a
+    missing required one or a surplus is a 422 naming it (Gradio's own answer: ``{"error": null}``),
+    and a well-formed call is Gradio's own."""
+    status, got = post(server, {"data": [M]}, "chat_gradio")       # params, conversation_id: defaults
+    assert status == 200 and events(server, got["event_id"], "chat_gradio")[-1] == ("complete", [" t0 t1 t2"])
+    status, detail = post(server, {"data": []}, "chat_gradio")
+    assert status == 422 and detail["detail"][0]["msg"] == "Field required: messages"
+    status, detail = post(server, {"data": [M, {}, None, 1]}, "chat_gradio")
+    assert status == 422 and "takes 3 inputs (messages, params, conversation_id)" in detail["detail"][0]["msg"]
+    assert post(server, {"data": []}, "no_such_endpoint")[0] == 404
+
+
 def test_unknown_event_ids_of_any_endpoint_are_404s(server):
     """Gradio's own GET broke its stream off mid-chunk for an id its queue does not hold."""
     for path in ("chat_gradio/" + "0" * 32, "v2/chat_gradio/abc", "v2/chat"):
