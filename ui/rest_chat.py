@@ -52,6 +52,7 @@ What differs, on purpose (tests/ui/test_rest_chat.py checks each against Gradio'
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import uuid
@@ -108,6 +109,11 @@ async def _parse(request: Request, model) -> tuple[object, Response | None]:
         return None, JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
+def _as_response(out) -> Response:
+    """What one of Gradio's endpoint functions returned, as FastAPI would have sent it."""
+    return out if isinstance(out, Response) else JSONResponse(out)
+
+
 def _endpoints(routes, depth: int = 0):
     """(path, endpoint) of every route, those of included routers too (Gradio 6.31 keeps its
     ``/gradio_api`` routes in an ``_IncludedRouter`` whose ``original_router`` has them unprefixed)."""
@@ -120,15 +126,11 @@ def _endpoints(routes, depth: int = 0):
 
 
 class RestChat:
-    """The two routes of ``/chat`` (see the module's docstring). ``handler(*inputs, request=...)`` is
-    the endpoint's own async generator (``ui.app``'s ``api_chat``); ``inputs`` its input names, in
-    order, each with a default."""
+    """Gradio's REST protocol ahead of Gradio's routes (see the module's docstring): ``/chat`` served
+    here, every other endpoint checked and handed on. ``handler(*inputs, request=...)`` is
+    ``/chat``'s own async generator (``ui.app``'s ``api_chat``); ``inputs`` its input names, in order."""
 
     def __init__(self, handler: Handler, inputs: tuple[str, ...], api_name: str = "chat"):
-        from gradio.route_utils import API_PREFIX
-
-        import inspect
-
         self.handler, self.inputs, self.api_name = handler, inputs, api_name
         sig = inspect.signature(handler).parameters
         # the inputs a request must send: those without a default in the handler
@@ -164,7 +166,7 @@ class RestChat:
             found = {}
             for path, endpoint in _endpoints(app.router.routes):
                 if getattr(endpoint, "__self__", None) is self:
-                    continue                     # our own routes share two of these paths
+                    continue                     # our own routes share these paths
                 for key, rel in want.items():
                     if path in (rel, API_PREFIX + rel) and key not in found:
                         found[key] = endpoint
@@ -217,7 +219,7 @@ class RestChat:
         body.data = data + [p.get("parameter_default") for p in params[len(data):]]
         out = await self._functions(request.app)["post"](api_name=api_name, body=body, request=request,
                                                         username=user)
-        return out if isinstance(out, Response) else JSONResponse(out)    # FastAPI serialized its dict
+        return _as_response(out)
 
     def _inputs_of(self, request: Request, api_name: str) -> tuple[list, Response | None]:
         """(the endpoint's API inputs as Gradio's api info lists them, None) or ([], a 404). The info is
@@ -271,7 +273,7 @@ class RestChat:
             return JSONResponse({"detail": errors}, status_code=422)
         out = await self._functions(request.app)["post_v2"](api_name=api_name, body=body, request=request,
                                                            username=user)
-        return out if isinstance(out, Response) else JSONResponse(out)    # FastAPI serialized its dict
+        return _as_response(out)
 
     def _v2_model(self):
         """The v2 body as a pydantic model: each input by name (required ones without a default), the
