@@ -117,7 +117,8 @@ def main(argv=None) -> int:
         from ui.app import CHAT_INPUTS, chat_endpoint
         from ui.rest_chat import RestChat
 
-        app_kwargs["routes"] += RestChat(chat_endpoint(ctx), CHAT_INPUTS).routes()
+        rest = RestChat(chat_endpoint(ctx), CHAT_INPUTS)
+        app_kwargs["routes"] += rest.routes()
     if s.api:
         from ui.openai_api import routes
 
@@ -132,6 +133,13 @@ def main(argv=None) -> int:
                 # off, Gradio's per-event analytics can be skipped: ui/gradio_patches.no_queue_analytics)
                 enable_monitoring=False,
                 quiet=True)   # Gradio's own banner says "set share=True in launch()": ours names --share
+    if s.rest_chat:
+        try:     # Gradio's own functions the REST routes call: found now, or the app says why and stops
+            rest.check(demo.app)
+        except RuntimeError as e:
+            demo.close()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
     local = f"http://{'127.0.0.1' if s.server_name == '0.0.0.0' else s.server_name}:{s.server_port}"
     print(f"TurboStudio is running at {local}{s.root_path or ''}/", flush=True)
     if s.share:

@@ -177,6 +177,11 @@ class RestChat:
             self._gradio = found
         return self._gradio
 
+    def check(self, app) -> None:
+        """At launch: Gradio's functions these routes call are there (a RuntimeError naming the missing
+        ones otherwise), so a Gradio that moved them stops the app at once instead of answering 500."""
+        self._functions(app)
+
     async def _caller(self, request: Request) -> tuple[str | None, Response | None]:
         """(the logged-in user or None, None) or (None, the 401 answer), decided by Gradio's functions."""
         from fastapi import HTTPException

@@ -123,6 +123,16 @@ def both(server, body):
 M = [{"role": "user", "content": "hi"}]
 
 
+def test_a_gradio_without_its_routes_is_refused_at_launch():
+    """If a Gradio release moves the functions these routes rely on (its credential check among
+    them), the app must not serve without them: ``check`` (called by app.py at launch) says so."""
+    from fastapi import FastAPI
+
+    rest = RestChat(endpoint, ("messages", "params", "conversation_id"))
+    with pytest.raises(RuntimeError, match="TURBOSTUDIO_REST_CHAT=0"):
+        rest.check(FastAPI())
+
+
 def test_streams_like_gradio_queue(server):
     (ours, our_events), (theirs, _) = both(server, {"data": [M, {"n": 4, "delay": 0.02}, None]})
     assert ours == theirs == ("complete", [" t0 t1 t2 t3"])
