@@ -79,6 +79,7 @@ def build_app(ctx: Context) -> gr.Blocks:
                 tab.select(_stop_timers(len(others)), None, others, api_visibility="private", queue=False)
 
         api_chat = chat_endpoint(ctx)
+
         def engine_info(request: gr.Request = None) -> dict:
             return engines.engine_info(ctx, request)
 

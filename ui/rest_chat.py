@@ -31,8 +31,9 @@ unknown or mistyped field, a 404 for an unknown endpoint, then Gradio's route; `
 /call/{api_name}`` gets its left-out inputs' defaults or a 422 naming the missing or surplus ones
 (Gradio: ``{"error": null}``); ``GET /call/{api_name}/{event_id}`` gets a 404 for an id nobody holds.
 The values themselves are not checked against Gradio's declared types (some of its schemas cannot be
-met, e.g. a string type with integer choices): each handler refuses what it cannot use. After them the same schemathesis run found only Gradio's 503 "Queue is full" (right under
-that load) and its multipart ``/upload``.
+met, e.g. a string type with integer choices): each handler refuses what it cannot use. After them
+the same schemathesis run found only Gradio's 503 "Queue is full" (right under that load) and its
+multipart ``/upload``.
 
 What differs, on purpose (tests/ui/test_rest_chat.py checks each against Gradio's own path):
 * each update is the whole reply so far, so a reader that falls behind gets the newest one (never a
@@ -92,9 +93,9 @@ def _json_invalid(e: ValueError) -> JSONResponse:
                                      "input": {}, "ctx": {"error": msg}}]}, status_code=422)
 
 
-async def _parse(request: Request, model) -> tuple[object, Response | None]:
-    """(the body as ``model``, None) or (None, FastAPI's own 422 answer: a body that is not JSON, or
-    one the model refuses, each error's ``loc`` under ``body``)."""
+async def _parse(request: Request, model=None) -> tuple[object, Response | None]:
+    """(the body as ``model``, or its JSON value without one, None) or (None, FastAPI's own 422
+    answer: a body that is not JSON, or one the model refuses, each error's ``loc`` under ``body``)."""
     from fastapi.encoders import jsonable_encoder
     from pydantic import ValidationError
 
@@ -102,6 +103,8 @@ async def _parse(request: Request, model) -> tuple[object, Response | None]:
         data = json.loads(await request.body())
     except ValueError as e:       # JSONDecodeError, UnicodeDecodeError
         return None, _json_invalid(e)
+    if model is None:
+        return data, None
     try:
         return model.model_validate(data), None
     except ValidationError as e:
@@ -262,11 +265,9 @@ class RestChat:
         params, refused = self._inputs_of(request, api_name)
         if refused is not None:
             return refused
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except ValueError as e:       # JSONDecodeError, UnicodeDecodeError
-            return _json_invalid(e)
+        body, invalid = await _parse(request)
+        if invalid is not None:
+            return invalid
         names = {p["parameter_name"] for p in params} | {"oauth_token"}
         errors = [{"type": "dict_type", "loc": ["body"], "msg": "Input should be a valid dictionary"}] \
             if not isinstance(body, dict) else (
