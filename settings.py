@@ -79,6 +79,8 @@ class Settings:
     queue_shim: bool = True           # TURBOSTUDIO_QUEUE_SHIM=0: Gradio's own 1 ms queue poll
     rest_chat: bool = True            # TURBOSTUDIO_REST_CHAT=0: /chat's REST calls through Gradio's queue
     lmdeploy_wait_end: bool = False   # TURBOSTUDIO_LMDEPLOY_WAIT_END=1: old stream ends (A/B runs)
+    lmdeploy_gather_ms: float | None = None  # TURBOSTUDIO_LMDEPLOY_GATHER_MS: a burst's starts together (engines/lmdeploy.py)
+    core_push: bool = True            # TURBOSTUDIO_CORE_PUSH=0: a pump thread per stream in the engine process (A/B runs)
 
     def validate(self) -> "Settings":
         if self.engine not in ENGINES:
@@ -195,7 +197,8 @@ class Settings:
                     session_len=self.session_len, tp=self.tp,
                     trust_remote_code=self.trust_remote_code, engine_process=self.engine_process,
                     remote_model=self.remote_model,
-                    api_key=self.remote_api_key, wait_end=self.lmdeploy_wait_end or None)
+                    api_key=self.remote_api_key, wait_end=self.lmdeploy_wait_end or None,
+                    gather_ms=self.lmdeploy_gather_ms, core_push=None if self.core_push else False)
 
 
 _HELP = {
@@ -270,7 +273,9 @@ _EPILOG = """Every option can also be set as an environment variable TURBOSTUDIO
 TURBOSTUDIO_MODEL or TURBOSTUDIO_MAX_QUEUE; handy on a hosted Space); a flag on the command line wins.
 Diagnostics (environment only): TURBOSTUDIO_PROFILE=<file> samples the server's stacks,
 TURBOSTUDIO_SESSION_SHIM=0 and TURBOSTUDIO_QUEUE_SHIM=0 switch off the Gradio shims,
-TURBOSTUDIO_LMDEPLOY_WAIT_END=1 restores the old LMDeploy stream ends. SPACE_ID set (a Hugging Face
+TURBOSTUDIO_LMDEPLOY_WAIT_END=1 restores the old LMDeploy stream ends, TURBOSTUDIO_CORE_PUSH=0 the
+engine process's pump thread per stream, TURBOSTUDIO_LMDEPLOY_GATHER_MS=<ms> sets how close starts must
+come to reach LMDeploy's engine together (0: each at once). SPACE_ID set (a Hugging Face
 Space) makes the app public: no operator controls without --auth and --admin."""
 
 
@@ -292,7 +297,8 @@ def _env_value(name: str, typ, env) -> object | None:
 _ENV_ONLY = {"hosted": "SPACE_ID", "hub_offline": "HF_HUB_OFFLINE", "hub_endpoint": "HF_ENDPOINT",
              "profile": "TURBOSTUDIO_PROFILE", "session_shim": "TURBOSTUDIO_SESSION_SHIM",
              "queue_shim": "TURBOSTUDIO_QUEUE_SHIM", "rest_chat": "TURBOSTUDIO_REST_CHAT",
-             "lmdeploy_wait_end": "TURBOSTUDIO_LMDEPLOY_WAIT_END"}
+             "lmdeploy_wait_end": "TURBOSTUDIO_LMDEPLOY_WAIT_END",
+             "lmdeploy_gather_ms": "TURBOSTUDIO_LMDEPLOY_GATHER_MS", "core_push": "TURBOSTUDIO_CORE_PUSH"}
 
 
 def _env_only(env) -> dict:
@@ -305,6 +311,11 @@ def _env_only(env) -> dict:
             out[name] = True
         elif name in ("hub_endpoint", "profile"):
             out[name] = raw
+        elif name == "lmdeploy_gather_ms":
+            try:
+                out[name] = float(raw)
+            except ValueError:
+                raise ValueError(f"{var} must be a number of milliseconds, got {raw!r}") from None
         else:
             out[name] = raw.strip().lower() in ("1", "true", "yes", "on")
     return out

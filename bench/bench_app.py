@@ -61,18 +61,29 @@ def launch(model, engine, port, extra):
                          "--engine", engine, *(["--model", model] if model else []), *extra], port)
 
 
-def start_server(args, port, probe: str = "gradio_api/info", name: str = "app"):
+def start_server(args, port, probe: str = "gradio_api/info", name: str = "app", env: dict | None = None):
     """Start a server process (``args``: a Gradio app, or any server that answers GET ``probe``) and
     wait until it answers on ``port``; returns the process and the seconds it took (the process's
     log is /tmp/bench-NAME-PORT.log)."""
-    t0 = time.perf_counter()
+    return wait_server(spawn_server(args, port, probe, name, env))
+
+
+def spawn_server(args, port, probe: str = "gradio_api/info", name: str = "app", env: dict | None = None):
+    """Start a server process without waiting (several load side by side): ``wait_server`` waits."""
     log = open(f"/tmp/bench-{name}-{port}.log", "w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, **env} if env else None)
+    return proc, time.perf_counter(), log.name, f"http://127.0.0.1:{port}/{probe}"
+
+
+def wait_server(spawned):
+    """(process, seconds from its start until it answered) for what ``spawn_server`` started."""
+    proc, t0, log, url = spawned
     while True:
         if proc.poll() is not None:
-            raise SystemExit(open(log.name).read()[-3000:])
+            raise SystemExit(open(log).read()[-3000:])
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=2)
+            urllib.request.urlopen(url, timeout=2)
             break
         except OSError:
             time.sleep(0.2)

@@ -25,7 +25,7 @@ parent -> child        ``("s", rid, request)`` start a stream; ``("a", rid)`` ab
                        ``("c", cid, method, args, kwargs)`` call a method (count_tokens, scheduler, ...);
                        ``("q",)`` close the engine and exit.
                        (first, once: the parent's ``sys.path``, then ``("init", factory, args,
-                       log level)``.)
+                       log level, options)``.)
 child -> parent        ``("ready", info, methods)`` once loaded, or ``("failed", error)``;
                        ``("e", [(rid, events), ...], [(cid, ok, value), ...])`` everything that
                        happened since the last frame. A stream's events: ``("ok",)`` it started
@@ -159,10 +159,10 @@ def main(fd: int) -> None:
     conn = Connection(fd)
     try:
         sys.path[:] = conn.recv()
-        _, factory, args, level = conn.recv()
+        _, factory, args, level, options = conn.recv()
     except (EOFError, OSError):
         os._exit(1)
-    _serve(conn, factory, args, level)
+    _serve(conn, factory, args, level, **options)
 
 
 FRAME_PACE = 0.004    # seconds between two frames at 64 running streams (0 up to 4)
@@ -176,9 +176,51 @@ def frame_pace(running: int) -> float:
     return max(0.0, min(FRAME_PACE, FRAME_PACE * (running - 4) / 60))
 
 
-def _serve(conn, factory: str, args: tuple, log_level: int) -> None:
+class _PushSink:
+    """A stream's sink on the push path (an engine with ``start(request, sink)``): each Delta goes
+    into the outbox as the engine hands it over, from whichever thread that is; ``None`` (the engine
+    let go) is the stream's end. What comes before ``opened`` (the start returned) waits behind the
+    stream's "ok", which the parent reads first."""
+
+    def __init__(self, out: "_Outbox", rid: str, live: list):
+        self.out, self.rid, self.live = out, rid, live
+        self.lock = threading.Lock()
+        self.held: list = []
+        self.open = False
+
+    def __call__(self, d: Delta | None) -> None:
+        ev = ("end",) if d is None else ("d", d.text, d.tokens, d.finish_reason, d.error, d.prompt_tokens)
+        with self.lock:
+            if not self.open:
+                self.held.append(ev)
+                return
+            self._put(ev)
+
+    def opened(self) -> None:
+        with self.lock:
+            self.out.event(self.rid, ("ok",))
+            with self.out.cv:
+                self.live[0] += 1
+            for ev in self.held:
+                self._put(ev)
+            self.held, self.open = [], True
+
+    def _put(self, ev: tuple) -> None:
+        if ev[0] == "end":
+            with self.out.cv:
+                self.live[0] -= 1
+        self.out.event(self.rid, ev)
+
+
+def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True) -> None:
     """The engine core's main (the child process): build the engine, then serve frames until the
-    parent says close or goes away."""
+    parent says close or goes away.
+
+    Two ways to run a stream: an engine with ``start(request, sink)`` (LMDeploy's: it hands each
+    Delta over from its own event loop) is started here, on this thread, in frame order, and its
+    Deltas go straight into the outbox; nothing of ours is woken per token but the sender, once a
+    frame. Any other engine (and ``push=False``, for A/B runs) gets a pump thread per stream that
+    iterates ``engine.stream(request)``."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
     for noisy in ("torchao", "torch.utils._pytree"):    # as app.py says: warnings about kernels never used
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -207,7 +249,8 @@ def _serve(conn, factory: str, args: tuple, log_level: int) -> None:
     send_lock = threading.Lock()
     conn.send(("ready", engine.info, methods))
 
-    live = [0]      # streams running here (pump threads), for the sender's pace
+    live = [0]      # streams running here, for the sender's pace
+    start = getattr(engine, "start", None) if push else None
 
     def sender():
         while True:
@@ -265,7 +308,15 @@ def _serve(conn, factory: str, args: tuple, log_level: int) -> None:
             except (EOFError, OSError):         # the parent died: free the engine, go
                 break
             kind = msg[0]
-            if kind == "s":
+            if kind == "s" and start is not None:
+                sink = _PushSink(out, msg[1], live)
+                try:
+                    start(msg[2], sink)
+                except BaseException as e:  # noqa: BLE001 - raised in the parent's stream() call
+                    out.event(msg[1], ("x", portable(e)))
+                else:
+                    sink.opened()
+            elif kind == "s":
                 threading.Thread(target=pump, args=(msg[1], msg[2]), daemon=True, name="core-pump").start()
             elif kind == "a":
                 try:
@@ -354,9 +405,10 @@ class CoreEngine:
     """An :class:`~engines.base.Engine` whose engine runs in a child process (see the module).
 
     ``CoreEngine(factory, args)`` starts the child and returns once the engine is loaded there
-    (raising what loading raised). ``info`` is the child's engine's info, as it was after loading."""
+    (raising what loading raised). ``push=False`` runs every stream through a pump thread even where
+    the engine could push (the earlier path, for A/B runs). ``info`` is the child's engine's info, as it was after loading."""
 
-    def __init__(self, factory: str, args: Sequence = ()):
+    def __init__(self, factory: str, args: Sequence = (), push: bool = True):
         from multiprocessing.connection import Connection
 
         mine, theirs = socket.socketpair()
@@ -366,7 +418,7 @@ class CoreEngine:
         theirs.close()
         parent = self._conn = Connection(mine.detach())
         parent.send(list(sys.path))
-        parent.send(("init", factory, tuple(args), logging.getLogger().getEffectiveLevel()))
+        parent.send(("init", factory, tuple(args), logging.getLogger().getEffectiveLevel(), {"push": push}))
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}

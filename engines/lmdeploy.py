@@ -175,8 +175,9 @@ def suggested_cache_ratio(need: float) -> float:
 
 @dataclass(eq=False)
 class _Call:
-    """One request from ``stream`` until LMDeploy has let go of it. ``out`` carries LMDeploy's
-    outputs to the relay (and the markers below); ``aborted`` is set by ``abort`` in any state."""
+    """One request from ``stream``/``start`` until LMDeploy has let go of it. ``out`` carries
+    LMDeploy's outputs to the pull relay (and the markers below); ``push`` replaces it on the push
+    path; ``aborted`` is set by ``abort`` in any state."""
 
     request_id: str
     out: queue.Queue = field(default_factory=queue.Queue)
@@ -184,6 +185,7 @@ class _Call:
     future: object = None        # concurrent.futures.Future of the coroutine on LMDeploy's loop
     task: object = None          # its asyncio.Task (set on the loop when it starts)
     session: object = None       # LMDeploy's Session, once it exists
+    push: "_Push | None" = None  # the push path's sink (``LMDeployEngine.start``)
 
 
 _ABORT = object()     # abort() was called: the relay ends the stream now
@@ -193,6 +195,82 @@ _END = object()       # the coroutine has ended: LMDeploy holds nothing of this 
 class _Failure:
     def __init__(self, message: str):
         self.message = message
+
+
+class _Reader:
+    """One request's LMDeploy outputs (and failures) as Deltas, for both paths: the pull relay
+    (``stream``) and the push path (``start``). ``finished`` once a Delta with a finish reason
+    went out; nothing is translated after it."""
+
+    def __init__(self, engine: "LMDeployEngine"):
+        self.engine = engine
+        self.tokens = 0
+        self.finished = False
+
+    def output(self, item) -> Delta | None:
+        if self.finished:
+            return None
+        if isinstance(item, _Failure):
+            return self._error(item.message)
+        self.tokens = item.generate_token_len
+        reason = item.finish_reason
+        if reason == "error":
+            return self._error(getattr(item, "error_message", None) or item.response or
+                               "LMDeploy reported an error")
+        prompt = (getattr(item, "history_token_len", 0) or 0) + (getattr(item, "input_token_len", 0) or 0)
+        self.finished = bool(reason)
+        return Delta(item.response or "", self.tokens, reason, prompt_tokens=prompt or None)
+
+    def final(self, reason: str) -> Delta | None:
+        """The closing Delta ("abort", or "stop" when LMDeploy let go without a finish reason)."""
+        if self.finished:
+            return None
+        self.finished = True
+        return Delta("", self.tokens, reason)
+
+    def _error(self, message: str) -> Delta:
+        self.finished = True
+        self.engine._note_error(message)
+        return Delta("", self.tokens, "error", message)
+
+
+class _Push:
+    """The push path (``LMDeployEngine.start``): each output is translated where it arrives, on
+    LMDeploy's event loop, and handed to ``sink`` there; ``abort`` hands its closing Delta over
+    from the caller's thread. No thread of ours waits on a queue per request, so nothing of ours
+    is woken per token (engines/core.py's engine process serves many streams this way: with
+    LMDeploy's PyTorch engine, which schedules every step in Python on that loop, a woken thread
+    per stream per token competed with it for the GIL). The lock orders the two threads' Deltas:
+    none goes out after the closing one."""
+
+    def __init__(self, engine: "LMDeployEngine", sink):
+        self.reader = _Reader(engine)
+        self.sink = sink
+        self.lock = threading.Lock()
+        self.ended = False
+
+    def output(self, item) -> None:
+        with self.lock:
+            d = self.reader.output(item)
+            if d is not None:
+                self.sink(d)
+
+    def abort(self) -> None:
+        with self.lock:
+            d = self.reader.final("abort")
+            if d is not None:
+                self.sink(d)
+
+    def end(self) -> None:
+        """LMDeploy has let go of the request: the closing Delta if none went out, then ``None``."""
+        with self.lock:
+            if self.ended:
+                return
+            self.ended = True
+            d = self.reader.final("stop")
+            if d is not None:
+                self.sink(d)
+            self.sink(None)
 
 
 class LMDeployEngine:
@@ -235,6 +313,10 @@ class LMDeployEngine:
         # diagnostic switch (Settings.lmdeploy_wait_end): a stream ends when LMDeploy has let go of
         # the request rather than at the response that carries the finish reason (A/B runs)
         self._wait_end = bool(config.wait_end)
+        # starts that come in a burst reach the engine together (``_gather``); 0: each at once
+        self._gather_s = (config.gather_ms if config.gather_ms is not None else 0.0) / 1000.0
+        self._last_start = float("-inf")
+        self._wave = None
         self._lock = threading.Lock()
         self._calls: dict[str, _Call] = {}
         self._closed = False
@@ -396,13 +478,26 @@ class LMDeployEngine:
 
     # ------------------------------------------------------------------ requests
     def stream(self, request: ChatRequest) -> Iterator[Delta]:
+        return self._relay(self._submit(request))
+
+    def start(self, request: ChatRequest, sink) -> None:
+        """The push form of ``stream`` (engines/core.py's engine process uses it): returns once the
+        request is submitted (raising what ``stream`` raises, before any Delta); then ``sink(delta)``
+        is called for each Delta, from LMDeploy's event loop (or from ``abort``'s caller for the
+        closing "abort"), and ``sink(None)`` once, when LMDeploy has let go of the request. ``sink``
+        must be quick and must not block: it runs on LMDeploy's loop."""
+        call = self._submit(request, _Push(self, sink))
+        if call.future is None:             # aborted before LMDeploy had it
+            call.push.end()
+
+    def _submit(self, request: ChatRequest, push: _Push | None = None) -> _Call:
         if self._closed:
             raise EngineUnavailable("This model was unloaded.")
         dead = self.health()
         if dead:
             raise EngineError(f"The engine stopped ({dead}). Reload the model on the Engines page.",
                               code="engine_dead")
-        call = _Call(request.request_id)
+        call = _Call(request.request_id, push=push)
         with self._lock:
             if call.request_id in self._calls:
                 raise EngineError(f"A request with id {call.request_id!r} is still running.",
@@ -425,7 +520,7 @@ class LMDeployEngine:
             raise
         if call.future is None:             # aborted before LMDeploy had it: nothing to undo there
             self._forget(call)
-        return self._relay(call)
+        return call
 
     def _loop(self):
         return self.pipe.internal_thread.loop
@@ -434,6 +529,7 @@ class LMDeployEngine:
         """(LMDeploy's event loop.) One request, as ``Pipeline.stream_infer`` runs it, into ``call.out``."""
         call.task = asyncio.current_task()
         eng = self.pipe.async_engine
+        emit = call.push.output if call.push is not None else call.out.put
         session = None
         try:
             if call.aborted.is_set():        # aborted before it started: LMDeploy never sees it
@@ -442,6 +538,10 @@ class LMDeployEngine:
             request = await eng.preprocess(messages=prompt, session_id=session, gen_config=gen_config)
             if call.aborted.is_set():
                 return
+            if self._gather_s:
+                await self._gather()
+                if call.aborted.is_set():
+                    return
             stopping = False
             async for out in eng.generate(request, stream_response=True):
                 if call.aborted.is_set():
@@ -449,20 +549,45 @@ class LMDeployEngine:
                         stopping = True
                         await session.async_abort()
                     continue
-                call.out.put(out)
+                emit(out)
         except asyncio.CancelledError:       # abort() while it waited for a place or was preprocessed
             pass
         except Exception as e:  # noqa: BLE001 - LMDeploy's RequestError and the rest: that request fails
             message = getattr(e, "message", None) or str(e) or type(e).__name__
-            call.out.put(_Failure(str(message)))
+            emit(_Failure(str(message)))
         finally:
             if session is not None:
                 try:
                     await session.async_close()   # idempotent: generate() removes it at its end
                 except Exception:  # noqa: BLE001
                     log.debug("closing an LMDeploy session failed", exc_info=True)
-            call.out.put(_END)
             self._forget(call)
+            if call.push is not None:
+                call.push.end()
+            else:
+                call.out.put(_END)
+
+    async def _gather(self) -> None:
+        """(LMDeploy's event loop.) Let the starts of a burst reach the engine together. A start
+        with no other in the last ``_gather_s`` goes at once (a lone user waits for nothing); one
+        that follows another that closely joins a wave, released as one ``_gather_s`` after the
+        wave opened, so the engine prefills the wave in one step instead of one step per arrival
+        (LMDeploy's PyTorch engine interrupts every running stream's decoding for each prefill).
+        A cancelled start leaves the wave to the others (``shield``)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        last, self._last_start = self._last_start, now
+        if self._wave is None and now - last > self._gather_s:
+            return
+        if self._wave is None:
+            wave = self._wave = loop.create_future()
+
+            def release():
+                self._wave = None
+                wave.set_result(None)
+
+            loop.call_later(self._gather_s, release)
+        await asyncio.shield(self._wave)
 
     async def _stop(self, call: _Call) -> None:
         """(LMDeploy's event loop.) Stop ``call`` where it is: an engine cancel once it holds an
@@ -474,45 +599,26 @@ class LMDeployEngine:
             task.cancel()
 
     def _relay(self, call: _Call) -> Iterator[Delta]:
-        """LMDeploy's outputs as Deltas. The stream ends at the output that carries a finish reason
-        (LMDeploy lets go of the request on its own loop a moment later), or at once on abort."""
-        finished = False
-        tokens = 0
+        """(The pull path.) LMDeploy's outputs as Deltas. The stream ends at the output that carries
+        a finish reason (LMDeploy lets go of the request on its own loop a moment later), or at once
+        on abort."""
+        reader = _Reader(self)
         try:
             while True:
                 item = call.out.get()
-                if item is _ABORT:
-                    finished = True
-                    yield Delta("", tokens, "abort")
+                if item is _ABORT or item is _END:
+                    d = reader.final("abort" if item is _ABORT else "stop")
+                    if d is not None:
+                        yield d
                     return
-                if item is _END:
-                    if not finished:
-                        finished = True
-                        yield Delta("", tokens, "stop")
-                    return
-                if isinstance(item, _Failure):
-                    finished = True
-                    self._note_error(item.message)
-                    yield Delta("", tokens, "error", item.message)
-                    return
-                tokens = item.generate_token_len
-                reason = item.finish_reason
-                if reason == "error":
-                    finished = True
-                    msg = getattr(item, "error_message", None) or item.response or "LMDeploy reported an error"
-                    self._note_error(msg)
-                    yield Delta("", tokens, "error", msg)
-                    return
-                if finished:                 # wait_end: what follows the finish carries nothing new
-                    continue
-                prompt = (getattr(item, "history_token_len", 0) or 0) + (getattr(item, "input_token_len", 0) or 0)
-                yield Delta(item.response or "", tokens, reason, prompt_tokens=prompt or None)
-                if reason:
-                    finished = True
-                    if not self._wait_end:
+                d = reader.output(item)
+                if d is not None:
+                    yield d
+                    # (wait_end: read on to _END; what follows the finish carries nothing)
+                    if reader.finished and (not self._wait_end or d.finish_reason == "error"):
                         return
         finally:
-            if not finished:                 # the consumer left early: stop the request
+            if not reader.finished:          # the consumer left early: stop the request
                 self.abort(call.request_id)
             if call.aborted.is_set() and call.future is not None:
                 # the place is given back when LMDeploy has let go of the request (a cancel takes
@@ -529,7 +635,10 @@ class LMDeployEngine:
         if call is None or call.aborted.is_set():
             return
         call.aborted.set()
-        call.out.put(_ABORT)
+        if call.push is not None:
+            call.push.abort()
+        else:
+            call.out.put(_ABORT)
         if call.future is not None and not self._closed:
             stop = self._stop(call)
             try:
@@ -626,6 +735,9 @@ class LMDeployEngine:
             self.pipe.close()
         finally:
             self.pipe = None
+            for call in calls:       # LMDeploy is gone: the push path's ends, which its loop would have sent
+                if call.push is not None:
+                    call.push.end()
             gc.collect()
             import torch
 

@@ -81,3 +81,58 @@ class ScriptedEngine:
 
     def close(self) -> None:
         pass
+
+
+class PushingEngine(ScriptedEngine):
+    """The same scripts on the push path (``start(request, sink)``, as the LMDeploy adapter has it):
+    one loop thread of the engine's own runs every stream a step at a time and hands each Delta to
+    its stream's sink there, then ``None`` at its end. A failure mid-stream becomes an error Delta
+    (as LMDeploy's failures do: the sink has no exceptions); ``abort`` hands the closing "abort"
+    over from the caller's thread at once, and nothing of that stream follows it."""
+
+    def __init__(self, fail_load: bool = False):
+        super().__init__(fail_load)
+        self._jobs: dict[str, list] = {}         # rid -> [generator, sink, closed]
+        self._wake = threading.Condition(self._lock)
+        threading.Thread(target=self._loop, daemon=True, name="pushing-engine-loop").start()
+
+    def start(self, request, sink) -> None:
+        it = self.stream(request)                # refusals raise here, before any Delta
+        with self._lock:
+            self._jobs[request.request_id] = [it, sink, False]
+            self._wake.notify()
+
+    def abort(self, request_id: str) -> None:
+        super().abort(request_id)
+        with self._lock:
+            job = self._jobs.get(request_id)
+            if job is None or job[2]:
+                return
+            job[2] = True
+        job[1](Delta("", 0, "abort"))
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while not self._jobs:
+                    self._wake.wait()
+                jobs = list(self._jobs.items())
+            for rid, job in jobs:
+                it, sink, _ = job
+                try:
+                    d = next(it)
+                except StopIteration:
+                    d = None
+                except Exception as e:  # noqa: BLE001 - the push path's failures are error Deltas
+                    d = Delta("", 0, "error", str(e))
+                with self._lock:
+                    closed = job[2]
+                    if d is not None and d.finish_reason:
+                        job[2] = True
+                if d is not None and not closed:
+                    sink(d)
+                if d is None or d.finish_reason:
+                    with self._lock:
+                        self._jobs.pop(rid, None)
+                    it.close()                   # its finally takes the lock: not under it
+                    sink(None)

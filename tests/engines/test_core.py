@@ -18,6 +18,7 @@ from engines.core import CoreEngine, portable, rebuild
 from engines.manager import EngineManager
 
 FACTORY = "tests.engines.core_engine:ScriptedEngine"
+PUSHING = "tests.engines.core_engine:PushingEngine"
 
 
 def req(text: str, rid: str | None = None, **params) -> ChatRequest:
@@ -25,9 +26,12 @@ def req(text: str, rid: str | None = None, **params) -> ChatRequest:
     return ChatRequest((ChatMessage("user", text),), GenParams(**params), **kw)
 
 
-@pytest.fixture(scope="module")
-def core():
-    eng = CoreEngine(FACTORY)
+@pytest.fixture(scope="module", params=[FACTORY, PUSHING], ids=["pump", "push"])
+def core(request):
+    """Each contract test runs on both of the child's paths: a pump thread per stream, and an
+    engine that pushes its Deltas from a loop of its own (LMDeploy's way)."""
+    eng = CoreEngine(request.param)
+    eng.pushes = request.param == PUSHING
     yield eng
     eng.close()
 
@@ -73,10 +77,52 @@ def test_a_refusal_keeps_its_class_parameter_and_code(core):
 
 def test_an_error_mid_stream_comes_after_the_text_before_it(core):
     got = []
-    with pytest.raises(RuntimeError, match="the engine failed on purpose"):     # the same type as in-process
-        for d in core.stream(req("fail after 4")):
-            got.append(d.text)
+    if core.pushes:
+        deltas = list(core.stream(req("fail after 4")))       # the push path: an error Delta
+        assert deltas[-1].finish_reason == "error" and "failed on purpose" in deltas[-1].error
+        got = [d.text for d in deltas]
+    else:
+        with pytest.raises(RuntimeError, match="the engine failed on purpose"):  # the same type as in-process
+            for d in core.stream(req("fail after 4")):
+                got.append(d.text)
     assert "".join(got) == " w1 w2 w3"
+
+
+def test_the_push_path_wakes_no_thread_per_stream(core):
+    """16 streams at once: the pump path holds a thread per stream in the engine's process, the
+    push path none (what it is for: nothing of ours woken per token)."""
+    child = psutil.Process(core.pid)
+    idle = child.num_threads()
+    its = [core.stream(req("forever")) for _ in range(16)]
+    try:
+        assert all(next(it).text == " w1" for it in its)
+        grew = child.num_threads() - idle
+        assert (grew <= 1) if core.pushes else (grew >= 16)
+    finally:
+        for it in its:
+            it.close()
+    assert wait_for(lambda: core.live_requests() == 0)
+
+
+def test_aborts_on_the_push_path_end_at_once_and_nothing_follows():
+    eng = CoreEngine(PUSHING)
+    try:
+        r = req("forever")
+        it = eng.stream(r)
+        assert next(it).text == " w1"
+        eng.abort(r.request_id)
+        rest = list(it)
+        assert rest and rest[-1].finish_reason == "abort"
+        assert all(d.finish_reason is None for d in rest[:-1])
+        # an abort that comes right behind the start, in frame order: never lost
+        for _ in range(20):
+            r = req("forever")
+            it = eng.stream(r)
+            eng.abort(r.request_id)
+            assert list(it)[-1].finish_reason == "abort"
+        assert wait_for(lambda: eng.live_requests() == 0)
+    finally:
+        eng.close()
 
 
 def test_abort_ends_a_running_stream_in_the_child(core):

@@ -103,6 +103,7 @@ class FakeAsyncEngine:
         self.session_mgr = mgr
         self.step = step
         self.preprocessed = 0
+        self.entered: list[float] = []
         self.hold_end: threading.Event | None = None    # LMDeploy lets go of a finished request later
         self.tokenizer = types.SimpleNamespace(encode=lambda s, add_bos=True: [0] * (len(s.split()) + add_bos))
         self.chat_template = types.SimpleNamespace(
@@ -114,6 +115,7 @@ class FakeAsyncEngine:
         return types.SimpleNamespace(session=session_id, n=gen_config["max_new_tokens"])
 
     async def generate(self, request, stream_response=True):
+        self.entered.append(time.perf_counter())     # when the engine got the request
         session = request.session
         session._remove_on_request_exit = True
         async with session.request_handle() as handle:
@@ -195,6 +197,56 @@ def engine(fake_lmdeploy, tiny_llama):
     eng.close()
 
 
+class Pushed:
+    """``engine.start(request, sink)`` read as the engine process's parent reads it: Deltas until
+    the one with a finish reason. ``check`` then holds the push path to its promises: nothing after
+    the closing Delta, and ``None`` exactly once, last (when LMDeploy has let go)."""
+
+    def __init__(self, engine, request):
+        import queue
+
+        self.got: list = []
+        self.q = queue.SimpleQueue()
+        engine.start(request, self._sink)
+
+    def _sink(self, d):
+        self.got.append(d)
+        self.q.put(d)
+
+    def __iter__(self):
+        while True:
+            d = self.q.get(timeout=10)
+            assert d is not None, "the end came before a closing Delta"
+            yield d
+            if d.finish_reason:
+                return
+
+    def check(self):
+        assert wait_until(lambda: self.got and self.got[-1] is None), f"LMDeploy never let go: {self.got}"
+        time.sleep(0.02)                     # anything late would show up here
+        assert self.got.count(None) == 1 and self.got[-1] is None
+        reasons = [i for i, d in enumerate(self.got[:-1]) if d.finish_reason]
+        assert reasons == [len(self.got) - 2], f"a Delta after the closing one: {self.got}"
+
+
+@pytest.fixture(params=["stream", "push"])
+def run(request):
+    """Each state test on both of the adapter's paths: ``stream`` (pull, a queue read by the caller)
+    and ``start`` (push, the engine process's path; each push checked at the test's end)."""
+    if request.param == "stream":
+        yield lambda eng, req: eng.stream(req)
+        return
+    pushes = []
+
+    def push(eng, req):
+        pushes.append(Pushed(eng, req))
+        return iter(pushes[-1])
+
+    yield push
+    for p in pushes:
+        p.check()
+
+
 def ask(n=200) -> ChatRequest:
     return ChatRequest((ChatMessage("user", "hello there"),), GenParams(max_new_tokens=n))
 
@@ -216,11 +268,11 @@ def test_info_and_capabilities(engine):
     assert info.capabilities.seed and not info.capabilities.vision
 
 
-def test_a_finished_stream_ends_at_its_last_output_and_lmdeploy_lets_go_after(engine, fake_lmdeploy):
+def test_a_finished_stream_ends_at_its_last_output_and_lmdeploy_lets_go_after(engine, fake_lmdeploy, run):
     pipe = fake_lmdeploy[0]
     pipe.async_engine.hold_end = threading.Event()
     t0 = time.perf_counter()
-    deltas = list(engine.stream(ask(3)))
+    deltas = list(run(engine, ask(3)))
     assert time.perf_counter() - t0 < 1, "the stream waited for LMDeploy to let go of the request"
     assert [d.text for d in deltas] == ["t0 ", "t1 ", "t2 ", ""] and deltas[-1].finish_reason == "length"
     assert deltas[-1].tokens == 3
@@ -247,7 +299,7 @@ def test_wait_end_ends_the_stream_when_lmdeploy_has_let_go(fake_lmdeploy, tiny_l
         eng.close()
 
 
-def test_abort_during_stream_before_lmdeploy_has_it(engine, fake_lmdeploy, monkeypatch):
+def test_abort_during_stream_before_lmdeploy_has_it(engine, fake_lmdeploy, run, monkeypatch):
     """The id is marked while ``stream`` still prepares the request: it is never submitted."""
     pipe = fake_lmdeploy[0]
     req = ask()
@@ -258,19 +310,19 @@ def test_abort_during_stream_before_lmdeploy_has_it(engine, fake_lmdeploy, monke
         return real(p)
 
     monkeypatch.setattr(LMDeployEngine, "_gen_config", staticmethod(abort_meanwhile))
-    deltas = list(engine.stream(req))
+    deltas = list(run(engine, req))
     assert deltas[-1].finish_reason == "abort" and deltas[-1].tokens == 0
     assert pipe.async_engine.preprocessed == 0
     assert _nothing_left(engine, pipe)
 
 
-def test_abort_after_submission_before_the_request_started(engine, fake_lmdeploy):
+def test_abort_after_submission_before_the_request_started(engine, fake_lmdeploy, run):
     """Submitted to LMDeploy's loop, which has not run it yet: the coroutine checks the mark when
     it starts and LMDeploy never sees the request."""
     pipe = fake_lmdeploy[0]
     go = pipe.block_loop()
     req = ask()
-    r = Reader(engine.stream(req))
+    r = Reader(run(engine, req))
     t0 = time.perf_counter()
     engine.abort(req.request_id)
     assert r.ended.wait(1.0) and r.last.finish_reason == "abort"
@@ -280,14 +332,14 @@ def test_abort_after_submission_before_the_request_started(engine, fake_lmdeploy
     assert pipe.async_engine.preprocessed == 0
 
 
-def test_abort_while_waiting_for_a_place_in_lmdeploy(engine, fake_lmdeploy):
+def test_abort_while_waiting_for_a_place_in_lmdeploy(engine, fake_lmdeploy, run):
     """max_batch 1: the second request waits for LMDeploy's only request handle. Its abort ends its
     stream at once and cancels the wait; the first request is not disturbed; nothing is left."""
     pipe = fake_lmdeploy[0]
     first, second = ask(60), ask()
-    a = Reader(engine.stream(first))
+    a = Reader(run(engine, first))
     assert a.first.wait(5)
-    b = Reader(engine.stream(second))
+    b = Reader(run(engine, second))
     assert wait_until(lambda: pipe.async_engine.preprocessed == 2)
     time.sleep(0.05)
     assert not b.deltas, "the second request should be waiting for a handle"
@@ -300,19 +352,20 @@ def test_abort_while_waiting_for_a_place_in_lmdeploy(engine, fake_lmdeploy):
     assert _nothing_left(engine, pipe)
 
 
-def test_abort_while_decoding_is_an_engine_cancel(engine, fake_lmdeploy):
+def test_abort_while_decoding_is_an_engine_cancel(engine, fake_lmdeploy, run):
     pipe = fake_lmdeploy[0]
     req = ask(1000)
-    r = Reader(engine.stream(req))
+    r = Reader(run(engine, req))
     assert wait_until(lambda: len(r.deltas) >= 3)
     t0 = time.perf_counter()
     engine.abort(req.request_id)
     assert r.ended.wait(1.0) and r.last.finish_reason == "abort"
     assert time.perf_counter() - t0 < 1.0 and r.last.tokens < 1000
-    assert pipe.session_mgr.handles[0].cancelled, "LMDeploy's own cancel was not used"
+    # (the push path's stream ends at the closing Delta; LMDeploy's cancel follows on its loop)
+    assert wait_until(lambda: pipe.session_mgr.handles[0].cancelled), "LMDeploy's own cancel was not used"
     assert _nothing_left(engine, pipe)
     # the engine serves the next request
-    assert list(engine.stream(ask(2)))[-1].finish_reason == "length"
+    assert list(run(engine, ask(2)))[-1].finish_reason == "length"
 
 
 def test_a_consumer_that_leaves_early_aborts_and_lmdeploy_lets_go_before_it_returns(engine, fake_lmdeploy):
@@ -324,11 +377,48 @@ def test_a_consumer_that_leaves_early_aborts_and_lmdeploy_lets_go_before_it_retu
     assert _nothing_left(engine, pipe)
 
 
-def test_close_ends_every_open_stream(engine, fake_lmdeploy):
-    r = Reader(engine.stream(ask(1000)))
+def test_close_ends_every_open_stream(engine, fake_lmdeploy, run):
+    r = Reader(run(engine, ask(1000)))
     assert r.first.wait(5)
     engine.close()
     assert r.ended.wait(1.0) and r.last.finish_reason == "abort"
+
+
+def test_a_burst_of_starts_reaches_the_engine_together_and_a_lone_one_at_once(fake_lmdeploy, tiny_llama, run):
+    """gather_ms: the first start of a burst goes at once, the ones that follow within the window
+    are released together one window later (LMDeploy's PyTorch engine then prefills them in one
+    step); one aborted while it waits leaves the others be; a start after a quiet spell waits for
+    nothing."""
+    from engines import models
+    from engines.configs import LMDeployConfig
+
+    eng = LMDeployEngine(models.resolve(tiny_llama.path, "/tmp"), LMDeployConfig(max_batch=8, gather_ms=40))
+    try:
+        pipe = fake_lmdeploy[0]
+        entered = pipe.async_engine.entered
+        reqs = [ask(3) for _ in range(6)]
+        sent = []
+        readers = []
+        for i, r in enumerate(reqs):
+            sent.append(time.perf_counter())
+            readers.append(Reader(run(eng, r)))
+            if i == 0:
+                assert wait_until(lambda: len(entered) == 1)
+            time.sleep(0.003)
+        eng.abort(reqs[3].request_id)
+        assert all(rd.ended.wait(5) for rd in readers)
+        assert [rd.last.finish_reason for rd in readers] == ["length"] * 3 + ["abort"] + ["length"] * 2
+        assert len(entered) == 5
+        assert entered[0] - sent[0] < 0.03, "the first of a burst waited"
+        wave = entered[1:]
+        assert max(wave) - min(wave) < 0.005, f"the burst reached the engine apart: {wave}"
+        assert 0.03 <= min(wave) - sent[1] <= 0.2, "the wave was not held one window"
+        time.sleep(0.1)                            # a quiet spell: the next start goes at once
+        t0 = time.perf_counter()
+        assert list(run(eng, ask(2)))[-1].finish_reason == "length"
+        assert entered[-1] - t0 < 0.03
+    finally:
+        eng.close()
 
 
 def test_message_tokens_per_message_through_lmdeploys_tokenizer(engine):
