@@ -233,3 +233,54 @@ def test_a_load_that_cannot_fit_is_refused_before_turbomind_and_the_process_goes
     print(p.stdout, p.stderr[-3000:])
     assert p.returncode == 0, f"the process died (code {p.returncode})"
     assert "REFUSED ModelLoadError Not enough GPU memory" in p.stdout and "SERVED" in p.stdout
+
+
+@pytest.mark.parametrize("backend", ["turbomind", "pytorch"])
+def test_the_push_path_streams_the_same_text_and_aborts_at_once(tiny_llama, backend):
+    """LMDeploy's real engines on the adapter's two paths: ``start`` (pushed from LMDeploy's loop,
+    what the engine process uses) gives the same greedy Deltas as ``stream``; an abort mid-stream
+    ends it at once with "abort", nothing after, then the end; a burst of 16 with gathering on all
+    finish (batched kernels may round differently: the text is not compared); nothing is left held."""
+    import queue
+    import time
+
+    eng = create(tiny_llama, backend, cache_max_entry_count=0.1, session_len=2048)
+
+    def pushed(req):
+        q = queue.SimpleQueue()
+        eng.start(req, q.put)
+        out = []
+        while (d := q.get(timeout=60)) is not None:
+            out.append(d)
+        return out
+
+    try:
+        req = lambda n=48: ChatRequest(tuple(PROMPTS[0]), GenParams(temperature=0, max_new_tokens=n))  # noqa: E731
+        pulled = list(eng.stream(req()))
+        pushed_ = pushed(req())
+        assert "".join(d.text for d in pulled) == "".join(d.text for d in pushed_)
+        assert pulled[-1].tokens == pushed_[-1].tokens and pulled[-1].finish_reason == pushed_[-1].finish_reason
+        # abort mid-stream
+        r = req(2000)
+        q = queue.SimpleQueue()
+        eng.start(r, q.put)
+        got = [q.get(timeout=60) for _ in range(3)]
+        t0 = time.perf_counter()
+        eng.abort(r.request_id)
+        while (d := q.get(timeout=10)) is not None:
+            got.append(d)
+        assert got[-1].finish_reason == "abort" and time.perf_counter() - t0 < 2
+        assert all(d.finish_reason is None for d in got[:-1])
+        # a burst, gathered
+        eng._gather_s = 0.01
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as pool:
+            ends = list(pool.map(lambda _: pushed(req())[-1], range(16)))
+        assert [(d.finish_reason, d.tokens) for d in ends] == [(pulled[-1].finish_reason, pulled[-1].tokens)] * 16
+        deadline = time.time() + 10
+        while eng.live_requests() and time.time() < deadline:
+            time.sleep(0.05)
+        assert eng.live_requests() == 0
+    finally:
+        eng.close()
