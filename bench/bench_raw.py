@@ -28,7 +28,8 @@ the lent GPU machines drift by tens of percent over minutes (other tenants, cloc
 sequential blocks of rounds mixed into the ratios. The report gives each side's median ratio and
 the middle half of its rounds (25th-75th percentile), the web sides' client start spread, and
 every server's CPU time per generated token (its whole process tree: the app with its engine
-process, api_server with its engine process; raw and adapter: this process).
+process, api_server with its engine process; raw and adapter: this process; "web": the server's
+own process without its children).
 
 The web sides' users run in a pool of load-generator processes (8 users each, all warmed first), so
 the client is never the bottleneck. Throughput compares wall times for the same work (greedy decoding
@@ -169,7 +170,7 @@ def together(runs: list[dict]) -> dict:
             "tokens": sum(r["tokens"] for r in runs) if all(r.get("tokens") for r in runs) else None,
             "ttft_p50": statistics.median(p50s) if p50s else None, "ttft_p99": max(p99s) if p99s else None,
             "texts": runs[0]["texts"], "errors": sum(r.get("errors", 0) for r in runs),
-            "cpu": sum(r.get("cpu") or 0 for r in runs),
+            "cpu": sum(r.get("cpu") or 0 for r in runs), "cpu_top": sum(r.get("cpu_top") or 0 for r in runs),
             "start_spread": max((r.get("start_spread") or 0) for r in runs)}
 
 
@@ -292,7 +293,7 @@ def main(argv=None):
             def run(side, n, tokens=a.new_tokens):
                 # raw and the adapter: this process alone (its children are the servers and clients)
                 mine, tree = side_pids.get(side, [os.getpid()]), side in side_pids
-                cpu0 = tree_cpu(mine, tree)
+                cpu0, top0 = tree_cpu(mine, tree), tree_cpu(mine, False)
                 if side == "raw":
                     r = raw_run(pipe, dicts, tokens, n)
                 elif side in ADAPTER_SIDES:
@@ -302,6 +303,7 @@ def main(argv=None):
                 else:
                     r = web_run(pool, urls[side], kinds[side], msgs, {**web_params, "max_new_tokens": tokens}, n)
                 r["cpu"] = tree_cpu(mine, tree) - cpu0
+                r["cpu_top"] = tree_cpu(mine, False) - top0     # the server process itself (not its engine's)
                 return r
 
             # every side's engine meets each batch size once before the clock runs: the first steps at
@@ -358,15 +360,18 @@ def main(argv=None):
             errors = sum(rd[s][n].get("errors", 0) for rd in rounds)
             tok_s = ref_tokens / statistics.median(rd[s][n]["seconds"] for rd in rounds) if ref_tokens else None
             cpu_ms = (statistics.median(rd[s][n]["cpu"] for rd in rounds) * 1000 / ref_tokens) if ref_tokens else None
+            top_ms = (statistics.median(rd[s][n]["cpu_top"] for rd in rounds) * 1000 / ref_tokens) if ref_tokens else None
             spreads = [rd[s][n].get("start_spread") for rd in rounds if rd[s][n].get("start_spread") is not None]
             spread = statistics.median(spreads) * 1000 if spreads else None
             report["sides"].setdefault(s, {})[n] = {
                 "ratio_median": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[2], "ratios": ratios,
                 "ttft_p50_ms": ttft50 * 1000, "ttft_p99_ms": max(p99s) * 1000 if p99s else None, "tok_s": tok_s,
-                "same_text": same, "errors": errors, "cpu_ms_per_token": cpu_ms, "start_spread_ms": spread}
+                "same_text": same, "errors": errors, "cpu_ms_per_token": cpu_ms, "cpu_ms_per_token_top": top_ms,
+                "start_spread_ms": spread}
             parts.append(f"{s} x{statistics.median(ratios):.3f} [{q[0]:.2f}-{q[2]:.2f}] ttft {ttft50 * 1000:.0f}"
                          + (f"/p99 {max(p99s) * 1000:.0f}" if p99s else "") + " ms"
                          + (f" cpu {cpu_ms:.3f}" if cpu_ms is not None else "")
+                         + (f" (web {top_ms:.3f})" if s in side_pids and top_ms is not None else "")
                          + (f" spread {spread:.0f} ms" if spread is not None else "")
                          + ("" if same else " (text differs)") + (f" ERRORS {errors}" if errors else ""))
         print(f"users {n:3d} ({ref_tokens} tokens):\n  " + "\n  ".join(parts), flush=True)

@@ -212,7 +212,8 @@ class _PushSink:
         self.out.event(self.rid, ev)
 
 
-def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True) -> None:
+def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True,
+           switch_interval: float | None = None) -> None:
     """The engine core's main (the child process): build the engine, then serve frames until the
     parent says close or goes away.
 
@@ -222,6 +223,8 @@ def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True) -
     frame. Any other engine (and ``push=False``, for A/B runs) gets a pump thread per stream that
     iterates ``engine.stream(request)``."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
+    if switch_interval:
+        sys.setswitchinterval(switch_interval)
     for noisy in ("torchao", "torch.utils._pytree"):    # as app.py says: warnings about kernels never used
         logging.getLogger(noisy).setLevel(logging.ERROR)
     module, _, fn = factory.partition(":")
@@ -301,32 +304,47 @@ def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True) -
             out.result(cid, False, portable(e))
 
     threading.Thread(target=sender, daemon=True, name="core-sender").start()
-    try:
-        while True:
+
+    def handle(msg) -> bool:
+        """One frame from the parent; False: close."""
+        kind = msg[0]
+        if kind == "s" and start is not None:
+            sink = _PushSink(out, msg[1], live)
             try:
-                msg = conn.recv()
+                start(msg[2], sink)
+            except BaseException as e:  # noqa: BLE001 - raised in the parent's stream() call
+                out.event(msg[1], ("x", portable(e)))
+            else:
+                sink.opened()
+        elif kind == "s":
+            threading.Thread(target=pump, args=(msg[1], msg[2]), daemon=True, name="core-pump").start()
+        elif kind == "a":
+            try:
+                engine.abort(msg[1])
+            except Exception:  # noqa: BLE001 - an abort of a finished request
+                log.debug("abort failed", exc_info=True)
+        elif kind == "c":
+            calls.submit(call, msg[1], msg[2], tuple(msg[3]), dict(msg[4]))
+        elif kind == "q":
+            return False
+        return True
+
+    try:
+        going = True
+        while going:
+            try:
+                # every frame that has come meanwhile is handled in one go: under load this thread
+                # waits for the GIL (the engine's loop holds it), and a burst of starts handled
+                # together reaches the engine in one pass of its loop (one prefill, not several)
+                batch = [conn.recv()]
+                while conn.poll(0):
+                    batch.append(conn.recv())
             except (EOFError, OSError):         # the parent died: free the engine, go
                 break
-            kind = msg[0]
-            if kind == "s" and start is not None:
-                sink = _PushSink(out, msg[1], live)
-                try:
-                    start(msg[2], sink)
-                except BaseException as e:  # noqa: BLE001 - raised in the parent's stream() call
-                    out.event(msg[1], ("x", portable(e)))
-                else:
-                    sink.opened()
-            elif kind == "s":
-                threading.Thread(target=pump, args=(msg[1], msg[2]), daemon=True, name="core-pump").start()
-            elif kind == "a":
-                try:
-                    engine.abort(msg[1])
-                except Exception:  # noqa: BLE001 - an abort of a finished request
-                    log.debug("abort failed", exc_info=True)
-            elif kind == "c":
-                calls.submit(call, msg[1], msg[2], tuple(msg[3]), dict(msg[4]))
-            elif kind == "q":
-                break
+            for msg in batch:
+                if not handle(msg):
+                    going = False
+                    break
     finally:
         # an engine whose close hangs must not keep this process (and its GPU memory) alive
         # once the parent has gone or asked it to stop
@@ -406,9 +424,10 @@ class CoreEngine:
 
     ``CoreEngine(factory, args)`` starts the child and returns once the engine is loaded there
     (raising what loading raised). ``push=False`` runs every stream through a pump thread even where
-    the engine could push (the earlier path, for A/B runs). ``info`` is the child's engine's info, as it was after loading."""
+    the engine could push (the earlier path, for A/B runs); ``switch_interval`` sets the engine
+    process's GIL switch interval (seconds; None: Python's 5 ms). ``info`` is the child's engine's info, as it was after loading."""
 
-    def __init__(self, factory: str, args: Sequence = (), push: bool = True):
+    def __init__(self, factory: str, args: Sequence = (), push: bool = True, switch_interval: float | None = None):
         from multiprocessing.connection import Connection
 
         mine, theirs = socket.socketpair()
@@ -418,7 +437,8 @@ class CoreEngine:
         theirs.close()
         parent = self._conn = Connection(mine.detach())
         parent.send(list(sys.path))
-        parent.send(("init", factory, tuple(args), logging.getLogger().getEffectiveLevel(), {"push": push}))
+        parent.send(("init", factory, tuple(args), logging.getLogger().getEffectiveLevel(),
+                     {"push": push, "switch_interval": switch_interval}))
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
