@@ -79,9 +79,7 @@ class Settings:
     queue_shim: bool = True           # TURBOSTUDIO_QUEUE_SHIM=0: Gradio's own 1 ms queue poll
     rest_chat: bool = True            # TURBOSTUDIO_REST_CHAT=0: /chat's REST calls through Gradio's queue
     lmdeploy_wait_end: bool = False   # TURBOSTUDIO_LMDEPLOY_WAIT_END=1: old stream ends (A/B runs)
-    lmdeploy_gather_ms: float | None = None  # TURBOSTUDIO_LMDEPLOY_GATHER_MS: a burst's starts together (engines/lmdeploy.py)
     core_push: bool = True            # TURBOSTUDIO_CORE_PUSH=0: a pump thread per stream in the engine process (A/B runs)
-    core_switch_interval: float | None = None  # TURBOSTUDIO_CORE_SWITCH_INTERVAL: the engine process's GIL interval (s)
 
     def validate(self) -> "Settings":
         if self.engine not in ENGINES:
@@ -199,8 +197,7 @@ class Settings:
                     trust_remote_code=self.trust_remote_code, engine_process=self.engine_process,
                     remote_model=self.remote_model,
                     api_key=self.remote_api_key, wait_end=self.lmdeploy_wait_end or None,
-                    gather_ms=self.lmdeploy_gather_ms, core_push=None if self.core_push else False,
-                    core_switch_interval=self.core_switch_interval)
+                    core_push=None if self.core_push else False)
 
 
 _HELP = {
@@ -276,9 +273,7 @@ TURBOSTUDIO_MODEL or TURBOSTUDIO_MAX_QUEUE; handy on a hosted Space); a flag on 
 Diagnostics (environment only): TURBOSTUDIO_PROFILE=<file> samples the server's stacks,
 TURBOSTUDIO_SESSION_SHIM=0 and TURBOSTUDIO_QUEUE_SHIM=0 switch off the Gradio shims,
 TURBOSTUDIO_LMDEPLOY_WAIT_END=1 restores the old LMDeploy stream ends, TURBOSTUDIO_CORE_PUSH=0 the
-engine process's pump thread per stream, TURBOSTUDIO_LMDEPLOY_GATHER_MS=<ms> sets how close starts must
-come to reach LMDeploy's engine together (0: each at once), TURBOSTUDIO_CORE_SWITCH_INTERVAL=<s> the engine
-process's GIL switch interval. SPACE_ID set (a Hugging Face
+engine process's pump thread per stream. SPACE_ID set (a Hugging Face
 Space) makes the app public: no operator controls without --auth and --admin."""
 
 
@@ -301,8 +296,7 @@ _ENV_ONLY = {"hosted": "SPACE_ID", "hub_offline": "HF_HUB_OFFLINE", "hub_endpoin
              "profile": "TURBOSTUDIO_PROFILE", "session_shim": "TURBOSTUDIO_SESSION_SHIM",
              "queue_shim": "TURBOSTUDIO_QUEUE_SHIM", "rest_chat": "TURBOSTUDIO_REST_CHAT",
              "lmdeploy_wait_end": "TURBOSTUDIO_LMDEPLOY_WAIT_END",
-             "lmdeploy_gather_ms": "TURBOSTUDIO_LMDEPLOY_GATHER_MS", "core_push": "TURBOSTUDIO_CORE_PUSH",
-             "core_switch_interval": "TURBOSTUDIO_CORE_SWITCH_INTERVAL"}
+             "core_push": "TURBOSTUDIO_CORE_PUSH"}
 
 
 def _env_only(env) -> dict:
@@ -315,11 +309,6 @@ def _env_only(env) -> dict:
             out[name] = True
         elif name in ("hub_endpoint", "profile"):
             out[name] = raw
-        elif name in ("lmdeploy_gather_ms", "core_switch_interval"):
-            try:
-                out[name] = float(raw)
-            except ValueError:
-                raise ValueError(f"{var} must be a number, got {raw!r}") from None
         else:
             out[name] = raw.strip().lower() in ("1", "true", "yes", "on")
     return out

@@ -16,9 +16,9 @@ timed on the same greedy request, round after round (the order rotates each roun
 * ``chat-inproc``, ``v1-inproc``  a second app with the engine in the web server's process
                (``--engine-process off``, as before issue #19's split): the split's before/after;
 * ``server``   LMDeploy's own ``lmdeploy serve api_server`` (its OpenAI endpoint, streaming): the peer;
-* ``adapter-spread``, ``adapter-gather``  the adapter with its N starts spread evenly over
-               ``--spread-ms`` (as web clients arrive), without and with ``--gather-ms`` (the
-               adapter's burst gathering, ``LMDeployEngine._gather``): what arrival spread costs;
+* ``adapter-spread``  the adapter with its N starts spread evenly over ``--spread-ms`` (as web
+               clients arrive): what arrival spread costs (on the H200 with the PyTorch engine,
+               2026-12-03: nothing measurable at 20 ms, 0.934 against 0.935 all at once);
 * ``v1-NAME``, ``chat-NAME``  an app started with the environment of ``--variant NAME:K=V,...``
                (e.g. ``base:TURBOSTUDIO_CORE_PUSH=0``): a before/after in the same run.
 
@@ -55,7 +55,7 @@ from engines.base import GenParams  # noqa: E402
 
 SIDES = ("raw", "adapter", "chat", "v1", "chat-inproc", "v1-inproc", "server")
 APPS = {"chat": "on", "v1": "on", "chat-inproc": "off", "v1-inproc": "off"}   # side -> --engine-process
-ADAPTER_SIDES = ("adapter", "adapter-spread", "adapter-gather")
+ADAPTER_SIDES = ("adapter", "adapter-spread")
 
 
 def p99(xs):
@@ -96,9 +96,9 @@ def raw_run(pipe, messages: list[dict], new_tokens: int, n: int) -> dict:
             "texts": texts}
 
 
-def adapter_run(eng, messages, params, n, spread_s: float = 0.0, gather_s: float = 0.0) -> dict:
+def adapter_run(eng, messages, params, n, spread_s: float = 0.0) -> dict:
     """The adapter alone, N threads; ``spread_s``: their starts spread evenly over that many seconds
-    (the wall time counts from the first start); ``gather_s``: the adapter's burst gathering for this run."""
+    (the wall time counts from the first start)."""
     if not spread_s:
         r = streams_at_once(eng, messages, params, [n])[n]
         return {"seconds": r["seconds"], "tokens": r["tokens"], "ttft_p50": r["ttft_p50"], "ttft_p99": None,
@@ -114,14 +114,9 @@ def adapter_run(eng, messages, params, n, spread_s: float = 0.0, gather_s: float
         time.sleep(max(0.0, t0 + spread_s * i / max(1, n - 1) - time.perf_counter()))
         res[i] = one_stream(eng, messages, params, f"s{i}")
 
-    before = eng._gather_s
-    eng._gather_s = gather_s
-    try:
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-    finally:
-        eng._gather_s = before
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
     tt = [r["ttft"] for r in res if r["ttft"] is not None]
     return {"seconds": time.perf_counter() - t0, "tokens": sum(r["tokens"] for r in res),
             "ttft_p50": statistics.median(tt), "ttft_p99": p99(tt), "texts": [r["text"] for r in res]}
@@ -206,11 +201,10 @@ def main(argv=None):
     ap.add_argument("--repeat-one", type=int, default=2,
                     help="at 1 user, this many replies one after another make one timing")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"a subset of {','.join(SIDES)}, "
-                    "adapter-spread, adapter-gather, and v1-NAME / chat-NAME of each --variant")
+                    "adapter-spread, and v1-NAME / chat-NAME of each --variant")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,...",
                     help="one more app (engine in its own process) with these environment variables")
     ap.add_argument("--spread-ms", type=float, default=20.0, help="adapter-spread: starts spread over this")
-    ap.add_argument("--gather-ms", type=float, default=10.0, help="adapter-gather: the adapter's gather window")
     ap.add_argument("--cache", type=float, default=0.1, help="LMDeploy cache_max_entry_count of EACH side "
                     "(the sides load side by side: each takes this share of the memory free as it loads)")
     ap.add_argument("--session-len", type=int, default=4096)
@@ -298,8 +292,7 @@ def main(argv=None):
                     r = raw_run(pipe, dicts, tokens, n)
                 elif side in ADAPTER_SIDES:
                     spread = 0.0 if side == "adapter" else a.spread_ms / 1000
-                    gather = a.gather_ms / 1000 if side == "adapter-gather" else 0.0
-                    r = adapter_run(eng, msgs, params.replace(max_new_tokens=tokens), n, spread, gather)
+                    r = adapter_run(eng, msgs, params.replace(max_new_tokens=tokens), n, spread)
                 else:
                     r = web_run(pool, urls[side], kinds[side], msgs, {**web_params, "max_new_tokens": tokens}, n)
                 r["cpu"] = tree_cpu(mine, tree) - cpu0
@@ -344,7 +337,7 @@ def main(argv=None):
     ref = "raw" if "raw" in sides else sides[0]
     report = {"model": a.model, "model_format": a.model_format, "backend": a.backend, "new_tokens": a.new_tokens,
               "rounds": a.rounds, "ready_s": ready, "variants": variants, "spread_ms": a.spread_ms,
-              "gather_ms": a.gather_ms, "sides": {}}
+              "sides": {}}
     print(f"\n{a.backend}, {a.model}, {a.new_tokens} new tokens, {a.rounds} interleaved rounds (ratio = {ref} "
           f"wall time / side wall time for the same requests, median [25th-75th percentile of rounds]; "
           f"cpu = the side's process tree's CPU ms per generated token):")

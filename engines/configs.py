@@ -58,14 +58,9 @@ class LMDeployConfig:
     trust_remote_code: bool = False
     max_batch: int | None = None    # None: LMDeploy's default
     wait_end: bool = False          # diagnostic: end streams at LMDeploy's end marker (A/B runs)
-    # starts arriving within this many ms of each other reach the engine together (engines/lmdeploy.py,
-    # LMDeployEngine._gather); None: the backend's default, 0: each start at once
-    gather_ms: float | None = None
     # in the engine process (engines/core.py): outputs pushed from LMDeploy's loop (True) or read by
     # one thread per stream (False, the earlier path: A/B runs)
     core_push: bool = True
-    # the engine process's GIL switch interval (s); None: Python's 0.005 (A/B runs)
-    core_switch_interval: float | None = None
     # auto (= on) | on | off: the engine in a process of its own, off the web side's GIL (engines/core.py)
     engine_process: str = "auto"
 
@@ -85,10 +80,6 @@ class LMDeployConfig:
             raise ValueError("tp must be at least 1")
         if self.max_batch is not None and not 1 <= int(self.max_batch) <= 4096:
             raise ValueError("max_batch must be in [1, 4096]")
-        if self.core_switch_interval is not None and not 0 < float(self.core_switch_interval) <= 1:
-            raise ValueError("core_switch_interval must be in (0, 1] seconds")
-        if self.gather_ms is not None and not 0 <= float(self.gather_ms) <= 100:
-            raise ValueError("gather_ms must be in [0, 100]")
         _check_common(self)
 
 

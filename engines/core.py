@@ -212,8 +212,7 @@ class _PushSink:
         self.out.event(self.rid, ev)
 
 
-def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True,
-           switch_interval: float | None = None) -> None:
+def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True) -> None:
     """The engine core's main (the child process): build the engine, then serve frames until the
     parent says close or goes away.
 
@@ -223,8 +222,6 @@ def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True,
     frame. Any other engine (and ``push=False``, for A/B runs) gets a pump thread per stream that
     iterates ``engine.stream(request)``."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
-    if switch_interval:
-        sys.setswitchinterval(switch_interval)
     for noisy in ("torchao", "torch.utils._pytree"):    # as app.py says: warnings about kernels never used
         logging.getLogger(noisy).setLevel(logging.ERROR)
     module, _, fn = factory.partition(":")
@@ -424,10 +421,9 @@ class CoreEngine:
 
     ``CoreEngine(factory, args)`` starts the child and returns once the engine is loaded there
     (raising what loading raised). ``push=False`` runs every stream through a pump thread even where
-    the engine could push (the earlier path, for A/B runs); ``switch_interval`` sets the engine
-    process's GIL switch interval (seconds; None: Python's 5 ms). ``info`` is the child's engine's info, as it was after loading."""
+    the engine could push (the earlier path, for A/B runs). ``info`` is the child's engine's info, as it was after loading."""
 
-    def __init__(self, factory: str, args: Sequence = (), push: bool = True, switch_interval: float | None = None):
+    def __init__(self, factory: str, args: Sequence = (), push: bool = True):
         from multiprocessing.connection import Connection
 
         mine, theirs = socket.socketpair()
@@ -438,7 +434,7 @@ class CoreEngine:
         parent = self._conn = Connection(mine.detach())
         parent.send(list(sys.path))
         parent.send(("init", factory, tuple(args), logging.getLogger().getEffectiveLevel(),
-                     {"push": push, "switch_interval": switch_interval}))
+                     {"push": push}))
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}

@@ -313,10 +313,6 @@ class LMDeployEngine:
         # diagnostic switch (Settings.lmdeploy_wait_end): a stream ends when LMDeploy has let go of
         # the request rather than at the response that carries the finish reason (A/B runs)
         self._wait_end = bool(config.wait_end)
-        # starts that come in a burst reach the engine together (``_gather``); 0: each at once
-        self._gather_s = (config.gather_ms if config.gather_ms is not None else 0.0) / 1000.0
-        self._last_start = float("-inf")
-        self._wave = None
         self._lock = threading.Lock()
         self._calls: dict[str, _Call] = {}
         self._closed = False
@@ -538,10 +534,6 @@ class LMDeployEngine:
             request = await eng.preprocess(messages=prompt, session_id=session, gen_config=gen_config)
             if call.aborted.is_set():
                 return
-            if self._gather_s:
-                await self._gather()
-                if call.aborted.is_set():
-                    return
             stopping = False
             async for out in eng.generate(request, stream_response=True):
                 if call.aborted.is_set():
@@ -566,28 +558,6 @@ class LMDeployEngine:
                 call.push.end()
             else:
                 call.out.put(_END)
-
-    async def _gather(self) -> None:
-        """(LMDeploy's event loop.) Let the starts of a burst reach the engine together. A start
-        with no other in the last ``_gather_s`` goes at once (a lone user waits for nothing); one
-        that follows another that closely joins a wave, released as one ``_gather_s`` after the
-        wave opened, so the engine prefills the wave in one step instead of one step per arrival
-        (LMDeploy's PyTorch engine interrupts every running stream's decoding for each prefill).
-        A cancelled start leaves the wave to the others (``shield``)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        last, self._last_start = self._last_start, now
-        if self._wave is None and now - last > self._gather_s:
-            return
-        if self._wave is None:
-            wave = self._wave = loop.create_future()
-
-            def release():
-                self._wave = None
-                wave.set_result(None)
-
-            loop.call_later(self._gather_s, release)
-        await asyncio.shield(self._wave)
 
     async def _stop(self, call: _Call) -> None:
         """(LMDeploy's event loop.) Stop ``call`` where it is: an engine cancel once it holds an

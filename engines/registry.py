@@ -121,8 +121,7 @@ def create(resolved: ResolvedModel, config: BackendConfig) -> Engine:
         import dataclasses
 
         here = dataclasses.replace(config, engine_process="off")   # what the child builds in itself
-        return CoreEngine("engines.registry:create", (resolved, here), push=getattr(config, "core_push", True),
-                          switch_interval=getattr(config, "core_switch_interval", None))
+        return CoreEngine("engines.registry:create", (resolved, here), push=getattr(config, "core_push", True))
     if isinstance(config, TransformersConfig):
         from .transformers import TransformersEngine
 

@@ -103,7 +103,6 @@ class FakeAsyncEngine:
         self.session_mgr = mgr
         self.step = step
         self.preprocessed = 0
-        self.entered: list[float] = []
         self.hold_end: threading.Event | None = None    # LMDeploy lets go of a finished request later
         self.tokenizer = types.SimpleNamespace(encode=lambda s, add_bos=True: [0] * (len(s.split()) + add_bos))
         self.chat_template = types.SimpleNamespace(
@@ -115,7 +114,6 @@ class FakeAsyncEngine:
         return types.SimpleNamespace(session=session_id, n=gen_config["max_new_tokens"])
 
     async def generate(self, request, stream_response=True):
-        self.entered.append(time.perf_counter())     # when the engine got the request
         session = request.session
         session._remove_on_request_exit = True
         async with session.request_handle() as handle:
@@ -382,43 +380,6 @@ def test_close_ends_every_open_stream(engine, fake_lmdeploy, run):
     assert r.first.wait(5)
     engine.close()
     assert r.ended.wait(1.0) and r.last.finish_reason == "abort"
-
-
-def test_a_burst_of_starts_reaches_the_engine_together_and_a_lone_one_at_once(fake_lmdeploy, tiny_llama, run):
-    """gather_ms: the first start of a burst goes at once, the ones that follow within the window
-    are released together one window later (LMDeploy's PyTorch engine then prefills them in one
-    step); one aborted while it waits leaves the others be; a start after a quiet spell waits for
-    nothing."""
-    from engines import models
-    from engines.configs import LMDeployConfig
-
-    eng = LMDeployEngine(models.resolve(tiny_llama.path, "/tmp"), LMDeployConfig(max_batch=8, gather_ms=40))
-    try:
-        pipe = fake_lmdeploy[0]
-        entered = pipe.async_engine.entered
-        reqs = [ask(3) for _ in range(6)]
-        sent = []
-        readers = []
-        for i, r in enumerate(reqs):
-            sent.append(time.perf_counter())
-            readers.append(Reader(run(eng, r)))
-            if i == 0:
-                assert wait_until(lambda: len(entered) == 1)
-            time.sleep(0.003)
-        eng.abort(reqs[3].request_id)
-        assert all(rd.ended.wait(5) for rd in readers)
-        assert [rd.last.finish_reason for rd in readers] == ["length"] * 3 + ["abort"] + ["length"] * 2
-        assert len(entered) == 5
-        assert entered[0] - sent[0] < 0.03, "the first of a burst waited"
-        wave = entered[1:]
-        assert max(wave) - min(wave) < 0.005, f"the burst reached the engine apart: {wave}"
-        assert 0.03 <= min(wave) - sent[1] <= 0.2, "the wave was not held one window"
-        time.sleep(0.1)                            # a quiet spell: the next start goes at once
-        t0 = time.perf_counter()
-        assert list(run(eng, ask(2)))[-1].finish_reason == "length"
-        assert entered[-1] - t0 < 0.03
-    finally:
-        eng.close()
 
 
 def test_message_tokens_per_message_through_lmdeploys_tokenizer(engine):

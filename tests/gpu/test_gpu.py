@@ -239,7 +239,7 @@ def test_a_load_that_cannot_fit_is_refused_before_turbomind_and_the_process_goes
 def test_the_push_path_streams_the_same_text_and_aborts_at_once(tiny_llama, backend):
     """LMDeploy's real engines on the adapter's two paths: ``start`` (pushed from LMDeploy's loop,
     what the engine process uses) gives the same greedy Deltas as ``stream``; an abort mid-stream
-    ends it at once with "abort", nothing after, then the end; a burst of 16 with gathering on all
+    ends it at once with "abort", nothing after, then the end; a burst of 16 all
     finish (batched kernels may round differently: the text is not compared); nothing is left held."""
     import queue
     import time
@@ -271,8 +271,7 @@ def test_the_push_path_streams_the_same_text_and_aborts_at_once(tiny_llama, back
             got.append(d)
         assert got[-1].finish_reason == "abort" and time.perf_counter() - t0 < 2
         assert all(d.finish_reason is None for d in got[:-1])
-        # a burst, gathered
-        eng._gather_s = 0.01
+        # a burst
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(16) as pool:
