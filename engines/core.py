@@ -33,6 +33,14 @@ child -> parent        ``("ready", info, methods)`` once loaded, or ``("failed",
                        finish_reason, error, prompt_tokens)`` a delta, ``("end",)`` it ended.
 ====================  ===========================================================================
 
+In the child, an engine that can push (``start(request, sink)``: LMDeploy's adapter hands each Delta
+over from LMDeploy's own event loop) puts its Deltas straight into the outbox, so nothing of ours is
+woken per token there but the sender, once a frame; any other engine gets a pump thread per stream
+that iterates ``stream()``. Measured on the H200 (2026-12-03, ``bench_raw``): the same throughput
+and CPU per token as the pump threads within noise (TurboMind 16 users 0.359 vs 0.405 ms of CPU a
+token, elsewhere equal), and no thread per stream (1 024 streams no longer mean 1 024 threads in the
+engine's process). Frames that arrive together are handled in one go.
+
 Deltas of one stream that wait together in the child's outbox are merged into one (text
 concatenated, the last count and finish reason): while the parent keeps up, every token goes on its
 own; when it falls behind, frames carry more, never less. Nothing is dropped. Under load the child
