@@ -30,10 +30,11 @@ malformed requests (schemathesis on Gradio's own schema, ``/gradio_api/openapi.j
 unknown or mistyped field, a 404 for an unknown endpoint, then Gradio's route; ``POST
 /call/{api_name}`` gets its left-out inputs' defaults or a 422 naming the missing or surplus ones
 (Gradio: ``{"error": null}``); ``GET /call/{api_name}/{event_id}`` gets a 404 for an id nobody holds.
-The values themselves are not checked against Gradio's declared types (some of its schemas cannot be
-met, e.g. a string type with integer choices): each handler refuses what it cannot use. After them
-the same schemathesis run found only Gradio's 503 "Queue is full" (right under that load) and its
-multipart ``/upload``.
+Each value's *type* is checked against the type Gradio's api info declares for that input (a 422
+naming the input: Gradio ran a number box given ``"x"`` and answered ``{"error": null}``); choices and
+ranges are left to the components, whose refusals name them (some of Gradio's declared choices
+cannot be met: a string type with integer choices). After the guard the same schemathesis run found
+only Gradio's 503 "Queue is full" (right under that load) and its multipart ``/upload``.
 
 What differs, on purpose (tests/ui/test_rest_chat.py checks each against Gradio's own path):
 * each update is the whole reply so far, so a reader that falls behind gets the newest one (never a
@@ -110,6 +111,55 @@ async def _parse(request: Request, model=None) -> tuple[object, Response | None]
     except ValidationError as e:
         errors = [{**err, "loc": ["body", *err["loc"]]} for err in e.errors(include_url=False)]
         return None, JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+# JSON Schema's basic types, as Python values (bool is not a number here, though it is an int)
+_KINDS = {"string": (str,), "number": (int, float), "integer": (int, float), "boolean": (bool,),
+          "array": (list,), "object": (dict,), "null": (type(None),)}
+
+
+def _accepts(schema, value) -> bool | None:
+    """Whether ``value`` has a type ``schema`` (one of Gradio's api-info types) allows: True, False,
+    or None where the schema is not one of the basic types checked here (a file's FileData model,
+    a free ``{}``). Only the type is checked: not Gradio's choices (a dropdown's can change while the
+    app runs, and some are listed with the wrong type: a string type with integer choices, whose
+    values' own types are accepted too) nor ranges (the component's own refusal names them)."""
+    if not isinstance(schema, dict):
+        return None
+    alts = schema.get("oneOf") or schema.get("anyOf")
+    if alts:
+        answers = [_accepts(a, value) for a in alts]
+        return None if None in answers else any(answers)
+    kind = schema.get("type")
+    if kind not in _KINDS or "properties" in schema or "$defs" in schema:
+        return None
+    if isinstance(value, bool) and kind != "boolean":
+        return False
+    if kind == "integer" and isinstance(value, float) and not value.is_integer():
+        return False
+    return isinstance(value, _KINDS[kind]) or any(type(c) is type(value) for c in schema.get("enum") or ())
+
+
+def _type_errors(params: list[dict], values, loc) -> list[dict]:
+    """FastAPI-shaped errors for the inputs whose value has a type the endpoint's api info does not
+    allow, e.g. a float for a text box. Gradio ran them anyway: a number box given ``"x"`` failed
+    inside the component and its client got ``{"error": null}``, a text box given a number an
+    "Internal error (AttributeError)" (52 and 6 of 94 such calls, CPU, 2026-12-03). An input's own
+    default always passes (Gradio's schema may not cover it). ``values``: (key, value, param)."""
+    errors = []
+    for key, value, p in values:
+        if p.get("parameter_has_default") and value == p.get("parameter_default"):
+            continue
+        if _accepts(p.get("type"), value) is False:
+            schema = p["type"]
+            kinds = [a.get("type") for a in (schema.get("oneOf") or schema.get("anyOf") or [schema])]
+            kind = next((k for k in kinds if k != "null"), None) or "value"
+            allowed = " or ".join(f"a valid {k}" if k != "null" else "null" for k in kinds if k) or "a valid value"
+            errors.append({"type": f"{kind}_type", "loc": ["body", *loc, key],
+                           "msg": f"Input should be {allowed} ({p['parameter_name']}; got "
+                                  f"{type(value).__name__})",
+                           "input": value})
+    return errors
 
 
 def _as_response(out) -> Response:
@@ -222,6 +272,7 @@ class RestChat:
                   if len(data) > len(params) else
                   [{"type": "missing", "loc": ["body", "data", i], "msg": f"Field required: {p['parameter_name']}"}
                    for i, p in enumerate(params) if i >= len(data) and not p.get("parameter_has_default")])
+        errors = errors or _type_errors(params, [(i, v, p) for i, (v, p) in enumerate(zip(data, params))], ["data"])
         if errors:
             return JSONResponse({"detail": errors}, status_code=422)
         body.data = data + [p.get("parameter_default") for p in params[len(data):]]
@@ -275,6 +326,9 @@ class RestChat:
              for k in body if k not in names]
             + [{"type": "missing", "loc": ["body", p["parameter_name"]], "msg": "Field required"}
                for p in params if not p.get("parameter_has_default") and p["parameter_name"] not in body])
+        if not errors:
+            errors = _type_errors(params, [(p["parameter_name"], body[p["parameter_name"]], p) for p in params
+                                           if p["parameter_name"] in body], [])
         if errors:
             return JSONResponse({"detail": errors}, status_code=422)
         out = await self._functions(request.app)["post_v2"](api_name=api_name, body=body, request=request,

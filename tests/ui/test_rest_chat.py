@@ -38,9 +38,9 @@ async def endpoint(messages: list, params: dict | None = None, conversation_id: 
     params = params or {}
     LOG.requests.append({"user": getattr(request, "username", None),
                          "session": getattr(request, "session_hash", None), "conversation": conversation_id})
-    if messages == "refuse":
+    if messages == ["refuse"]:
         raise gr.Error("Refused on purpose.", title="Invalid input", print_exception=False)
-    if messages == "crash":
+    if messages == ["crash"]:
         raise RuntimeError("an internal detail the client must not see")
     tag = params.get("tag", "")
     LOG.started.append(tag)
@@ -143,7 +143,7 @@ def test_streams_like_gradio_queue(server):
 
 @pytest.mark.parametrize("messages", ["refuse", "crash"])
 def test_errors_are_gradios_payloads(server, messages):
-    (ours, _), (theirs, _) = both(server, {"data": [messages, {}, None]})
+    (ours, _), (theirs, _) = both(server, {"data": [[messages], {}, None]})
     assert ours == theirs and ours[0] == "error"
     if messages == "refuse":
         assert ours[1]["error"] == "Refused on purpose." and ours[1]["title"] == "Invalid input"
@@ -194,6 +194,35 @@ def test_v2_inputs_by_name_as_gradios_openapi_schema_documents(server):
     assert post(server, b"\xff\xfe", "v2/chat", raw=b"\xff\xfe")[0] == 422
     status, detail = post(server, {}, "v2/no_such_endpoint")
     assert status == 404 and "no_such_endpoint" in detail["detail"]
+
+
+def test_other_endpoints_values_of_the_wrong_type_are_422s_naming_the_input(server):
+    """A value whose type the endpoint's api info does not allow is refused before Gradio runs it
+    (Gradio's own answer for a number box given "x": ``{"error": null}``), by position and by name;
+    each input's own default passes, and so does a value of the right type."""
+    status, detail = post(server, {"data": ["not a list", {}, None]}, "chat_gradio")
+    assert status == 422 and detail["detail"][0]["loc"] == ["body", "data", 0]
+    assert detail["detail"][0]["msg"] == "Input should be a valid array (messages; got str)"
+    status, detail = post(server, {"data": [M, 3, None]}, "chat_gradio")
+    assert status == 422 and "(params; got int)" in detail["detail"][0]["msg"]
+    status, detail = post(server, {"messages": M, "conversation_id": True}, "v2/chat_gradio")
+    assert status == 422 and detail["detail"][0]["loc"] == ["body", "conversation_id"]
+    assert detail["detail"][0]["type"] == "string_type"
+    status, got = post(server, {"data": [M, None, None]}, "chat_gradio")
+    assert status == 200 and events(server, got["event_id"], "chat_gradio")[-1][0] == "complete"
+
+
+def test_the_type_check_reads_gradios_schemas():
+    from ui.rest_chat import _accepts
+
+    assert _accepts({"type": "string"}, "a") and _accepts({"type": "string"}, 1) is False
+    assert _accepts({"type": "number"}, 1.5) and _accepts({"type": "number"}, True) is False
+    assert _accepts({"type": "integer"}, 2.0) and _accepts({"type": "integer"}, 2.5) is False
+    assert _accepts({"type": "string", "enum": [0, 4, 8]}, 8)          # Gradio lists integer choices as strings
+    assert _accepts({"oneOf": [{"type": "null"}, {"type": "string"}]}, None)
+    assert _accepts({"oneOf": [{"type": "null"}, {"type": "string"}]}, 3) is False
+    assert _accepts({"$defs": {}, "properties": {}}, 3) is None          # a file's model: not judged here
+    assert _accepts({}, 3) is None
 
 
 def test_other_endpoints_rest_bodies_are_counted_then_gradios(server):
