@@ -18,7 +18,10 @@ rotating), and is timed against the raw run of its round:
 
 Besides the wall-time ratio it reports the CPU that LMDeploy's loop thread and the whole process
 spent per generated token (each thread's own CPU clock, ``pthread_getcpuclockid``), so a variant
-that makes the loop do more per token shows apart from one that only wakes other threads."""
+that makes the loop do more per token shows apart from one that only wakes other threads.
+
+Written 2026-12-03 (session 11) and not yet run on a GPU: the session's device time ran out
+(``bench/gpu_calls/s11g.sh`` is the call that runs it)."""
 from __future__ import annotations
 
 import argparse
