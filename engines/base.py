@@ -292,6 +292,9 @@ class ChatRequest:
     owner: str | None = None
     session: str = ""
     source: str = "api"
+    # the prompt's tokens as the manager counted them while fitting the history (None: not counted):
+    # an engine may take it instead of running its tokenizer over the prompt a second time
+    prompt_tokens: int | None = None
 
     def __post_init__(self):
         msgs = tuple(self.messages)
@@ -304,7 +307,7 @@ class ChatRequest:
         object.__setattr__(self, "messages", msgs)
 
     def with_messages(self, messages: Sequence[ChatMessage]) -> "ChatRequest":
-        return replace(self, messages=tuple(messages))
+        return replace(self, messages=tuple(messages), prompt_tokens=None)
 
     @property
     def chars(self) -> int:

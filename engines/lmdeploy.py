@@ -503,7 +503,11 @@ class LMDeployEngine:
             messages = request.messages
             bound = token_upper_bound(messages)
             ctx = self.info.context_length
-            n_prompt = bound if bound is not None and bound < ctx else self.count_tokens(messages)
+            # a count the manager made while fitting the history is taken as it is: in the engine
+            # process this runs on the frame thread, where a second count of a long prompt (or of any
+            # prompt with images) would hold every frame behind it
+            n_prompt = request.prompt_tokens or (bound if bound is not None and bound < ctx else
+                                                 self.count_tokens(messages))
             if n_prompt >= ctx:
                 raise ContextTooLong(f"The prompt takes {n_prompt} tokens; the session length is "
                                      f"{ctx} (raise --session-len if the model allows).")

@@ -34,7 +34,7 @@ from collections import deque
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 from . import configs, models, registry, telemetry
@@ -292,6 +292,8 @@ class EngineManager:
             fit = self.fit(request.messages, request.params, eng)
             if fit.dropped:
                 request = request.with_messages(fit.messages)
+            if fit.prompt_tokens:    # counted while fitting: the engine need not count again
+                request = replace(request, prompt_tokens=fit.prompt_tokens)
             live = self._register(request)
             it = eng.stream(request)
             sub = Submission(self, eng, request, fit, it, place, live)

@@ -429,6 +429,33 @@ def test_turbomind_refusal_falls_back_to_pytorch_with_one_check(fake_lmdeploy, t
         mgr.close()
 
 
+def test_a_long_prompt_is_counted_once_through_the_manager(fake_lmdeploy, tiny_llama, tmp_path, monkeypatch):
+    """A prompt past the context's byte bound (and any with images) has its tokens counted while the
+    manager fits the history; the engine takes that count instead of running the tokenizer again (in
+    the engine process the second count ran on the thread every frame waits behind)."""
+    from engines import registry
+    from engines.manager import EngineManager
+
+    monkeypatch.setattr(registry, "_cuda", lambda: True)
+    mgr = EngineManager(str(tmp_path))
+    try:
+        mgr.load(tiny_llama.path, "turbomind")
+        eng = mgr.require()
+        counted = []
+        real = LMDeployEngine.count_tokens
+        monkeypatch.setattr(LMDeployEngine, "count_tokens",
+                            lambda self, msgs: counted.append(len(msgs)) or real(self, msgs))
+        long = ChatRequest((ChatMessage("user", "word " * 1200),), GenParams(max_new_tokens=3))
+        text, last = mgr.submit(long).text()
+        assert last.finish_reason == "length" and len(counted) == 1, counted
+        # a short prompt is never counted at all (its byte bound fits)
+        counted.clear()
+        assert mgr.submit(ask(2)).text()[1].finish_reason == "length" and counted == []
+        assert _nothing_left(eng, fake_lmdeploy[-1])
+    finally:
+        mgr.close()
+
+
 # ---------------------------------------------------------------- health and shims
 def _bare_engine():
     eng = object.__new__(LMDeployEngine)      # no pipeline: only the bookkeeping is exercised
