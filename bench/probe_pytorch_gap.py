@@ -14,7 +14,10 @@ rotating), and is timed against the raw run of its round:
 * ``push``        the adapter's ``start()`` from one thread, sinks that only append: no reading
                   thread at all (the engine process's path);
 * ``push-batch``  the same N coroutines created in one pass of LMDeploy's loop, as ``stream_infer``
-                  does (one hop to the loop instead of N).
+                  does (one hop to the loop instead of N);
+* ``raw-threads`` LMDeploy's own per-request path: N threads, each its own ``stream_infer`` over one
+                  prompt (what a server that takes requests one by one does with the pipeline: if this
+                  side shows the gap too, it is LMDeploy's cost of N separate requests, not the adapter's).
 
 Besides the wall-time ratio it reports the CPU that LMDeploy's loop thread and the whole process
 spent per generated token (each thread's own CPU clock, ``pthread_getcpuclockid``), so a variant
@@ -40,7 +43,7 @@ from bench.bench_engines import build_engine, prompt_of  # noqa: E402
 from bench.bench_raw import adapter_run, raw_run  # noqa: E402
 from engines.base import ChatRequest, GenParams  # noqa: E402
 
-VARIANTS = ("raw", "pull", "push", "push-batch")
+VARIANTS = ("raw", "pull", "push", "push-batch", "raw-threads")
 
 
 def thread_cpu_clock(thread: threading.Thread):
@@ -99,6 +102,24 @@ def push_run(eng, messages, params, n: int, batch: bool) -> dict:
     return {"seconds": time.perf_counter() - t0, "tokens": sum(tokens), "texts": ["".join(t) for t in texts]}
 
 
+def raw_threads_run(pipe, messages: list[dict], new_tokens: int, n: int) -> dict:
+    """N threads, each one ``stream_infer`` over one prompt, all started together."""
+    res = [None] * n
+    go = threading.Barrier(n + 1)
+
+    def one(i):
+        go.wait()
+        res[i] = raw_run(pipe, messages, new_tokens, 1)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    go.wait()
+    t0 = time.perf_counter()
+    [t.join() for t in threads]
+    return {"seconds": time.perf_counter() - t0, "tokens": sum(r["tokens"] for r in res),
+            "texts": [r["texts"][0] for r in res]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
@@ -123,6 +144,8 @@ def main(argv=None):
             c0, l0 = time.process_time(), loop_cpu()
             if v == "raw":
                 r = raw_run(eng.pipe, dicts, tokens, a.users)
+            elif v == "raw-threads":
+                r = raw_threads_run(eng.pipe, dicts, tokens, a.users)
             elif v == "pull":
                 r = adapter_run(eng, msgs, p, a.users)
             else:
@@ -138,6 +161,9 @@ def main(argv=None):
             res = {v: run(v) for v in order}
             for v in VARIANTS:
                 rows[v].append((res["raw"]["seconds"] / res[v]["seconds"], res[v]))
+                differ = sum(a != b for a, b in zip(res[v]["texts"], res["raw"]["texts"]))
+                if differ:
+                    print(f"  ({v}: {differ} of {a.users} texts differ from raw's)", flush=True)
             print(f"round {k + 1}: " + " ".join(f"{v} {res['raw']['seconds'] / res[v]['seconds']:.3f}"
                                                 for v in VARIANTS), flush=True)
         tokens = a.users * a.new_tokens
@@ -148,8 +174,9 @@ def main(argv=None):
             q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
             loop = statistics.median(x["loop_cpu"] for _, x in rows[v]) * 1000 / tokens
             cpu = statistics.median(x["cpu"] for _, x in rows[v]) * 1000 / tokens
-            print(f"  {v:10s} x{statistics.median(ratios):.3f} [{q[0]:.2f}-{q[2]:.2f}]  loop {loop:.4f}  "
-                  f"process {cpu:.4f}", flush=True)
+            toks = statistics.median(x["tokens"] for _, x in rows[v])
+            print(f"  {v:11s} x{statistics.median(ratios):.3f} [{q[0]:.2f}-{q[2]:.2f}]  loop {loop:.4f}  "
+                  f"process {cpu:.4f}  tokens {toks}", flush=True)
     finally:
         eng.close()
 
