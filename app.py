@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ctx.servers = ServerManager(os.path.join(s.cache_dir, "servers"))
     atexit.register(ctx.servers.stop_all)
     from ui.gradio_patches import (call_overheads, event_driven_queue, lazy_session_config, no_queue_analytics,
-                                   quiet_range_refusals)
+                                   quiet_range_refusals, UploadGuard)
 
     call_overheads()             # Gradio's per-call type hints kept, no matplotlib search per call
     quiet_range_refusals()       # a value past a slider's range: one log line, not a traceback
@@ -112,7 +112,9 @@ def main(argv=None) -> int:
     # The OpenAI-compatible API is part of the server from its first request: its routes go into
     # the FastAPI app Gradio builds (ahead of Gradio's catch-all routes), not mounted after launch,
     # when a client could already be refused with a 404.
-    app_kwargs = {"routes": []}
+    from starlette.middleware import Middleware
+
+    app_kwargs = {"routes": [], "middleware": [Middleware(UploadGuard)]}   # /upload: 400, not 500
     if s.rest_chat:    # /chat's REST calls on two plain routes, not Gradio's queue (ui/rest_chat.py says why)
         from ui.app import CHAT_INPUTS, chat_endpoint
         from ui.rest_chat import RestChat

@@ -36,6 +36,15 @@ cost of a ``/chat`` call, ~25% of the event loop's busy samples, after a few hun
 TurboStudio has its own Monitor page and launches Gradio with ``enable_monitoring=False`` (its
 dashboard endpoints answer 403); with monitoring off the shim skips the summary and keeps 16
 events' records instead of 10 000 (each event copies the list). With monitoring on it changes nothing.
+
+``UploadGuard``: Gradio's multipart ``POST /gradio_api/upload`` answered a part named ``files`` that
+is not a file (a plain form field, or a file part with an empty file name, which Starlette reads as
+a field) with a 500 and a traceback in the log ("File is not an instance of GradioUploadFile",
+Gradio 6.31; found by schemathesis, reproduced with httpx). The guard is ASGI middleware on that one
+path: such a failure, before any byte of the answer went out, becomes a 400 that says what a valid
+upload is. Middleware rather than a route of our own in front of Gradio's: Gradio's route streams
+the body through its own parser (size limit, temporary files), which a route of ours would have
+to parse a second time or call with Gradio's private arguments.
 """
 from __future__ import annotations
 
@@ -393,3 +402,37 @@ def quiet_range_refusals() -> bool:
     raise_if_out_of_bounds._turbostudio_quiet = True
     real.raise_if_out_of_bounds = staticmethod(raise_if_out_of_bounds)
     return True
+
+
+class UploadGuard:
+    """ASGI middleware: a malformed multipart body on Gradio's ``/upload`` is a 400, not a 500 (see
+    the module's doc). Every other request passes through untouched."""
+
+    MESSAGE = ("Malformed upload: send multipart/form-data whose parts named 'files' are files, each "
+               "with a file name (e.g. curl -F files=@photo.png).")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or \
+                not scope.get("path", "").rstrip("/").endswith("/gradio_api/upload"):
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            if started:
+                raise
+            log.info("refused a malformed upload: %s", e)
+            from starlette.responses import JSONResponse
+
+            await JSONResponse({"detail": self.MESSAGE}, status_code=400)(scope, receive, send)

@@ -34,7 +34,8 @@ Each value's *type* is checked against the type Gradio's api info declares for t
 naming the input: Gradio ran a number box given ``"x"`` and answered ``{"error": null}``); choices and
 ranges are left to the components, whose refusals name them (some of Gradio's declared choices
 cannot be met: a string type with integer choices). After the guard the same schemathesis run found
-only Gradio's 503 "Queue is full" (right under that load) and its multipart ``/upload``.
+only Gradio's 503 "Queue is full" (right under that load) and its multipart ``/upload`` (a 500 for a
+``files`` part that is not a file: a 400 now, ``ui/gradio_patches.UploadGuard``).
 
 What differs, on purpose (tests/ui/test_rest_chat.py checks each against Gradio's own path):
 * each update is the whole reply so far, so a reader that falls behind gets the newest one (never a

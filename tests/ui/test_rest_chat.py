@@ -445,3 +445,20 @@ def test_real_app_every_typed_input_refuses_a_value_of_the_wrong_type_by_name(ap
     assert e.value.code == 422 and detail["loc"] == ["body", p["parameter_name"]]
     assert p["parameter_name"] in detail["msg"]
     assert app_server.client().predict(api_name="/engine_info")["running"] == 0
+
+
+@pytest.mark.slow
+def test_real_app_malformed_uploads_are_400s_and_uploads_still_work(app_server):
+    """Gradio's multipart ``/upload`` answered a ``files`` part that is not a file (a plain field, or a
+    file part with an empty name) with a 500 and a traceback (``ui/gradio_patches.UploadGuard``):
+    now a 400 saying what an upload is; a real upload right after still works."""
+    import httpx
+
+    url = app_server.url + "gradio_api/upload"
+    for files in ({"files": (None, "not a file")}, {"files": ("", b"no name")}):
+        r = httpx.post(url, files=files, timeout=30)
+        assert r.status_code == 400, (files, r.status_code, r.text)
+        assert "files" in r.json()["detail"] and "file name" in r.json()["detail"]
+    r = httpx.post(url, files={"files": ("a.txt", b"hello")}, timeout=30)
+    assert r.status_code == 200 and r.json()[0].endswith("a.txt")
+    assert "GradioUploadFile" not in app_server.output()     # no traceback of it in the log
