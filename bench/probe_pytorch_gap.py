@@ -66,6 +66,7 @@ def push_run(eng, messages, params, n: int, batch: bool) -> dict:
     lock = threading.Lock()
     texts = [[] for _ in range(n)]
     tokens = [0] * n
+    first = [None] * n
 
     def sink_for(i):
         def sink(d):
@@ -75,6 +76,8 @@ def push_run(eng, messages, params, n: int, batch: bool) -> dict:
                     if left[0] == 0:
                         done.set()
                 return
+            if first[i] is None and d.text:
+                first[i] = time.perf_counter() - t0
             texts[i].append(d.text)
             tokens[i] = d.tokens
         return sink
@@ -99,7 +102,8 @@ def push_run(eng, messages, params, n: int, batch: bool) -> dict:
 
         asyncio.run_coroutine_threadsafe(all_at_once(), eng._loop()).result()
     done.wait(600)
-    return {"seconds": time.perf_counter() - t0, "tokens": sum(tokens), "texts": ["".join(t) for t in texts]}
+    return {"seconds": time.perf_counter() - t0, "tokens": sum(tokens), "texts": ["".join(t) for t in texts],
+            "ttft_p50": statistics.median(f for f in first if f is not None)}
 
 
 def raw_threads_run(pipe, messages: list[dict], new_tokens: int, n: int) -> dict:
@@ -117,7 +121,7 @@ def raw_threads_run(pipe, messages: list[dict], new_tokens: int, n: int) -> dict
     t0 = time.perf_counter()
     [t.join() for t in threads]
     return {"seconds": time.perf_counter() - t0, "tokens": sum(r["tokens"] for r in res),
-            "texts": [r["texts"][0] for r in res]}
+            "texts": [r["texts"][0] for r in res], "ttft_p50": statistics.median(r["ttft_p50"] for r in res)}
 
 
 def main(argv=None):
@@ -175,8 +179,9 @@ def main(argv=None):
             loop = statistics.median(x["loop_cpu"] for _, x in rows[v]) * 1000 / tokens
             cpu = statistics.median(x["cpu"] for _, x in rows[v]) * 1000 / tokens
             toks = statistics.median(x["tokens"] for _, x in rows[v])
+            ttft = statistics.median(x["ttft_p50"] for _, x in rows[v]) * 1000
             print(f"  {v:11s} x{statistics.median(ratios):.3f} [{q[0]:.2f}-{q[2]:.2f}]  loop {loop:.4f}  "
-                  f"process {cpu:.4f}  tokens {toks}", flush=True)
+                  f"process {cpu:.4f}  tokens {toks}  first token p50 {ttft:.0f} ms", flush=True)
     finally:
         eng.close()
 
