@@ -15,6 +15,10 @@ rotating), and is timed against the raw run of its round:
                   thread at all (the engine process's path);
 * ``push-batch``  the same N coroutines created in one pass of LMDeploy's loop, as ``stream_infer``
                   does (one hop to the loop instead of N);
+* ``raw-nodetok``, ``push-nodetok``  raw and push with LMDeploy's incremental detokenization stubbed
+                  out (``tokenizer.detokenize_incrementally`` returns one character and advances the
+                  offsets): what turning ids into text costs on LMDeploy's loop thread, which a design
+                  that detokenizes in another process (vLLM V1's front end) would take off it;
 * ``raw-threads`` LMDeploy's own per-request path: N threads, each its own ``stream_infer`` over one
                   prompt (what a server that takes requests one by one does with the pipeline: if this
                   side shows the gap too, it is LMDeploy's cost of N separate requests, not the adapter's).
@@ -43,7 +47,7 @@ from bench.bench_engines import build_engine, prompt_of  # noqa: E402
 from bench.bench_raw import adapter_run, raw_run  # noqa: E402
 from engines.base import ChatRequest, GenParams  # noqa: E402
 
-VARIANTS = ("raw", "pull", "push", "push-batch", "raw-threads")
+VARIANTS = ("raw", "pull", "push", "push-batch", "raw-threads", "raw-nodetok", "push-nodetok")
 
 
 def thread_cpu_clock(thread: threading.Thread):
@@ -106,6 +110,25 @@ def push_run(eng, messages, params, n: int, batch: bool) -> dict:
             "ttft_p50": statistics.median(f for f in first if f is not None)}
 
 
+class no_detokenize:
+    """Within the block, LMDeploy's incremental detokenization does nothing but advance its offsets
+    (each output's text is one character): an instance attribute over the tokenizer's method."""
+
+    def __init__(self, pipe):
+        self.tok = pipe.async_engine.tokenizer
+
+    def __enter__(self):
+        from lmdeploy.tokenizer import DetokenizeState
+
+        def detokenize_incrementally(all_input_ids, state, **kw):
+            return "x", DetokenizeState(len(all_input_ids), None, 0, 0)
+
+        self.tok.detokenize_incrementally = detokenize_incrementally
+
+    def __exit__(self, *exc):
+        del self.tok.detokenize_incrementally
+
+
 def raw_threads_run(pipe, messages: list[dict], new_tokens: int, n: int) -> dict:
     """N threads, each one ``stream_infer`` over one prompt, all started together."""
     res = [None] * n
@@ -146,7 +169,13 @@ def main(argv=None):
         def run(v, tokens=a.new_tokens):
             p = params.replace(max_new_tokens=tokens)
             c0, l0 = time.process_time(), loop_cpu()
-            if v == "raw":
+            if v == "raw-nodetok":
+                with no_detokenize(eng.pipe):
+                    r = raw_run(eng.pipe, dicts, tokens, a.users)
+            elif v == "push-nodetok":
+                with no_detokenize(eng.pipe):
+                    r = push_run(eng, msgs, p, a.users, False)
+            elif v == "raw":
                 r = raw_run(eng.pipe, dicts, tokens, a.users)
             elif v == "raw-threads":
                 r = raw_threads_run(eng.pipe, dicts, tokens, a.users)
@@ -166,7 +195,7 @@ def main(argv=None):
             for v in VARIANTS:
                 rows[v].append((res["raw"]["seconds"] / res[v]["seconds"], res[v]))
                 differ = sum(a != b for a, b in zip(res[v]["texts"], res["raw"]["texts"]))
-                if differ:
+                if differ and "nodetok" not in v:
                     print(f"  ({v}: {differ} of {a.users} texts differ from raw's)", flush=True)
             print(f"round {k + 1}: " + " ".join(f"{v} {res['raw']['seconds'] / res[v]['seconds']:.3f}"
                                                 for v in VARIANTS), flush=True)
