@@ -191,6 +191,7 @@ class RestChat:
         # the inputs a request must send: those without a default in the handler
         self.required = tuple(n for n in inputs if n in sig and sig[n].default is inspect.Parameter.empty)
         self.events: dict[str, _Event] = {}
+        self.unread = 0     # events posted and not yet claimed by a reader (kept as a count: O(1) a POST)
         self._gradio: dict[str, Callable] | None = None
         self._v2 = None
         self._api_info: dict | None = None
@@ -353,7 +354,7 @@ class RestChat:
     def _start(self, request: Request, user: str | None, data: list, session_hash: str | None) -> Response:
         import gradio as gr
 
-        if sum(not e.claimed for e in self.events.values()) >= UNREAD_MAX:
+        if self.unread >= UNREAD_MAX:
             # a client posting without reading cannot pile up requests (each one a place in the
             # engine's admission until UNCLAIMED_S): refused like Gradio's full queue, before any work
             return JSONResponse({"detail": f"Too many /{self.api_name} requests are waiting to be read "
@@ -362,6 +363,7 @@ class RestChat:
         event_id = uuid.uuid4().hex
         ev = _Event()
         self.events[event_id] = ev
+        self.unread += 1
         greq = gr.Request(request=request, username=user, session_hash=session_hash or event_id)
         show_error = bool(getattr(request.app.get_blocks(), "show_error", False))
         ev.task = asyncio.create_task(self._run(ev, data, greq, show_error))
@@ -400,6 +402,7 @@ class RestChat:
         ev = self.events.get(event_id)
         if ev is not None and not ev.claimed:
             self.events.pop(event_id, None)
+            self.unread -= 1
             if ev.task is not None and not ev.task.done():
                 ev.task.cancel()          # the reply's relay aborts the engine request
 
@@ -422,6 +425,7 @@ class RestChat:
             return JSONResponse({"detail": f"/{self.api_name} request {event_id!r} is already being read."},
                                 status_code=409)
         ev.claimed = True
+        self.unread -= 1
         if ev.timer is not None:
             ev.timer.cancel()
         return StreamingResponse(self._events(event_id, ev), media_type="text/event-stream",

@@ -65,7 +65,9 @@ def server():
         gr.api(endpoint, api_name="chat_gradio")
     demo.queue()
     port = free_port()
-    routes = RestChat(endpoint, ("messages", "params", "conversation_id")).routes()
+    global REST
+    REST = RestChat(endpoint, ("messages", "params", "conversation_id"))
+    routes = REST.routes()
     demo.launch(server_port=port, prevent_thread_lock=True, quiet=True, auth=USERS,
                 app_kwargs={"routes": routes})
     url = f"http://127.0.0.1:{port}/"
@@ -321,6 +323,20 @@ def test_posting_without_reading_is_bounded(server, monkeypatch):
     assert [s for s, _ in ids] == [200, 200, 503] and "waiting to be read" in ids[2][1]["detail"]
     for _, got in ids[:2]:        # reading them makes room again
         events(server, got["event_id"])
+    assert post(server, {"data": [M, {"n": 1}]})[0] == 200
+
+
+def test_requests_aborted_unread_give_their_room_back(server, monkeypatch):
+    """The unread count (kept as a counter, not recounted per POST) drops when a request nobody read
+    is aborted, as when one is read: a leak here would end in every POST refused."""
+    monkeypatch.setattr(rest_chat, "UNREAD_MAX", REST.unread + 1)   # (earlier tests' unread requests)
+    monkeypatch.setattr(rest_chat, "UNCLAIMED_S", 0.3)
+    assert post(server, {"data": [M, {"n": 1}]})[0] == 200
+    assert post(server, {"data": [M, {"n": 1}]})[0] == 503
+    time.sleep(0.8)
+    status, got = post(server, {"data": [M, {"n": 1}]})
+    assert status == 200
+    events(server, got["event_id"])
     assert post(server, {"data": [M, {"n": 1}]})[0] == 200
 
 
