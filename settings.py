@@ -80,6 +80,7 @@ class Settings:
     rest_chat: bool = True            # TURBOSTUDIO_REST_CHAT=0: /chat's REST calls through Gradio's queue
     lmdeploy_wait_end: bool = False   # TURBOSTUDIO_LMDEPLOY_WAIT_END=1: old stream ends (A/B runs)
     core_push: bool = True            # TURBOSTUDIO_CORE_PUSH=0: a pump thread per stream in the engine process (A/B runs)
+    core_detokenize: bool = False     # TURBOSTUDIO_CORE_DETOKENIZE=1: LMDeploy's text made in the web process
 
     def validate(self) -> "Settings":
         if self.engine not in ENGINES:
@@ -197,7 +198,8 @@ class Settings:
                     trust_remote_code=self.trust_remote_code, engine_process=self.engine_process,
                     remote_model=self.remote_model,
                     api_key=self.remote_api_key, wait_end=self.lmdeploy_wait_end or None,
-                    core_push=None if self.core_push else False)
+                    core_push=None if self.core_push else False,
+                    core_detokenize=True if self.core_detokenize else None)
 
 
 _HELP = {
@@ -273,7 +275,8 @@ TURBOSTUDIO_MODEL or TURBOSTUDIO_MAX_QUEUE; handy on a hosted Space); a flag on 
 Diagnostics (environment only): TURBOSTUDIO_PROFILE=<file> samples the server's stacks,
 TURBOSTUDIO_SESSION_SHIM=0 and TURBOSTUDIO_QUEUE_SHIM=0 switch off the Gradio shims,
 TURBOSTUDIO_LMDEPLOY_WAIT_END=1 restores the old LMDeploy stream ends, TURBOSTUDIO_CORE_PUSH=0 the
-engine process's pump thread per stream. SPACE_ID set (a Hugging Face
+engine process's pump thread per stream, TURBOSTUDIO_CORE_DETOKENIZE=1 makes LMDeploy's text in the web
+process instead of on LMDeploy's loop (under test). SPACE_ID set (a Hugging Face
 Space) makes the app public: no operator controls without --auth and --admin."""
 
 
@@ -296,7 +299,7 @@ _ENV_ONLY = {"hosted": "SPACE_ID", "hub_offline": "HF_HUB_OFFLINE", "hub_endpoin
              "profile": "TURBOSTUDIO_PROFILE", "session_shim": "TURBOSTUDIO_SESSION_SHIM",
              "queue_shim": "TURBOSTUDIO_QUEUE_SHIM", "rest_chat": "TURBOSTUDIO_REST_CHAT",
              "lmdeploy_wait_end": "TURBOSTUDIO_LMDEPLOY_WAIT_END",
-             "core_push": "TURBOSTUDIO_CORE_PUSH"}
+             "core_push": "TURBOSTUDIO_CORE_PUSH", "core_detokenize": "TURBOSTUDIO_CORE_DETOKENIZE"}
 
 
 def _env_only(env) -> dict:

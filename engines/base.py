@@ -248,6 +248,11 @@ class Delta:
     finish_reason: FinishReason | None = None
     error: str | None = None  # with finish_reason "error": what went wrong, for the user
     prompt_tokens: int | None = None  # the prompt's tokens in the model's context, where the engine knows
+    # Between an engine and engines/core.py only (never seen above the engine process's proxy): an
+    # engine that leaves detokenizing to the other process sends the new token ids instead of text,
+    # and the prompt's ids once, on its first Delta (see LMDeployEngine.detokenize_elsewhere)
+    ids: tuple[int, ...] | None = None
+    prompt_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

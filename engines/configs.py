@@ -61,6 +61,9 @@ class LMDeployConfig:
     # in the engine process (engines/core.py): outputs pushed from LMDeploy's loop (True) or read by
     # one thread per stream (False, the earlier path: A/B runs)
     core_push: bool = True
+    # in the engine process: token ids are turned into text in the web process rather than on
+    # LMDeploy's event loop (LMDeployEngine.detokenize_elsewhere; TURBOSTUDIO_CORE_DETOKENIZE=1)
+    core_detokenize: bool = False
     # auto (= on) | on | off: the engine in a process of its own, off the web side's GIL (engines/core.py)
     engine_process: str = "auto"
 

@@ -140,7 +140,8 @@ class _Outbox:
             else:
                 last = evs[-1]
                 if ev[0] == "d" and last[0] == "d" and last[3] is None:
-                    evs[-1] = ("d", last[1] + ev[1], ev[2], ev[3], ev[4], last[5] or ev[5])
+                    ids = last[6] + ev[6] if last[6] is not None and ev[6] is not None else (last[6] or ev[6])
+                    evs[-1] = ("d", last[1] + ev[1], ev[2], ev[3], ev[4], last[5] or ev[5], ids, last[7] or ev[7])
                 else:
                     evs.append(ev)
             self.cv.notify()
@@ -184,6 +185,10 @@ def frame_pace(running: int) -> float:
     return max(0.0, min(FRAME_PACE, FRAME_PACE * (running - 4) / 60))
 
 
+def _delta_event(d: Delta) -> tuple:
+    return ("d", d.text, d.tokens, d.finish_reason, d.error, d.prompt_tokens, d.ids, d.prompt_ids)
+
+
 class _PushSink:
     """A stream's sink on the push path (an engine with ``start(request, sink)``): each Delta goes
     into the outbox as the engine hands it over, from whichever thread that is; ``None`` (the engine
@@ -197,7 +202,7 @@ class _PushSink:
         self.open = False
 
     def __call__(self, d: Delta | None) -> None:
-        ev = ("end",) if d is None else ("d", d.text, d.tokens, d.finish_reason, d.error, d.prompt_tokens)
+        ev = ("end",) if d is None else _delta_event(d)
         with self.lock:
             if not self.open:
                 self.held.append(ev)
@@ -220,7 +225,7 @@ class _PushSink:
         self.out.event(self.rid, ev)
 
 
-def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True) -> None:
+def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True, detokenize: bool = False) -> None:
     """The engine core's main (the child process): build the engine, then serve frames until the
     parent says close or goes away.
 
@@ -228,7 +233,10 @@ def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True) -
     Delta over from its own event loop) is started here, on this thread, in frame order, and its
     Deltas go straight into the outbox; nothing of ours is woken per token but the sender, once a
     frame. Any other engine (and ``push=False``, for A/B runs) gets a pump thread per stream that
-    iterates ``engine.stream(request)``."""
+    iterates ``engine.stream(request)``.
+
+    ``detokenize``: an engine with ``detokenize_elsewhere()`` (LMDeploy's adapter) sends token ids
+    instead of text, and the parent makes the text (off this process's GIL, see that method)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
     for noisy in ("torchao", "torch.utils._pytree"):    # as app.py says: warnings about kernels never used
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -253,9 +261,12 @@ def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True) -
             held = None
         if held is not None:
             engine.info.extra["weights_bytes"] = held
+    text_spec = None
+    if detokenize and callable(getattr(engine, "detokenize_elsewhere", None)):
+        text_spec = engine.detokenize_elsewhere()
     out = _Outbox()
     send_lock = threading.Lock()
-    conn.send(("ready", engine.info, methods))
+    conn.send(("ready", engine.info, methods, text_spec))
 
     live = [0]      # streams running here, for the sender's pace
     start = getattr(engine, "start", None) if push else None
@@ -285,7 +296,7 @@ def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True) -
             live[0] += 1
         try:
             for d in it:
-                out.event(rid, ("d", d.text, d.tokens, d.finish_reason, d.error, d.prompt_tokens))
+                out.event(rid, _delta_event(d))
         except BaseException as e:  # noqa: BLE001 - raised in the parent after the deltas before it
             out.event(rid, ("x", portable(e)))
             return
@@ -383,6 +394,7 @@ class _Stream:
         self.q = queue.SimpleQueue()   # lists of events, as the reader got them
         self.buffer: list = []
         self.finished = False
+        self.feed = None     # token ids -> text, where the child sends ids (CoreEngine._text)
 
     def __iter__(self):
         return self
@@ -395,7 +407,12 @@ class _Stream:
             ev = self.buffer.pop(0)
             kind = ev[0]
             if kind == "d":
-                _, text, tokens, reason, error, prompt = ev
+                _, text, tokens, reason, error, prompt, ids, prompt_ids = ev
+                if ids is not None:
+                    if prompt_ids is not None:
+                        self.feed = self.core._text.stream(prompt_ids)
+                    if ids and self.feed is not None:
+                        text = text + self.feed(ids)
                 if reason:
                     self._end()
                 return Delta(text, tokens, reason, error, prompt)
@@ -431,7 +448,7 @@ class CoreEngine:
     (raising what loading raised). ``push=False`` runs every stream through a pump thread even where
     the engine could push (the earlier path, for A/B runs). ``info`` is the child's engine's info, as it was after loading."""
 
-    def __init__(self, factory: str, args: Sequence = (), push: bool = True):
+    def __init__(self, factory: str, args: Sequence = (), push: bool = True, detokenize: bool = False):
         from multiprocessing.connection import Connection
 
         mine, theirs = socket.socketpair()
@@ -442,7 +459,7 @@ class CoreEngine:
         parent = self._conn = Connection(mine.detach())
         parent.send(list(sys.path))
         parent.send(("init", factory, tuple(args), logging.getLogger().getEffectiveLevel(),
-                     {"push": push}))
+                     {"push": push, "detokenize": detokenize}))
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
@@ -461,9 +478,28 @@ class CoreEngine:
             raise rebuild(msg[1])
         self.info: EngineInfo = msg[1]
         methods = msg[2]
+        # the child sends token ids, not text: this side turns them into text (engines/core.py's
+        # _serve, LMDeployEngine.detokenize_elsewhere), with what the child named
+        self._text = None
+        spec = msg[3] if len(msg) > 3 else None
+        if spec is not None:
+            try:
+                module, _, fn = spec[0].partition(":")
+                self._text = getattr(importlib.import_module(module), fn)(*spec[1])
+            except Exception as e:  # noqa: BLE001 - without it no stream could be read: the load fails
+                self._closed = True
+                try:
+                    self._send(("q",))
+                except EngineUnavailable:
+                    pass
+                _wait(self._proc, CLOSE_TIMEOUT)
+                raise EngineError(f"The engine's streams could not be read here: building {spec[0]} "
+                                  f"failed ({type(e).__name__}: {e}).") from e
+        self.info.extra["detokenize"] = "web process" if self._text is not None else "engine process"
         self.info.extra["engine_process"] = self._proc.pid
         self._methods = frozenset(methods)
-        threading.Thread(target=self._reader, daemon=True, name="core-reader").start()
+        self._reading = threading.Thread(target=self._reader, daemon=True, name="core-reader")
+        self._reading.start()
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -615,6 +651,11 @@ class CoreEngine:
             log.warning("the engine process did not end in %.0f s; killing it", CLOSE_TIMEOUT)
             self._proc.kill()
             _wait(self._proc, 5)
+        # the reader ends at the child's "closed" or the pipe's end; closing the pipe under a recv
+        # in progress would fail inside it (a TypeError from a handle already gone), not end it
+        reading = getattr(self, "_reading", None)
+        if reading is not None and reading is not threading.current_thread():
+            reading.join(5)
         try:
             self._conn.close()
         except OSError:

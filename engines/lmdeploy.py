@@ -173,6 +173,35 @@ def suggested_cache_ratio(need: float) -> float:
     return round(min(0.95, need * 1.1), 3)
 
 
+class LMDeployText:
+    """Token ids to text for the streams of an engine that detokenizes elsewhere (built in the
+    process that reads them: engines/core.py's parent). Runs LMDeploy's own tokenizer and its
+    ``detokenize_incrementally`` from the prompt's ids on, as LMDeploy's ``generate`` does with the
+    defaults the adapter leaves (skip special tokens, spaces between them)."""
+
+    def __init__(self, path: str, trust_remote_code: bool = False):
+        from lmdeploy.tokenizer import DetokenizeState, Tokenizer
+
+        try:
+            self.tok = Tokenizer(path, trust_remote_code=trust_remote_code)
+        except TypeError:       # a Tokenizer without that argument
+            self.tok = Tokenizer(path)
+        self.State = DetokenizeState
+
+    def stream(self, prompt_ids):
+        """A function from each output's new ids to its new text, for one stream."""
+        ids = list(prompt_ids)
+        state = self.State(len(ids))
+        tok = self.tok
+
+        def feed(new) -> str:
+            nonlocal state
+            ids.extend(new)
+            text, state = tok.detokenize_incrementally(ids, state)
+            return text
+        return feed
+
+
 @dataclass(eq=False)
 class _Call:
     """One request from ``stream``/``start`` until LMDeploy has let go of it. ``out`` carries
@@ -192,6 +221,14 @@ _ABORT = object()     # abort() was called: the relay ends the stream now
 _END = object()       # the coroutine has ended: LMDeploy holds nothing of this request any more
 
 
+class _Prompt:
+    """(Detokenizing elsewhere.) The prompt's token ids, handed to the reader before LMDeploy's first
+    output: the other side's detokenizer starts from them, as LMDeploy's own does."""
+
+    def __init__(self, ids):
+        self.ids = tuple(int(i) for i in ids)
+
+
 class _Failure:
     def __init__(self, message: str):
         self.message = message
@@ -207,11 +244,16 @@ class _Reader:
         self.tokens = 0
         self.finished = False
 
+    prompt_ids: tuple[int, ...] | None = None
+
     def output(self, item) -> Delta | None:
         if self.finished:
             return None
         if isinstance(item, _Failure):
             return self._error(item.message)
+        if isinstance(item, _Prompt):
+            self.prompt_ids = item.ids
+            return None
         self.tokens = item.generate_token_len
         reason = item.finish_reason
         if reason == "error":
@@ -219,6 +261,10 @@ class _Reader:
                                "LMDeploy reported an error")
         prompt = (getattr(item, "history_token_len", 0) or 0) + (getattr(item, "input_token_len", 0) or 0)
         self.finished = bool(reason)
+        if self.engine._ids_out:        # text is made on the other side, from these ids
+            first, self.prompt_ids = self.prompt_ids, None
+            return Delta("", self.tokens, reason, prompt_tokens=prompt or None,
+                         ids=tuple(int(i) for i in (getattr(item, "token_ids", None) or ())), prompt_ids=first)
         return Delta(item.response or "", self.tokens, reason, prompt_tokens=prompt or None)
 
     def final(self, reason: str) -> Delta | None:
@@ -313,6 +359,8 @@ class LMDeployEngine:
         # diagnostic switch (Settings.lmdeploy_wait_end): a stream ends when LMDeploy has let go of
         # the request rather than at the response that carries the finish reason (A/B runs)
         self._wait_end = bool(config.wait_end)
+        self._ids_out = False      # detokenize_elsewhere() was called: Deltas carry ids, not text
+        self._trust_remote_code = bool(config.trust_remote_code)
         self._lock = threading.Lock()
         self._calls: dict[str, _Call] = {}
         self._closed = False
@@ -453,6 +501,38 @@ class LMDeployEngine:
             kw["random_seed"] = p.seed
         return GenerationConfig(**kw)
 
+    def detokenize_elsewhere(self):
+        """Leave turning token ids into text to the process that reads the streams (engines/core.py
+        calls this in the engine process when asked: ``TURBOSTUDIO_CORE_DETOKENIZE=1``). Returns
+        what that process builds to do it (``"module:function"``, its arguments), or None where this
+        LMDeploy cannot (then nothing changes).
+
+        Why: LMDeploy detokenizes every output of every stream incrementally on its event loop, the
+        thread that also schedules every step of its PyTorch engine and takes TurboMind's outputs. On
+        the H200 (2026-12-03, ``bench/probe_pytorch_gap.py``, 16 users) that work was a third of
+        TurboMind's loop CPU per token and its removal sped the push path by 3% (TurboMind, 16
+        users), 9% (TurboMind, 64) and 4.8% (PyTorch engine, 16). vLLM's V1 detokenizes in its
+        front-end process for the same reason. How: LMDeploy's ``generate`` asks its tokenizer for
+        each output's text and hands on the new token ids beside it; here the tokenizer's
+        ``detokenize_incrementally`` only advances its offsets, each Delta carries those ids (and the
+        first one the prompt's), and the other process runs LMDeploy's own ``detokenize_incrementally``
+        over the same ids (:class:`LMDeployText`): the same text, made by the same code."""
+        tok = getattr(self.pipe.async_engine, "tokenizer", None)
+        try:
+            from lmdeploy.tokenizer import DetokenizeState
+        except ImportError:
+            return None
+        if tok is None or not callable(getattr(tok, "detokenize_incrementally", None)):
+            return None
+
+        def detokenize_incrementally(all_input_ids, state, skip_special_tokens=True,
+                                     spaces_between_special_tokens=True):
+            return "", DetokenizeState(len(all_input_ids), None, 0, 0)
+
+        tok.detokenize_incrementally = detokenize_incrementally   # this engine's tokenizer only
+        self._ids_out = True
+        return ("engines.lmdeploy:LMDeployText", (self._path, self._trust_remote_code))
+
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         eng = self.pipe.async_engine
         text_only = [ChatMessage(m.role, m.content) for m in messages]
@@ -538,6 +618,8 @@ class LMDeployEngine:
             request = await eng.preprocess(messages=prompt, session_id=session, gen_config=gen_config)
             if call.aborted.is_set():
                 return
+            if self._ids_out:
+                emit(_Prompt(request.inputs["input_ids"]))
             stopping = False
             async for out in eng.generate(request, stream_response=True):
                 if call.aborted.is_set():

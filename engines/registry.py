@@ -121,7 +121,8 @@ def create(resolved: ResolvedModel, config: BackendConfig) -> Engine:
         import dataclasses
 
         here = dataclasses.replace(config, engine_process="off")   # what the child builds in itself
-        return CoreEngine("engines.registry:create", (resolved, here), push=getattr(config, "core_push", True))
+        return CoreEngine("engines.registry:create", (resolved, here), push=getattr(config, "core_push", True),
+                          detokenize=getattr(config, "core_detokenize", False))
     if isinstance(config, TransformersConfig):
         from .transformers import TransformersEngine
 

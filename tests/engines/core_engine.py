@@ -136,3 +136,45 @@ class PushingEngine(ScriptedEngine):
                         self._jobs.pop(rid, None)
                     it.close()                   # its finally takes the lock: not under it
                     sink(None)
+
+
+class WordText:
+    """The other side of ``IdsEngine``: id ``i`` is the text ``" w{i}"``; a stream starts from the
+    prompt's ids (as LMDeploy's detokenizer does) and each call turns new ids into their text. A
+    prompt id 0 in first place marks "the prompt came through" in the text."""
+
+    def __init__(self, fail: bool = False):
+        if fail:
+            raise RuntimeError("the test asked the text side to fail")
+
+    def stream(self, prompt_ids):
+        seen = [tuple(prompt_ids)]
+
+        def feed(new) -> str:
+            return "".join(f" w{i}" for i in new)
+        feed.prompt = seen
+        return feed
+
+
+class IdsEngine(PushingEngine):
+    """PushingEngine whose ``detokenize_elsewhere`` is honoured: once called, every Delta carries
+    the ids of its words (``" w{i}"`` is id ``i``) and no text, the first one also the prompt's ids."""
+
+    def __init__(self, fail_load: bool = False, fail_text: bool = False):
+        super().__init__(fail_load)
+        self.fail_text = fail_text
+        self.ids_out = False
+
+    def detokenize_elsewhere(self):
+        self.ids_out = True
+        return ("tests.engines.core_engine:WordText", (self.fail_text,))
+
+    def _gen(self, rid, prompt):
+        first = True
+        for d in super()._gen(rid, prompt):
+            if self.ids_out and d.text:
+                ids = tuple(int(w[1:]) for w in d.text.split())
+                d = Delta("", d.tokens, d.finish_reason, d.error, d.prompt_tokens, ids=ids,
+                          prompt_ids=(0, len(prompt.split())) if first else None)
+                first = False
+            yield d

@@ -277,3 +277,49 @@ def test_the_built_in_model_answers_the_same_in_its_own_process(tmp_path):
             text, last = m.submit(r).text()
             out[mode] = (text, last.tokens, m.token_cost(list(r.messages)), info.extra["weights_bytes"])
     assert out["on"] == out["off"] and "Paris" in out["on"][0]
+
+
+IDS = "tests.engines.core_engine:IdsEngine"
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["push", "pump"])
+def test_text_made_in_this_process_from_the_childs_ids_is_the_same_text(push):
+    """``detokenize=True``: the child sends token ids (``detokenize_elsewhere``), this process makes
+    the text with what the child named; every stream reads the same text as with the child making
+    it, also when one frame carries many outputs merged (64 streams at once, paced frames)."""
+    plain = CoreEngine(IDS, push=push)
+    ids = CoreEngine(IDS, push=push, detokenize=True)
+    try:
+        assert plain.info.extra["detokenize"] == "engine process"
+        assert ids.info.extra["detokenize"] == "web process"
+        want = "".join(d.text for d in plain.stream(req("count 40")))
+        assert want == "".join(f" w{i}" for i in range(1, 41))
+        streams = [ids.stream(req(f"count {30 + i}")) for i in range(64)]
+        texts = ["".join(d.text for d in st) for st in streams]
+        assert texts == ["".join(f" w{k}" for k in range(1, 31 + i)) for i in range(64)]
+        deltas = list(ids.stream(req("count 3")))
+        assert all(d.ids is None and d.prompt_ids is None for d in deltas)   # nothing of it leaves the proxy
+        assert deltas[-1].finish_reason == "length" and deltas[-1].tokens == 3
+        st = ids.stream(req("forever"))
+        assert next(st).text.strip() == "w1"
+        ids.abort(st.rid)
+        assert [d.finish_reason for d in st][-1] == "abort"
+    finally:
+        plain.close()
+        ids.close()
+
+
+def test_an_engine_without_detokenize_elsewhere_keeps_making_its_text():
+    eng = CoreEngine(FACTORY, detokenize=True)
+    try:
+        assert eng.info.extra["detokenize"] == "engine process"
+        assert "".join(d.text for d in eng.stream(req("count 5"))) == " w1 w2 w3 w4 w5"
+    finally:
+        eng.close()
+
+
+def test_a_text_side_that_cannot_be_built_fails_the_load_and_leaves_no_process():
+    before = {p.pid for p in psutil.Process().children()}
+    with pytest.raises(EngineError, match="WordText.*the test asked the text side to fail"):
+        CoreEngine(IDS, (False, True), detokenize=True)
+    assert wait_for(lambda: {p.pid for p in psutil.Process().children()} <= before)
