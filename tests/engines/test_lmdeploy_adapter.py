@@ -11,6 +11,7 @@ load (config.json once, TurboMind's support check once)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 import types
@@ -98,32 +99,66 @@ class FakeSessionManager:
         self.sessions.pop(session.session_id, None)
 
 
+class FakeDetokenizeState:
+    def __init__(self, ids_offset=0, prev_tokens=None, prefix_offset=0, read_offset=0):
+        self.ids_offset, self.seen = ids_offset, prev_tokens
+
+
+class FakeTokenizer:
+    """LMDeploy's Tokenizer as the adapter uses it: ``encode``, and ``detokenize_incrementally``
+    over all ids so far (prompt ids are >= 1000 and make no text; id ``i`` is ``"t{i} "``)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def encode(self, s, add_bos=True):
+        return [0] * (len(s.split()) + add_bos)
+
+    def detokenize_incrementally(self, all_input_ids, state, skip_special_tokens=True,
+                                 spaces_between_special_tokens=True):
+        new = all_input_ids[state.ids_offset:]
+        text = "".join(f"t{i} " for i in new if i < 1000)
+        return text, FakeDetokenizeState(len(all_input_ids), True)
+
+
 class FakeAsyncEngine:
     def __init__(self, mgr: FakeSessionManager, step: float):
         self.session_mgr = mgr
         self.step = step
         self.preprocessed = 0
         self.hold_end: threading.Event | None = None    # LMDeploy lets go of a finished request later
-        self.tokenizer = types.SimpleNamespace(encode=lambda s, add_bos=True: [0] * (len(s.split()) + add_bos))
+        self.tokenizer = FakeTokenizer()
         self.chat_template = types.SimpleNamespace(
             messages2prompt=lambda msgs: " ".join(m["content"] for m in msgs))
 
     async def preprocess(self, messages, session_id, gen_config):
         self.preprocessed += 1
         await asyncio.sleep(0)
-        return types.SimpleNamespace(session=session_id, n=gen_config["max_new_tokens"])
+        prompt = " ".join(m["content"] for m in messages).split()
+        return types.SimpleNamespace(session=session_id, n=gen_config["max_new_tokens"],
+                                     inputs={"input_ids": [1000 + len(w) for w in prompt]})
 
     async def generate(self, request, stream_response=True):
         session = request.session
         session._remove_on_request_exit = True
+        # as LMDeploy's generate: the ids so far (prompt first), each output's text from the
+        # tokenizer's incremental detokenizer, the new ids beside it
+        token_ids = list(request.inputs["input_ids"])
+        state = FakeDetokenizeState(len(token_ids))
         async with session.request_handle() as handle:
             for i in range(request.n):
                 if session.session_id in handle.cancelled:
-                    yield types.SimpleNamespace(response="", generate_token_len=i, finish_reason="abort")
+                    yield types.SimpleNamespace(response="", generate_token_len=i, finish_reason="abort",
+                                                token_ids=[])
                     return
                 await asyncio.sleep(self.step)
-                yield types.SimpleNamespace(response=f"t{i} ", generate_token_len=i + 1, finish_reason=None)
-            yield types.SimpleNamespace(response="", generate_token_len=request.n, finish_reason="length")
+                token_ids.append(i)
+                offset = state.ids_offset
+                response, state = self.tokenizer.detokenize_incrementally(token_ids, state)
+                yield types.SimpleNamespace(response=response, generate_token_len=i + 1, finish_reason=None,
+                                            token_ids=token_ids[offset:])
+            yield types.SimpleNamespace(response="", generate_token_len=request.n, finish_reason="length",
+                                        token_ids=[])
             if self.hold_end is not None:
                 while not self.hold_end.is_set():
                     await asyncio.sleep(0.01)
@@ -499,3 +534,28 @@ def test_llava_placeholder_becomes_the_models_own_image_token():
     other = InternVLVisionModel()
     _use_own_image_token(other)
     assert other.image_token_id == 7
+
+
+def test_detokenize_elsewhere_sends_ids_that_make_the_same_text(engine, fake_lmdeploy, run, monkeypatch):
+    """``detokenize_elsewhere`` (engines/core.py's ``TURBOSTUDIO_CORE_DETOKENIZE=1``): LMDeploy's
+    detokenizer on its loop only advances offsets, every Delta carries its new token ids and no
+    text, the first one also the prompt's ids (as preprocess made them); the named text side
+    (``LMDeployText``, running LMDeploy's own ``detokenize_incrementally``) turns them into exactly
+    the text LMDeploy made before."""
+    from engines import lmdeploy
+
+    fake_mod = types.ModuleType("lmdeploy.tokenizer")
+    fake_mod.DetokenizeState, fake_mod.Tokenizer = FakeDetokenizeState, FakeTokenizer
+    monkeypatch.setitem(sys.modules, "lmdeploy", types.ModuleType("lmdeploy"))
+    monkeypatch.setitem(sys.modules, "lmdeploy.tokenizer", fake_mod)
+    before = list(run(engine, ask(5)))
+    spec = engine.detokenize_elsewhere()
+    assert spec[0] == "engines.lmdeploy:LMDeployText" and spec[1][0] == engine._path
+    after = list(run(engine, ask(5)))
+    assert all(d.text == "" for d in after) and [len(d.ids) for d in after] == [1] * 5 + [0]
+    assert after[0].prompt_ids == (1005, 1005) and all(d.prompt_ids is None for d in after[1:])
+    assert [d.tokens for d in after] == [d.tokens for d in before]
+    text = lmdeploy.LMDeployText(*spec[1])
+    feed = text.stream(after[0].prompt_ids)
+    assert [feed(d.ids) if d.ids else "" for d in after] == [d.text for d in before]
+    assert "".join(d.text for d in before) == "t0 t1 t2 t3 t4 "

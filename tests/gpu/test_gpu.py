@@ -283,3 +283,39 @@ def test_the_push_path_streams_the_same_text_and_aborts_at_once(tiny_llama, back
         assert eng.live_requests() == 0
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("backend", ["turbomind", "pytorch"])
+def test_text_made_in_the_web_process_is_lmdeploys_own(tiny_llama, backend):
+    """``TURBOSTUDIO_CORE_DETOKENIZE=1`` on LMDeploy's real engines: the engine process sends token
+    ids and this process runs LMDeploy's own detokenizer over them. A random-weight model's greedy
+    text (arbitrary tokens: byte pieces, special tokens, broken UTF-8) is the same as LMDeploy makes
+    in its own process, for one stream and for 8 at once; the counts and finish reason too; an
+    abort still ends a stream at once."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    req = lambda n=96: ChatRequest(tuple(PROMPTS[0]), GenParams(temperature=0, max_new_tokens=n))  # noqa: E731
+    ref = create(tiny_llama, backend, cache_max_entry_count=0.1, session_len=2048)
+    try:
+        want = list(ref.stream(req()))
+    finally:
+        ref.close()
+    eng = create(tiny_llama, backend, cache_max_entry_count=0.1, session_len=2048, engine_process="on",
+                 core_detokenize=True)
+    try:
+        assert eng.info.extra["detokenize"] == "web process"
+        got = list(eng.stream(req()))
+        assert "".join(d.text for d in got) == "".join(d.text for d in want)
+        assert (got[-1].tokens, got[-1].finish_reason) == (want[-1].tokens, want[-1].finish_reason)
+        assert "".join(d.text for d in want).strip(), "the reference made no text: nothing compared"
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(lambda _: "".join(d.text for d in eng.stream(req())), range(8)))
+        assert all(texts)          # (batched kernels may round apart: not compared with the reference)
+        st = eng.stream(req(2000))
+        next(st)
+        t0 = time.perf_counter()
+        eng.abort(st.rid)
+        assert [d.finish_reason for d in st][-1] == "abort" and time.perf_counter() - t0 < 2
+    finally:
+        eng.close()
