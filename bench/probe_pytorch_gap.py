@@ -27,8 +27,9 @@ Besides the wall-time ratio it reports the CPU that LMDeploy's loop thread and t
 spent per generated token (each thread's own CPU clock, ``pthread_getcpuclockid``), so a variant
 that makes the loop do more per token shows apart from one that only wakes other threads.
 
-Written 2026-12-03 (session 11) and not yet run on a GPU: the session's device time ran out
-(``bench/gpu_calls/s11g.sh`` is the call that runs it)."""
+Run on the H200 on 2026-12-03 (session 12, ``bench/gpu_calls/s12a.sh``; figures in
+``bench/gpu_session.md`` and the README): the push path ran at raw's speed or above; the pull path's
+reading threads and LMDeploy's own per-request path lost 3-6%; detokenization stubbed out gained 3-9%."""
 from __future__ import annotations
 
 import argparse
