@@ -392,9 +392,25 @@ class _Stream:
 
         self.core, self.rid = core, rid
         self.q = queue.SimpleQueue()   # lists of events, as the reader got them
+        self.ending = threading.Event()  # the stream's last event has arrived (or it was closed)
         self.buffer: list = []
         self.finished = False
         self.feed = None     # token ids -> text, where the child sends ids (CoreEngine._text)
+
+    def deliver(self, evs: list) -> None:
+        """(The reader thread.) Events for this stream, in order."""
+        self.q.put(evs)
+        for ev in evs:
+            if ev[0] in ("x", "end") or (ev[0] == "d" and ev[3]):
+                self.ending.set()
+                break
+
+    def nap(self, seconds: float) -> None:
+        """(The relay's pump, while its consumer paces.) Wait up to ``seconds``, less when the
+        stream's end arrives; none when something is already waiting to be read."""
+        if self.buffer or not self.q.empty():
+            return
+        self.ending.wait(seconds)
 
     def __iter__(self):
         return self
@@ -425,6 +441,7 @@ class _Stream:
 
     def _end(self) -> None:
         self.finished = True
+        self.ending.set()
         with self.core._lock:
             if self.core._streams.get(self.rid) is self:
                 del self.core._streams[self.rid]
@@ -526,7 +543,7 @@ class CoreEngine:
             for rid, evs in streams:
                 st = self._streams.get(rid)
                 if st is not None:
-                    st.q.put(evs)
+                    st.deliver(evs)
             for cid, ok, value in results:
                 with self._lock:
                     fut = self._calls.pop(cid, None)
@@ -550,7 +567,7 @@ class CoreEngine:
             log.error("%s", why)
         err = portable(EngineUnavailable(why, code="engine_dead"))
         for st in streams:
-            st.q.put([("x", err)])
+            st.deliver([("x", err)])
         for fut in calls:
             if not fut.done():
                 fut.set_exception(EngineUnavailable(why, code="engine_dead"))

@@ -510,7 +510,7 @@ class Submission:
     def updates(self, interval: float | Callable[[], float] = 0.0) -> AsyncIterator[Delta]:
         """Read it on the event loop (the one relay); ``interval``: the least seconds between two
         reads, for a consumer that coalesces updates anyway (see :func:`engines.relay.relay`)."""
-        return relay(iter(self), on_cancel=self.abort, interval=interval)
+        return relay(iter(self), on_cancel=self.abort, interval=interval, nap=getattr(self._it, "nap", None))
 
     def text(self) -> tuple[str, Delta | None]:
         """Read it to the end (blocking): the whole reply and its last delta."""

@@ -48,7 +48,8 @@ def _seconds(interval: float | Callable[[], float]) -> float:
 
 async def relay(gen: Iterator[T], on_cancel: Callable[[], None] | None = None,
                 merge: Callable[[Sequence[T]], T] = merge_deltas,
-                interval: float | Callable[[], float] = 0.0) -> AsyncIterator[T]:
+                interval: float | Callable[[], float] = 0.0,
+                nap: Callable[[float], None] | None = None) -> AsyncIterator[T]:
     """Yield ``gen``'s items on the running event loop, the ones that arrived together merged.
 
     ``gen`` runs in its own thread and is closed there. Nothing is lost: a merge covers every item
@@ -64,7 +65,16 @@ async def relay(gen: Iterator[T], on_cancel: Callable[[], None] | None = None,
     appends under a lock and wakes the loop only when the consumer waits and no wake-up is already
     on its way, one ``call_soon_threadsafe`` (a handle and a self-pipe write) per read instead of
     one per token. With 64 streams the per-token wake-ups of 64 pump threads were what the event
-    loop spent its time on, behind the GIL."""
+    loop spent its time on, behind the GIL.
+
+    ``nap`` (optional, from the stream's source: ``engines.core``'s streams have one): called by the
+    pump after it handed an item over while the consumer paces, with that pace; it returns when the
+    pace has passed, when the stream's end has arrived, or at once when more is already there. The
+    pump then reads on and hands over everything that came meanwhile as one item per read of the
+    source, which wakes nobody (the consumer is pacing). Without it the pump woke for every frame
+    of the engine process (every 4 ms per stream at 64 streams) though the consumer read every
+    94-200 ms: at 64 users those wake-ups of 64 pump threads were ~30% of the web process's GIL time
+    (py-spy --gil, bench_web, 2026-12-03). The end is never held back (the nap ends when it comes)."""
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
     lock = threading.Lock()
@@ -103,6 +113,10 @@ async def relay(gen: Iterator[T], on_cancel: Callable[[], None] | None = None,
             for item in gen:
                 if not post(item) or stop.is_set():
                     break
+                if nap is not None:
+                    pause = _seconds(interval)
+                    if pause > 0:
+                        nap(pause)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             post(error=e)
         finally:

@@ -323,3 +323,54 @@ def test_a_text_side_that_cannot_be_built_fails_the_load_and_leaves_no_process()
     with pytest.raises(EngineError, match="WordText.*the test asked the text side to fail"):
         CoreEngine(IDS, (False, True), detokenize=True)
     assert wait_for(lambda: {p.pid for p in psutil.Process().children()} <= before)
+
+
+def test_a_paced_reader_wakes_once_a_pace_not_once_a_frame_and_gets_the_end_at_once(core):
+    """The relay's pump naps on the stream (``_Stream.nap``) while its consumer paces: it takes the
+    engine process's frames in bursts (one blocking read a pace instead of one a frame) and all the
+    text arrives; the end cuts a nap short (a 5 s pace does not hold back a finished stream)."""
+    import asyncio
+
+    from engines.relay import relay
+
+    st = core.stream(req("forever"))
+    gets = [0]
+
+    class Counted:            # the stream's queue, its reads that had to wait (a wake-up each) counted
+        def __init__(self, q):
+            self.q = q
+
+        def get(self):
+            gets[0] += self.q.empty()
+            return self.q.get()
+
+        def put(self, x):
+            self.q.put(x)
+
+        def empty(self):
+            return self.q.empty()
+    st.q = Counted(st.q)
+
+    async def read_for(seconds):
+        text, t0 = "", time.perf_counter()
+        async for d in relay(st, on_cancel=lambda: core.abort(st.rid), interval=0.2, nap=st.nap):
+            text += d.text
+            if time.perf_counter() - t0 > seconds:
+                break
+        return text
+
+    text = asyncio.run(read_for(1.0))
+    words = text.split()
+    assert len(words) >= 40 and words == [f"w{i}" for i in range(1, len(words) + 1)]
+    assert gets[0] <= 15, f"{gets[0]} blocking reads for {len(words)} words: the pump woke per frame"
+
+    st2 = core.stream(req("count 30"))
+
+    async def read_all():
+        t0, text = time.perf_counter(), ""
+        async for d in relay(st2, interval=5.0, nap=st2.nap):
+            text += d.text
+        return time.perf_counter() - t0, text
+
+    took, text = asyncio.run(read_all())
+    assert text == "".join(f" w{i}" for i in range(1, 31)) and took < 2.0, took
