@@ -226,7 +226,7 @@ class _Prompt:
     output: the other side's detokenizer starts from them, as LMDeploy's own does."""
 
     def __init__(self, ids):
-        self.ids = tuple(int(i) for i in ids)
+        self.ids = tuple(map(int, ids))
 
 
 class _Failure:
@@ -243,8 +243,7 @@ class _Reader:
         self.engine = engine
         self.tokens = 0
         self.finished = False
-
-    prompt_ids: tuple[int, ...] | None = None
+        self.prompt_ids: tuple[int, ...] | None = None   # (ids out) the prompt's, until the first Delta
 
     def output(self, item) -> Delta | None:
         if self.finished:
@@ -264,7 +263,7 @@ class _Reader:
         if self.engine._ids_out:        # text is made on the other side, from these ids
             first, self.prompt_ids = self.prompt_ids, None
             return Delta("", self.tokens, reason, prompt_tokens=prompt or None,
-                         ids=tuple(int(i) for i in (getattr(item, "token_ids", None) or ())), prompt_ids=first)
+                         ids=tuple(map(int, getattr(item, "token_ids", None) or ())), prompt_ids=first)
         return Delta(item.response or "", self.tokens, reason, prompt_tokens=prompt or None)
 
     def final(self, reason: str) -> Delta | None:
