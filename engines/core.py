@@ -504,12 +504,7 @@ class CoreEngine:
                 module, _, fn = spec[0].partition(":")
                 self._text = getattr(importlib.import_module(module), fn)(*spec[1])
             except Exception as e:  # noqa: BLE001 - without it no stream could be read: the load fails
-                self._closed = True
-                try:
-                    self._send(("q",))
-                except EngineUnavailable:
-                    pass
-                _wait(self._proc, CLOSE_TIMEOUT)
+                self.close()          # the child frees its engine and ends (killed if it hangs)
                 raise EngineError(f"The engine's streams could not be read here: building {spec[0]} "
                                   f"failed ({type(e).__name__}: {e}).") from e
         self.info.extra["detokenize"] = "web process" if self._text is not None else "engine process"

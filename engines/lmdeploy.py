@@ -182,10 +182,7 @@ class LMDeployText:
     def __init__(self, path: str, trust_remote_code: bool = False):
         from lmdeploy.tokenizer import DetokenizeState, Tokenizer
 
-        try:
-            self.tok = Tokenizer(path, trust_remote_code=trust_remote_code)
-        except TypeError:       # a Tokenizer without that argument
-            self.tok = Tokenizer(path)
+        self.tok = Tokenizer(path, trust_remote_code=trust_remote_code)   # as LMDeploy's engine builds it
         self.State = DetokenizeState
 
     def stream(self, prompt_ids):
