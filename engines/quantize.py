@@ -358,7 +358,10 @@ class JobRunner:
         return os.path.join(self.folder, f"{job_id}.json")
 
     def _save(self, job: Job) -> None:
-        tmp = self._path(job.id) + ".tmp"
+        # a temporary file per writer: the runner's thread and a page's (cancel, progress) can save
+        # one job at once, and a shared name made one writer's rename fail (FileNotFoundError, seen
+        # in CI); each rename is atomic, the last one wins
+        tmp = f"{self._path(job.id)}.{os.getpid()}-{threading.get_ident()}.tmp"
         with open(tmp, "w") as f:
             json.dump(asdict(job), f, indent=1)
         os.replace(tmp, self._path(job.id))

@@ -250,3 +250,31 @@ def test_quantize_page_through_the_app(app_server, smollm2, cache_dir):
     assert info["model"].endswith(name) and info["dtype"] == "bfloat16", info
     c.predict("", "auto", "auto", "auto", "hf", 0, 0.8, None, 1, api_name="/load_model")   # back to the default
     shutil.rmtree(os.path.join(cache_dir, "models", name), ignore_errors=True)
+
+
+def test_one_job_saved_by_many_threads_at_once_stays_whole(data_dir):
+    """The runner's thread and a page's thread can save the same job together: each write goes
+    through a temporary file of its own (a shared name made one rename fail, seen in CI), and the
+    job's file is whole JSON after."""
+    import threading
+
+    runner = JobRunner(data_dir)
+    try:
+        job = Job(id="race", kind="cast", source="/x", output="/y", params={})
+        errors = []
+
+        def save(i):
+            try:
+                for k in range(50):
+                    runner._save(Job(**{**job.__dict__, "done": i * 100 + k}))
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert errors == []
+        with open(runner._path("race")) as f:
+            assert json.load(f)["id"] == "race"
+        assert not [n for n in os.listdir(runner.folder) if n.endswith(".tmp")]
+    finally:
+        runner.close()
