@@ -40,6 +40,18 @@ def _bot_words(pg) -> int:
                        "return b.length ? b[b.length - 1].innerText.split(/\\s+/).filter(Boolean).length : 0; })()")
 
 
+def _last_reply(pg, n: int = -1) -> str:
+    """The first line of the n-th bot message (the last by default), once Gradio has rendered it: a
+    message just reopened or reloaded briefly reads "Loading content" (Gradio's placeholder while its
+    Markdown renders), which CI once read as the reply."""
+    idx = "b.length - 1" if n == -1 else str(n)
+    pg.wait_for_function(f"(() => {{ const b = document.querySelectorAll('{BOT}'); if (!b.length) return false; "
+                         f"const t = b[{idx}].innerText.trim(); "
+                         "return t.length > 0 && !t.includes('Loading content'); })()", timeout=20000)
+    loc = pg.locator(BOT)
+    return (loc.last if n == -1 else loc.nth(n)).inner_text().split("\n")[0]
+
+
 def _stop_after_some_words(pg, words: int = 4) -> None:
     """Let the reply stream a few words, then Stop it (a cut reply is kept, marked stopped)."""
     pg.wait_for_selector("#chat-status >> text=generating", timeout=30000)
@@ -119,12 +131,12 @@ def test_create_rename_search_open_and_delete(page):
 def test_regenerate_twice_and_move_between_three_branches(page):
     pg = page
     _send(pg, "Name three colours and say why you like them.")
-    first = pg.locator(BOT).last.inner_text().split("\n")[0]
+    first = _last_reply(pg)
     replies = [first]
     for _ in range(2):
         pg.click("#chat-regenerate")
         _stop_after_some_words(pg)
-        replies.append(pg.locator(BOT).last.inner_text().split("\n")[0])
+        replies.append(_last_reply(pg))
     pg.wait_for_selector("#chat-branches", state="visible", timeout=10000)
     # the branch row is refreshed after the stopped reply is stored: wait for it (read at once, it
     # could still say 2/2 under Gradio's pending timer on a loaded machine)
@@ -141,7 +153,7 @@ def test_regenerate_twice_and_move_between_three_branches(page):
         pg.wait_for_function(f"document.querySelector('{BOT}:last-of-type') !== null && "
                              f"[...document.querySelectorAll('{BOT}')].pop().innerText.includes('‹ {want}/3 ›')",
                              timeout=10000)
-        shown.append((want, pg.locator(BOT).last.inner_text().split("\n")[0]))
+        shown.append((want, _last_reply(pg)))
     for want, text in shown:
         assert text == replies[want - 1], f"branch {want} shows its own reply"
     # branch 1 is shown: the conversation continues from it
@@ -153,7 +165,7 @@ def test_regenerate_twice_and_move_between_three_branches(page):
     pg.locator("#conv-list label").first.click()
     pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('And a fourth colour?')",
                          timeout=20000)
-    assert pg.locator(BOT).first.inner_text().split("\n")[0] == replies[0], "reopened on the branch shown"
+    assert _last_reply(pg, 0) == replies[0], "reopened on the branch shown"
     shot(pg, "conversation-branches")
 
 
@@ -224,12 +236,12 @@ def test_a_reload_reopens_the_conversation_that_was_open(page):
     pg.locator("#conv-list label", has_text="Tell me about herons").click()       # open the older one
     pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('Tell me about herons')",
                          timeout=20000)
-    reply = pg.locator(BOT).last.inner_text().split("\n")[0]
+    reply = _last_reply(pg)
     pg.reload()
     pg.wait_for_selector("#chat-input textarea", timeout=60000)
     pg.wait_for_function("document.querySelector('#chatbot').innerText.includes('Tell me about herons')",
                          timeout=20000)
-    assert pg.locator(BOT).last.inner_text().split("\n")[0] == reply, (pg.inner_text("#chatbot"), reply)
+    assert _last_reply(pg) == reply, (pg.inner_text("#chatbot"), reply)
     assert "kingfishers" not in pg.inner_text("#chatbot")
     pg.wait_for_function("document.querySelector('#conv-list input:checked') !== null", timeout=10000)
     assert pg.locator("#conv-list label", has_text="Tell me about herons").locator("input").is_checked(), \
