@@ -75,10 +75,11 @@ def main(argv=None) -> int:
 
     ctx.servers = ServerManager(os.path.join(s.cache_dir, "servers"))
     atexit.register(ctx.servers.stop_all)
-    from ui.gradio_patches import (call_overheads, event_driven_queue, lazy_session_config, no_queue_analytics,
-                                   quiet_range_refusals, UploadGuard)
+    from ui.gradio_patches import (call_overheads, event_driven_queue, http_stack, lazy_session_config,
+                                   no_queue_analytics, quiet_range_refusals, UploadGuard)
 
     call_overheads()             # Gradio's per-call type hints kept, no matplotlib search per call
+    logging.getLogger("turbostudio").info("HTTP served on %s", http_stack(s.fast_http))   # uvloop + httptools where installed
     quiet_range_refusals()       # a value past a slider's range: one log line, not a traceback
     if s.queue_shim:
         no_queue_analytics()     # no pandas summary of 10 000 events after every event (monitoring is off)

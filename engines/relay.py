@@ -6,8 +6,9 @@ engine stream through :func:`relay`; there is no second pump anywhere.
 Why a relay: an engine stream is a blocking iterator (it waits for the next token). Gradio would run
 a sync generator's every item through ``anyio.to_thread`` (one thread-pool hop and limiter token per
 update per user, on the loop that writes every user's SSE), and the OpenAI endpoint had its own pump
-thread and queue. Here each stream gets one pump thread for its whole life; the pump reads the
-blocking iterator and leaves its items for the event loop, which takes *everything that arrived
+thread and queue. Here each stream gets one pump thread for its whole life (threads are kept and
+reused: :class:`_Pumps`); the pump reads the blocking iterator and leaves its items for the event
+loop, which takes *everything that arrived
 since it last looked* at once, merged by ``merge``. For :class:`~engines.base.Delta` streams that is
 concatenated text with the latest token count, so when the loop falls behind under load, updates
 coalesce into fewer, larger ones and no text is ever dropped: the load on the loop adapts to what
@@ -21,6 +22,7 @@ closes the blocking iterator in its own thread after its current item.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from typing import AsyncIterator, Callable, Iterator, Sequence, TypeVar
 
@@ -42,6 +44,75 @@ def newest(items: Sequence[T]) -> T:
     return items[-1]
 
 
+class _Pumps:
+    """The relay's pump threads, kept and reused: a stream's pump runs on an idle one, or on a new
+    one when none is idle; one idle for ``idle_s`` ends.
+
+    Why not ``threading.Thread(...).start()`` per stream (what the relay did) or a
+    ``ThreadPoolExecutor``: ``Thread.start`` blocks its caller until the new thread has run, and the
+    caller is the event loop, which under load then waits for the GIL behind every other thread (up
+    to a switch interval, 5 ms, each time). py-spy on ``bench_web`` (64 simultaneous 1-token ``/v1``
+    requests, engine process on, 2-core CPU, 2026-12-03): ``Thread.start`` was 23% of the event loop
+    thread's samples, blocked on new threads' starts, while 64 requests waited behind it for their
+    first tokens. ``ThreadPoolExecutor`` starts its threads the same way when it grows (and keeps them
+    for ever). Here the event loop only queues the job; when no thread is idle, a helper thread
+    (``relay-spawner``) starts a new one, and waits for it in the loop's place."""
+
+    def __init__(self, idle_s: float = 60.0):
+        self.idle_s = idle_s
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._spawn: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0          # threads waiting for a job and not yet promised one
+        self._spawner: threading.Thread | None = None
+        self.threads = 0        # pump threads alive or asked for (for tests and the curious)
+
+    def run(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            spawn = self._idle == 0
+            if spawn:
+                self.threads += 1
+            else:
+                self._idle -= 1
+            start_spawner = spawn and self._spawner is None
+            if start_spawner:
+                self._spawner = threading.Thread(target=self._spawn_loop, daemon=True, name="relay-spawner")
+        self._jobs.put(fn)
+        if spawn:
+            self._spawn.put(None)
+        if start_spawner:
+            self._spawner.start()             # once per process
+
+    def _spawn_loop(self) -> None:
+        while True:
+            self._spawn.get()
+            try:
+                threading.Thread(target=self._worker, daemon=True, name="relay").start()
+            except RuntimeError:              # the interpreter is shutting down
+                return
+
+    def _worker(self) -> None:
+        while True:
+            try:
+                fn = self._jobs.get(timeout=self.idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:        # nobody is counting on this thread: it ends
+                        self._idle -= 1
+                        self.threads -= 1
+                        return
+                continue                      # a job was promised to an idle thread: wait for it
+            try:
+                fn()
+            except BaseException:  # noqa: BLE001 - a pump hands its errors to its consumer itself
+                pass
+            with self._lock:
+                self._idle += 1
+
+
+_pumps = _Pumps()
+
+
 def _seconds(interval: float | Callable[[], float]) -> float:
     return interval() if callable(interval) else interval
 
@@ -52,7 +123,7 @@ async def relay(gen: Iterator[T], on_cancel: Callable[[], None] | None = None,
                 nap: Callable[[float], None] | None = None) -> AsyncIterator[T]:
     """Yield ``gen``'s items on the running event loop, the ones that arrived together merged.
 
-    ``gen`` runs in its own thread and is closed there. Nothing is lost: a merge covers every item
+    ``gen`` runs in its own thread (a pump kept and reused: :class:`_Pumps`) and is closed there. Nothing is lost: a merge covers every item
     that arrived, and an error raised by ``gen`` is raised here after the items before it.
 
     ``interval`` (seconds, or a function giving them, read after each yield): the least time between
@@ -126,7 +197,7 @@ async def relay(gen: Iterator[T], on_cancel: Callable[[], None] | None = None,
                 pass
             post(done=True)
 
-    threading.Thread(target=pump, daemon=True, name="relay").start()
+    _pumps.run(pump)
     finished = False
     try:
         while True:

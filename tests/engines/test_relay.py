@@ -186,3 +186,54 @@ def test_a_paced_consumer_cancelled_while_it_waits_out_its_pace_aborts_at_once()
     cancelled, got, took = asyncio.run(run())
     assert len(got) == 1 and cancelled == [True] and took < 0.5
     assert closed.wait(5), "the pump stopped and closed the engine stream"
+
+
+def test_pump_threads_are_reused_and_never_started_by_the_event_loop(monkeypatch):
+    """Streams one after another run on one kept pump thread; 32 at once get a thread each (none
+    waits for another's end); the event loop's thread calls ``Thread.start`` once, for the spawner,
+    never for a pump (it blocks until the new thread runs: under load a GIL switch interval a
+    request, measured on the loop); idle pumps end."""
+    from engines.relay import _Pumps
+
+    pumps = _Pumps(idle_s=0.3)
+    monkeypatch.setattr("engines.relay._pumps", pumps)
+    starters: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(self):
+        starters.append((threading.current_thread().name, self.name))
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    used: set[int] = set()
+
+    def gen(n, delay=0.0):
+        used.add(threading.get_ident())
+        for i in range(n):
+            time.sleep(delay)
+            yield Delta(f"{i} ", i + 1)
+
+    async def one(n, delay=0.0):
+        return "".join([d.text async for d in relay(gen(n, delay))])
+
+    async def run():
+        threading.current_thread().name = "event-loop"
+        for _ in range(5):
+            assert await one(3) == "0 1 2 "
+            await asyncio.sleep(0.01)             # its pump is idle again
+        assert len(used) == 1 and pumps.threads == 1, (used, pumps.threads)
+        used.clear()
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*[one(5, 0.05) for _ in range(32)])
+        return outs, time.perf_counter() - t0
+
+    outs, took = asyncio.run(run())
+    assert outs == ["0 1 2 3 4 "] * 32
+    assert len(used) == 32 and took < 2.0, (len(used), took)   # one after another would take 8 s
+    by_loop = [made for who, made in starters if who == "event-loop"]
+    assert by_loop == ["relay-spawner"], starters           # the spawner itself, once per process
+    assert {made for who, made in starters if who != "event-loop"} == {"relay"}, starters
+    deadline = time.time() + 5
+    while pumps.threads > 0 and time.time() < deadline:        # idle ones end after idle_s
+        time.sleep(0.05)
+    assert pumps.threads == 0
