@@ -81,7 +81,7 @@ class Settings:
     lmdeploy_wait_end: bool = False   # TURBOSTUDIO_LMDEPLOY_WAIT_END=1: old stream ends (A/B runs)
     core_push: bool = True            # TURBOSTUDIO_CORE_PUSH=0: a pump thread per stream in the engine process (A/B runs)
     core_detokenize: bool = False     # TURBOSTUDIO_CORE_DETOKENIZE=1: LMDeploy's text made in the web process
-    fast_http: bool = True            # TURBOSTUDIO_FAST_HTTP=0: uvicorn's asyncio loop and h11, not uvloop/httptools
+    fast_http: bool = False           # TURBOSTUDIO_FAST_HTTP=1: uvloop/httptools where installed (measured: no gain)
 
     def validate(self) -> "Settings":
         if self.engine not in ENGINES:
@@ -277,8 +277,8 @@ Diagnostics (environment only): TURBOSTUDIO_PROFILE=<file> samples the server's 
 TURBOSTUDIO_SESSION_SHIM=0 and TURBOSTUDIO_QUEUE_SHIM=0 switch off the Gradio shims,
 TURBOSTUDIO_LMDEPLOY_WAIT_END=1 restores the old LMDeploy stream ends, TURBOSTUDIO_CORE_PUSH=0 the
 engine process's pump thread per stream, TURBOSTUDIO_CORE_DETOKENIZE=1 makes LMDeploy's text in the web
-process instead of on LMDeploy's loop (under test), TURBOSTUDIO_FAST_HTTP=0 serves HTTP on Python's
-asyncio loop and h11 instead of uvloop and httptools. SPACE_ID set (a Hugging Face
+process instead of on LMDeploy's loop (under test), TURBOSTUDIO_FAST_HTTP=1 serves HTTP on uvloop and
+httptools where they are installed (measured no faster here: ui/gradio_patches.http_stack). SPACE_ID set (a Hugging Face
 Space) makes the app public: no operator controls without --auth and --admin."""
 
 

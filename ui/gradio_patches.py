@@ -404,18 +404,22 @@ def quiet_range_refusals() -> bool:
     return True
 
 
-def http_stack(fast: bool = True) -> str:
+def http_stack(fast: bool = False) -> str:
     """Which event loop and HTTP parser uvicorn serves the app on; returns it in words.
 
     Gradio builds its ``uvicorn.Config`` without ``loop`` or ``http``, so uvicorn takes uvloop and
-    httptools when they are installed (``requirements.txt`` installs them: they are what
-    ``uvicorn[standard]`` adds, and what vLLM's API server runs on), else asyncio and h11. Under
-    many users at once the event loop thread is the web process's one serial path: every request's
-    HTTP parsing, routing and SSE writes run on it, and a burst of 64 first tokens waits behind all
-    of it. Measured with 64 simultaneous 1-token requests (2-core CPU, engine process on, synthetic
-    engine, 2026-12-03): the loop thread's CPU per request ``/chat`` 1.23 -> 0.95 ms, ``/v1`` 1.28 ->
-    1.12 ms. ``fast=False`` (``TURBOSTUDIO_FAST_HTTP=0``) keeps the pure-Python pair, for A/B runs
-    or a platform where uvloop misbehaves; it changes uvicorn's defaults, never a value a caller set."""
+    httptools whenever they happen to be installed (``uvicorn[standard]``, vLLM's API server), else
+    asyncio and h11. Under many users at once the event loop thread is the web process's one serial
+    path (every request's parsing, routing and SSE writes), so the C pair looked like a gain, and it
+    does spend less of that thread: 64 simultaneous 1-token requests, loop thread CPU per request
+    ``/chat`` 1.23 -> 0.95 ms, ``/v1`` 1.28 -> 1.12 ms. But what users see did not improve:
+    ``bench_web`` 64 users (engine process on, 2-core CPU, 2026-12-03, side by side, clients at nice
+    10 so the server has the cores first; ``bench/results/2026-12-03-cpu-web-uvloop-*``) first token
+    p50 / p99 ``/chat`` 98 / 112 ms with uvloop vs 96 / 102 without, ``/v1`` 72 / 118 vs 66 / 84,
+    tokens/s equal within noise. So the default (``fast=False``) pins the measured pair, asyncio and
+    h11, whatever is installed; ``TURBOSTUDIO_FAST_HTTP=1`` takes uvloop and httptools where they are
+    installed, for an A/B run on a machine of many cores. Only uvicorn's defaults change, never a
+    value a caller set."""
     import importlib.util
 
     import uvicorn

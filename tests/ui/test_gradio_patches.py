@@ -259,3 +259,24 @@ def test_no_pandas_summary_after_each_event_while_gradios_monitoring_is_off(gr, 
     finally:
         queueing.Queue._get_df = staticmethod(real)
         app.close()
+
+
+def test_the_http_stack_is_the_measured_one_unless_asked():
+    """By default uvicorn serves on asyncio and h11 even where uvloop and httptools are installed
+    (they were measured no faster for users: ui/gradio_patches.http_stack); a value a caller sets is
+    kept; asked for, uvicorn's own choice comes back."""
+    import uvicorn
+
+    from ui.gradio_patches import http_stack
+
+    real = uvicorn.Config.__init__
+    try:
+        assert http_stack(False) == "asyncio + h11"
+        cfg = uvicorn.Config(app=lambda *a: None)
+        assert (cfg.loop, cfg.http) == ("asyncio", "h11")
+        assert uvicorn.Config(app=lambda *a: None, loop="none").loop == "none", "a caller's value kept"
+        assert http_stack(False) == "asyncio + h11"          # twice: still one wrapper
+        assert http_stack(True) in {"asyncio + h11", "uvloop + h11", "asyncio + httptools", "uvloop + httptools"}
+        assert uvicorn.Config(app=lambda *a: None).loop == "auto", "uvicorn's own default back"
+    finally:
+        uvicorn.Config.__init__ = real
