@@ -143,6 +143,10 @@ def main(argv=None) -> int:
             demo.close()
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
+    from engines import heap
+
+    heap.freeze("web process")   # the app as built, out of the collector's full walks (engines/heap.py)
+    heap.watch()                 # from now on a collection over 100 ms is logged
     local = f"http://{'127.0.0.1' if s.server_name == '0.0.0.0' else s.server_name}:{s.server_port}"
     print(f"TurboStudio is running at {local}{s.root_path or ''}/", flush=True)
     if s.share:

@@ -278,7 +278,8 @@ TURBOSTUDIO_SESSION_SHIM=0 and TURBOSTUDIO_QUEUE_SHIM=0 switch off the Gradio sh
 TURBOSTUDIO_LMDEPLOY_WAIT_END=1 restores the old LMDeploy stream ends, TURBOSTUDIO_CORE_PUSH=0 the
 engine process's pump thread per stream, TURBOSTUDIO_CORE_DETOKENIZE=1 makes LMDeploy's text in the web
 process instead of on LMDeploy's loop (under test), TURBOSTUDIO_FAST_HTTP=1 serves HTTP on uvloop and
-httptools where they are installed (measured no faster here: ui/gradio_patches.http_stack). SPACE_ID set (a Hugging Face
+httptools where they are installed (measured no faster here: ui/gradio_patches.http_stack),
+TURBOSTUDIO_GC_FREEZE=0 leaves the heap in the garbage collector's full collections (engines/heap.py). SPACE_ID set (a Hugging Face
 Space) makes the app public: no operator controls without --auth and --admin."""
 
 

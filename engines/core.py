@@ -266,6 +266,10 @@ def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True, d
         text_spec = engine.detokenize_elsewhere()
     out = _Outbox()
     send_lock = threading.Lock()
+    from . import heap
+
+    heap.freeze("engine process")   # the engine's heap out of the collector's full walks (engines/heap.py)
+    heap.watch()
     conn.send(("ready", engine.info, methods, text_spec))
 
     live = [0]      # streams running here, for the sender's pace

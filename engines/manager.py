@@ -209,6 +209,9 @@ class EngineManager:
                                 "gpu_used_before": before["gpu_used"],
                                 "gpu_used_after_unload": after_unload["gpu_used"],
                                 "gpu_used_after_load": after["gpu_used"]}
+            from . import heap
+
+            heap.freeze(f"loaded {resolved.spec}")   # what the load built, out of full collections
             progress and progress(1.0, f"Loaded {resolved.spec} on {backend}")
             return new.info
 

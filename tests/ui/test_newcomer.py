@@ -69,3 +69,6 @@ def test_the_server_log_of_ordinary_user_errors(app_server):
     # an API caller's refusal is its own answer (raised above), not the operator's business: at most
     # one line each in the log (a page's refusal writes "refused: <reason>", ui.common.refuse)
     assert sum("session_len must be" in line for line in log.splitlines()) <= 1
+    # the web process's heap was frozen out of the garbage collector's full walks once it was built
+    # (engines/heap.py: a full collection of 150 ms held a burst of first tokens back)
+    assert "web process: " in log and "objects frozen out of the garbage collector" in log, log[-3000:]

@@ -1,0 +1,85 @@
+"""The Python heap of a serving process, kept out of the garbage collector's full collections.
+
+Why: CPython's cyclic collector walks every tracked object of the process on a full (oldest
+generation) collection, and it runs one whenever enough objects have survived the younger ones:
+during a burst of requests, that is, while users wait. A process that has imported Gradio, torch
+and Transformers holds about two million such objects, and a full collection stops every thread
+of it for as long as the walk takes. Measured in the web process (``bench_web``'s server, engine
+process on, 2-core CPU, 2026-12-03, ``gc.callbacks``): full collections of 155-189 ms during
+bursts of 64 simultaneous requests, and the bursts that met one had their first tokens 150-200 ms
+late (p50 ~80 ms -> 230-280 ms): that was the 64-user first-token p99 of issue #19 on this machine.
+LMDeploy's process (torch, the model's Python objects) pays the same, mid-decode.
+
+:func:`freeze`, once the process has built what it serves with (the app after launch, the engine
+process after its load, the manager after each load), collects and then moves every object alive
+into the permanent generation (``gc.freeze``), which collections skip: what is allocated later is
+collected as before, and a full collection walks only that. vLLM (``freeze_gc_heap`` after its
+warm-up) and SGLang (``freeze_gc``) do the same. A frozen object that becomes cyclic garbage later
+is kept until the next :func:`freeze`, which first unfreezes and collects: a model unloaded is
+freed by reference counting either way (tensors are not cyclic garbage), and the next load's
+freeze collects the rest.
+
+:func:`watch` logs a collection that took longer than it should (the log says so when this
+defence is not enough)."""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+import time
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+
+
+def freeze(where: str) -> int:
+    """Collect what is garbage now, then freeze the rest (see the module). Returns how many objects
+    are frozen. Safe to call again: it unfreezes first, so garbage made since is collected.
+    ``TURBOSTUDIO_GC_FREEZE=0`` (read here, so the engine process honours it too) leaves the heap as
+    Python keeps it, for A/B runs."""
+    if os.environ.get("TURBOSTUDIO_GC_FREEZE", "").strip().lower() in ("0", "false", "no", "off"):
+        return 0
+    with _lock:
+        t0 = time.perf_counter()
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        n = gc.get_freeze_count()
+    log.info("%s: %d objects frozen out of the garbage collector's full collections (%.0f ms)",
+             where, n, (time.perf_counter() - t0) * 1000)
+    return n
+
+
+class _Watch:
+    def __init__(self, threshold_s: float):
+        self.threshold_s = threshold_s
+        self.longest = 0.0          # the longest collection seen, in seconds
+        self.slow = 0               # collections over the threshold
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        took = time.perf_counter() - self._t0
+        if took > self.longest:
+            self.longest = took
+        if took >= self.threshold_s:
+            self.slow += 1
+            log.warning("a garbage collection (generation %d) stopped this process for %.0f ms",
+                        info.get("generation", -1), took * 1000)
+
+
+_watch: _Watch | None = None
+
+
+def watch(threshold_s: float = 0.1) -> _Watch:
+    """Time every collection of this process; one over ``threshold_s`` is logged as a warning.
+    Installed once per process; returns the watcher (``longest``, ``slow``)."""
+    global _watch
+    with _lock:
+        if _watch is None:
+            _watch = _Watch(threshold_s)
+            gc.callbacks.append(_watch)
+        return _watch
