@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     from ui.gradio_patches import (call_overheads, event_driven_queue, http_stack, lazy_session_config,
                                    no_queue_analytics, quiet_range_refusals, UploadGuard)
 
+    from engines import heap
+
+    heap.enabled = s.gc_freeze   # TURBOSTUDIO_GC_FREEZE=0: the heap as Python keeps it (A/B runs)
     call_overheads()             # Gradio's per-call type hints kept, no matplotlib search per call
     logging.getLogger("turbostudio").info("HTTP served on %s", http_stack(s.fast_http))   # uvloop + httptools where installed
     quiet_range_refusals()       # a value past a slider's range: one log line, not a traceback
@@ -143,8 +146,6 @@ def main(argv=None) -> int:
             demo.close()
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
-    from engines import heap
-
     heap.freeze("web process")   # the app as built, out of the collector's full walks (engines/heap.py)
     heap.watch()                 # from now on a collection over 100 ms is logged
     local = f"http://{'127.0.0.1' if s.server_name == '0.0.0.0' else s.server_name}:{s.server_port}"

@@ -82,6 +82,7 @@ class Settings:
     core_push: bool = True            # TURBOSTUDIO_CORE_PUSH=0: a pump thread per stream in the engine process (A/B runs)
     core_detokenize: bool = False     # TURBOSTUDIO_CORE_DETOKENIZE=1: LMDeploy's text made in the web process
     fast_http: bool = False           # TURBOSTUDIO_FAST_HTTP=1: uvloop/httptools where installed (measured: no gain)
+    gc_freeze: bool = True            # TURBOSTUDIO_GC_FREEZE=0: the heap left in the collector's full walks
 
     def validate(self) -> "Settings":
         if self.engine not in ENGINES:
@@ -279,8 +280,8 @@ TURBOSTUDIO_LMDEPLOY_WAIT_END=1 restores the old LMDeploy stream ends, TURBOSTUD
 engine process's pump thread per stream, TURBOSTUDIO_CORE_DETOKENIZE=1 makes LMDeploy's text in the web
 process instead of on LMDeploy's loop (under test), TURBOSTUDIO_FAST_HTTP=1 serves HTTP on uvloop and
 httptools where they are installed (measured no faster here: ui/gradio_patches.http_stack),
-TURBOSTUDIO_GC_FREEZE=0 leaves the heap in the garbage collector's full collections (engines/heap.py). SPACE_ID set (a Hugging Face
-Space) makes the app public: no operator controls without --auth and --admin."""
+TURBOSTUDIO_GC_FREEZE=0 leaves the heap in the garbage collector's full collections (engines/heap.py).
+SPACE_ID set (a Hugging Face Space) makes the app public: no operator controls without --auth and --admin."""
 
 
 def _env_value(name: str, typ, env) -> object | None:
@@ -303,7 +304,7 @@ _ENV_ONLY = {"hosted": "SPACE_ID", "hub_offline": "HF_HUB_OFFLINE", "hub_endpoin
              "queue_shim": "TURBOSTUDIO_QUEUE_SHIM", "rest_chat": "TURBOSTUDIO_REST_CHAT",
              "lmdeploy_wait_end": "TURBOSTUDIO_LMDEPLOY_WAIT_END",
              "core_push": "TURBOSTUDIO_CORE_PUSH", "core_detokenize": "TURBOSTUDIO_CORE_DETOKENIZE",
-             "fast_http": "TURBOSTUDIO_FAST_HTTP"}
+             "fast_http": "TURBOSTUDIO_FAST_HTTP", "gc_freeze": "TURBOSTUDIO_GC_FREEZE"}
 
 
 def _env_only(env) -> dict:

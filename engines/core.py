@@ -73,6 +73,7 @@ import threading
 import time
 from typing import Any, Iterator, Sequence
 
+from . import heap
 from .base import ChatMessage, ChatRequest, Delta, EngineError, EngineInfo, EngineUnavailable, SchedulerView
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ class _PushSink:
         self.out.event(self.rid, ev)
 
 
-def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True, detokenize: bool = False) -> None:
+def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True, detokenize: bool = False,
+           gc_freeze: bool = True) -> None:
     """The engine core's main (the child process): build the engine, then serve frames until the
     parent says close or goes away.
 
@@ -266,8 +268,7 @@ def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True, d
         text_spec = engine.detokenize_elsewhere()
     out = _Outbox()
     send_lock = threading.Lock()
-    from . import heap
-
+    heap.enabled = gc_freeze
     heap.freeze("engine process")   # the engine's heap out of the collector's full walks (engines/heap.py)
     heap.watch()
     conn.send(("ready", engine.info, methods, text_spec))
@@ -480,7 +481,7 @@ class CoreEngine:
         parent = self._conn = Connection(mine.detach())
         parent.send(list(sys.path))
         parent.send(("init", factory, tuple(args), logging.getLogger().getEffectiveLevel(),
-                     {"push": push, "detokenize": detokenize}))
+                     {"push": push, "detokenize": detokenize, "gc_freeze": heap.enabled}))
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}

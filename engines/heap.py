@@ -25,20 +25,21 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import time
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
+# False (TURBOSTUDIO_GC_FREEZE=0, set by app.py; the engine process gets the web process's value)
+# leaves the heap as Python keeps it, for A/B runs
+enabled = True
 
 
 def freeze(where: str) -> int:
     """Collect what is garbage now, then freeze the rest (see the module). Returns how many objects
-    are frozen. Safe to call again: it unfreezes first, so garbage made since is collected.
-    ``TURBOSTUDIO_GC_FREEZE=0`` (read here, so the engine process honours it too) leaves the heap as
-    Python keeps it, for A/B runs."""
-    if os.environ.get("TURBOSTUDIO_GC_FREEZE", "").strip().lower() in ("0", "false", "no", "off"):
+    are frozen. Safe to call again: it unfreezes first, so garbage made since is collected. With
+    ``enabled`` False it does nothing (returns 0)."""
+    if not enabled:
         return 0
     with _lock:
         t0 = time.perf_counter()

@@ -50,7 +50,12 @@ def test_freezing_again_collects_garbage_that_was_frozen(thawed):
 
 
 def test_the_switch_leaves_the_heap_as_python_keeps_it(monkeypatch, thawed):
-    monkeypatch.setenv("TURBOSTUDIO_GC_FREEZE", "0")
+    """TURBOSTUDIO_GC_FREEZE=0 reaches the switch through settings (app.py sets heap.enabled)."""
+    import settings
+
+    assert settings.from_args([], env={"TURBOSTUDIO_GC_FREEZE": "0"}).gc_freeze is False
+    assert settings.from_args([], env={}).gc_freeze is True
+    monkeypatch.setattr(heap, "enabled", False)
     assert heap.freeze("off") == 0 and gc.get_freeze_count() == 0
 
 
