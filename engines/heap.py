@@ -15,9 +15,9 @@ process after its load, the manager after each load), collects and then moves ev
 into the permanent generation (``gc.freeze``), which collections skip: what is allocated later is
 collected as before, and a full collection walks only that. vLLM (``freeze_gc_heap`` after its
 warm-up) and SGLang (``freeze_gc``) do the same. A frozen object that becomes cyclic garbage later
-is kept until the next :func:`freeze`, which first unfreezes and collects: a model unloaded is
-freed by reference counting either way (tensors are not cyclic garbage), and the next load's
-freeze collects the rest.
+is kept until the next :func:`freeze` or :func:`collect`, which first unfreeze: the engines free
+a model through :func:`collect` (not ``gc.collect()``, which skips the frozen heap), so a model
+unloaded gives its memory back before the next one loads.
 
 :func:`watch` logs a collection that took longer than it should (the log says so when this
 defence is not enough)."""
@@ -50,6 +50,20 @@ def freeze(where: str) -> int:
     log.info("%s: %d objects frozen out of the garbage collector's full collections (%.0f ms)",
              where, n, (time.perf_counter() - t0) * 1000)
     return n
+
+
+def collect() -> None:
+    """``gc.collect()`` for a caller that is freeing memory (an engine's close before
+    ``torch.cuda.empty_cache()``, an out-of-memory recovery): a collection skips the frozen heap, so
+    an engine whose objects were frozen at its load, and hold each other in cycles, would keep its
+    GPU memory through ``gc.collect()`` and the next model's load could run out of it. This unfreezes,
+    collects everything, and freezes again what is left if the heap was frozen."""
+    with _lock:
+        frozen = gc.get_freeze_count() > 0
+        gc.unfreeze()
+        gc.collect()
+        if frozen and enabled:
+            gc.freeze()
 
 
 class _Watch:

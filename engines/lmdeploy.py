@@ -14,7 +14,6 @@ built, so the app runs without it.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import queue
 import threading
@@ -23,7 +22,7 @@ from typing import Iterator, Sequence
 
 from .base import (Capabilities, ChatMessage, ChatRequest, ContextTooLong, Delta, EngineError, EngineInfo,
                    EngineUnavailable, GenParams, ModelLoadError, SchedulerView, token_upper_bound)
-from . import bandwidth
+from . import bandwidth, heap
 from .configs import LMDeployConfig
 from .models import read_generation_defaults
 
@@ -411,7 +410,7 @@ class LMDeployEngine:
             return pipeline(resolved.path, backend_config=engine_cfg, log_level="ERROR",
                             trust_remote_code=config.trust_remote_code)
         except Exception as e:  # noqa: BLE001 - LMDeploy raises many types; the UI needs one
-            gc.collect()
+            heap.collect()       # the frozen heap too (engines/heap.py)
             torch.cuda.empty_cache()
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(f"LMDeploy ({config.backend}) cannot load {resolved.spec!r}: {msg}") from e
@@ -790,7 +789,7 @@ class LMDeployEngine:
             for call in calls:       # LMDeploy is gone: the push path's ends, which its loop would have sent
                 if call.push is not None:
                     call.push.end()
-            gc.collect()
+            heap.collect()       # the frozen heap too (engines/heap.py)
             import torch
 
             torch.cuda.empty_cache()

@@ -25,7 +25,6 @@ round-robin instead: every active request advances one token per turn, with its 
 """
 from __future__ import annotations
 
-import gc
 import inspect
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Iterator, Sequence
 
 from .base import (InvalidRequest, Capabilities, ChatMessage, ChatRequest, ContextTooLong, Delta, EngineError, EngineInfo,
                    EngineUnavailable, GenParams, ModelLoadError, SchedulerView)
+from . import heap
 from .configs import TransformersConfig
 from .models import SAMPLING_KEYS, sampling_defaults
 
@@ -480,7 +480,7 @@ class TransformersEngine:
         for name in ("model", "tokenizer", "processor"):
             if hasattr(self, name):
                 setattr(self, name, None)
-        gc.collect()
+        heap.collect()           # the frozen heap too (engines/heap.py)
         torch = self._torch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -610,7 +610,7 @@ class TransformersEngine:
         return cropped
 
     def _empty_cache(self):
-        gc.collect()
+        heap.collect()           # the frozen heap too (engines/heap.py)
         if self.device.type == "cuda":
             self._torch.cuda.empty_cache()
 

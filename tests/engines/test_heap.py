@@ -72,3 +72,39 @@ def test_a_slow_collection_is_logged_once_watched(caplog):
         assert "garbage collection (generation 2) stopped this process" in caplog.text
     finally:
         w.threshold_s = old
+
+
+def test_collect_reaches_the_frozen_heap_and_freezes_again(thawed):
+    import weakref
+
+    c = _Cycle()
+    ref = weakref.ref(c)
+    heap.freeze("loaded")
+    del c
+    gc.collect()
+    assert ref() is not None, "gc.collect() skips the frozen heap"
+    heap.collect()
+    assert ref() is None and gc.get_freeze_count() > 0, "freed, and what is left frozen again"
+    gc.unfreeze()
+    heap.collect()
+    assert gc.get_freeze_count() == 0, "a heap that was not frozen is not frozen by a collect"
+
+
+def test_a_model_closed_after_its_frozen_load_is_freed(tiny_llama, tmp_path, thawed):
+    """The manager freezes the heap after a load; closing the engine (a model switch) must still
+    free the model: the engines collect through heap.collect, which reaches the frozen heap."""
+    import weakref
+
+    from engines.manager import EngineManager
+
+    m = EngineManager(str(tmp_path), {"device": "cpu"})
+    m.load(tiny_llama.path, "transformers")
+    assert gc.get_freeze_count() > 0
+    eng = m.require()
+    model = weakref.ref(eng.model)
+    holder = _Cycle()
+    holder.model = eng.model          # the model also held from a cycle, frozen with it
+    heap.freeze("held")
+    del holder, eng
+    m.close()
+    assert model() is None, "the model outlived its engine's close"
