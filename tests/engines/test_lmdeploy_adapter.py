@@ -212,7 +212,7 @@ def fake_lmdeploy(monkeypatch):
     monkeypatch.setattr(lmdeploy, "turbomind_supports", lambda path, trust_remote_code=False: (True, ""))
     # close() collects garbage to give device memory back: the fake holds none, and a full
     # collection of this process's heap (torch, transformers, gradio) took ~1 s per test
-    monkeypatch.setattr(lmdeploy, "gc", types.SimpleNamespace(collect=lambda *a: 0))
+    monkeypatch.setattr(lmdeploy, "heap", types.SimpleNamespace(collect=lambda *a: None))
     yield pipes
     for p in pipes:
         p.close()
