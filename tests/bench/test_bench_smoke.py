@@ -39,6 +39,19 @@ def test_bench_web_small(tmp_path):
     assert rep["app"] == rep["sides"]["app/chat"]
 
 
+def test_probe_bursts_small(tmp_path):
+    """Two sides (the heap frozen and not), a few bursts each: every burst counted, its first tokens
+    there, the slow collections the server logged read back (a number, not an error)."""
+    stdout, rep = _run(["bench.probe_bursts", "--users", "8", "--bursts", "2", "--path", "v1,chat",
+                        "--variant", "nofreeze=env:TURBOSTUDIO_GC_FREEZE=0", "--port", "7935"], tmp_path)
+    assert set(rep["sides"]) == {"app/v1", "app/chat", "nofreeze/v1", "nofreeze/chat"}, rep["sides"].keys()
+    for side in rep["sides"].values():
+        assert side["bursts"] == 2 and len(side["per_burst_p50_max_ms"]) == 2
+        assert 0 < side["median_p50_ms"] <= side["worst_max_ms"] < 60_000
+        assert 0 < side["server_cpu_ms_per_request"] < 1000 and side["slow_collections_logged"] >= 0
+    assert stdout.count("late (> 200 ms)") == 4, stdout
+
+
 def test_bench_app_small(tmp_path, tiny_llama):
     stdout, rep = _run(["bench.bench_app", "--model", tiny_llama.path, "--engine", "transformers", "--users",
                         "1,2", "--new-tokens", "16", "--client", "http", "--port", "7932"], tmp_path)
