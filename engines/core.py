@@ -268,12 +268,12 @@ def _serve(conn, factory: str, args: tuple, log_level: int, push: bool = True, d
         text_spec = engine.detokenize_elsewhere()
     out = _Outbox()
     send_lock = threading.Lock()
+    live = [0]      # streams running here, for the sender's pace
     heap.enabled = gc_freeze
     heap.freeze("engine process")   # the engine's heap out of the collector's full walks (engines/heap.py)
-    heap.watch()
+    heap.keep_frozen(lambda: live[0] == 0)     # and again when it grew, while no stream runs
     conn.send(("ready", engine.info, methods, text_spec))
 
-    live = [0]      # streams running here, for the sender's pace
     start = getattr(engine, "start", None) if push else None
 
     def sender():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 
 import pytest
 
@@ -108,3 +109,36 @@ def test_a_model_closed_after_its_frozen_load_is_freed(tiny_llama, tmp_path, tha
     del holder, eng
     m.close()
     assert model() is None, "the model outlived its engine's close"
+
+
+def test_a_heap_that_grew_is_frozen_again_only_while_idle(thawed):
+    """A full collection slower than REFREEZE_S after the freeze marks the heap as grown; the keeper
+    freezes again at a check where nothing is served, not before."""
+    import threading
+
+    w = heap.watch()
+    heap.freeze("start")
+    w.grown = False
+    kept = [[i] for i in range(200_000)]            # what a server keeps: long-lived, not frozen
+    old = w.refreeze_s
+    w.refreeze_s = 0.0                              # any full collection counts as slow here
+    try:
+        gc.collect()
+        assert w.grown
+        idle, stop = threading.Event(), threading.Event()
+        before = gc.get_freeze_count()
+        keeper = heap.keep_frozen(idle.is_set, every_s=0.05, stop=stop)
+        time.sleep(0.4)
+        assert w.grown and gc.get_freeze_count() == before, "not while something is served"
+        idle.set()
+        deadline = time.time() + 5
+        while w.grown and time.time() < deadline:
+            time.sleep(0.05)
+        refrozen = not w.grown
+        w.refreeze_s = old                          # no more "grown" marks from here on
+        stop.set()
+        keeper.join(5)
+        assert refrozen and not keeper.is_alive()
+        assert gc.get_freeze_count() >= before + len(kept), "what was kept since is frozen too"
+    finally:
+        w.refreeze_s = old
