@@ -33,7 +33,10 @@ class ScriptedEngine:
         return [len(m.content.split()) for m in messages]
 
     def perplexity(self, text: str, max_tokens: int = 4096) -> dict:
-        return {"perplexity": 1.5, "tokens": min(max_tokens, len(text.split())), "pid": os.getpid()}
+        import gc
+
+        return {"perplexity": 1.5, "tokens": min(max_tokens, len(text.split())), "pid": os.getpid(),
+                "frozen": gc.get_freeze_count()}       # the engine process's heap (engines/heap.py)
 
     def stream(self, request):
         prompt = request.messages[-1].content

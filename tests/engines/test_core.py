@@ -165,7 +165,9 @@ def test_calls_and_extra_methods_cross(core):
     assert core.count_tokens(msgs) == 4 + 6
     assert core.message_tokens(msgs) == [3, 1]
     assert core.health() is None and core.scheduler().active == 0
-    assert core.perplexity("a b c", max_tokens=2) == {"perplexity": 1.5, "tokens": 2, "pid": core.pid}
+    got = core.perplexity("a b c", max_tokens=2)
+    assert got.pop("frozen") > 1000, "the engine process froze its heap once built (engines/heap.py)"
+    assert got == {"perplexity": 1.5, "tokens": 2, "pid": core.pid}
     assert getattr(core, "kv_capacity", None) is None     # the child's engine has none
     with pytest.raises(AttributeError):
         core.model      # noqa: B018 - what the manager's weight count asks of a Transformers engine
