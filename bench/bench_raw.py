@@ -54,6 +54,31 @@ from bench.bench_engines import build_engine, one_stream, prompt_of  # noqa: E40
 from engines.base import GenParams  # noqa: E402
 
 SIDES = ("raw", "adapter", "chat", "v1", "chat-inproc", "v1-inproc", "server")
+SLOW_GC = "a garbage collection (generation"     # engines/heap.watch's warning in an app's log
+
+
+class GcTimer:
+    """Python's garbage collections in this process (raw and the adapter run here), timed: the
+    longest and how many took over 50 ms since ``reset``. Raw LMDeploy's first-token p99 on the
+    H200 spread 89-402 ms between runs (session 12); full collections of a process holding torch and
+    LMDeploy stop it for that long (engines/heap.py), so each run says what it met."""
+
+    def __init__(self):
+        import gc
+
+        self.longest, self.over_50ms, self._t0 = 0.0, 0, 0.0
+        gc.callbacks.append(self)
+
+    def reset(self) -> None:
+        self.longest, self.over_50ms = 0.0, 0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        took = time.perf_counter() - self._t0
+        self.longest = max(self.longest, took)
+        self.over_50ms += took >= 0.05
 APPS = {"chat": "on", "v1": "on", "chat-inproc": "off", "v1-inproc": "off"}   # side -> --engine-process
 ADAPTER_SIDES = ("adapter", "adapter-spread")
 
@@ -167,7 +192,9 @@ def together(runs: list[dict]) -> dict:
             "ttfts": [t for r in runs for t in r.get("ttfts") or []],
             "texts": runs[0]["texts"], "errors": sum(r.get("errors", 0) for r in runs),
             "cpu": sum(r.get("cpu") or 0 for r in runs), "cpu_top": sum(r.get("cpu_top") or 0 for r in runs),
-            "start_spread": max((r.get("start_spread") or 0) for r in runs)}
+            "start_spread": max((r.get("start_spread") or 0) for r in runs),
+            **({"gc_longest": max(r["gc_longest"] for r in runs), "gc_over_50ms": sum(r["gc_over_50ms"] for r in runs)}
+               if all("gc_longest" in r for r in runs) else {})}
 
 
 def launch_app(model, backend, port, cache, session_len, model_format="hf", engine_process="auto", env=None):
@@ -285,10 +312,13 @@ def main(argv=None):
                                   8, start_at) for _ in range(workers)]
                 [f.result() for f in fs]
 
+            gct = GcTimer()
+
             def run(side, n, tokens=a.new_tokens):
                 # raw and the adapter: this process alone (its children are the servers and clients)
                 mine, tree = side_pids.get(side, [os.getpid()]), side in side_pids
                 cpu0, top0 = tree_cpu(mine, tree), tree_cpu(mine, False)
+                gct.reset()
                 if side == "raw":
                     r = raw_run(pipe, dicts, tokens, n)
                 elif side in ADAPTER_SIDES:
@@ -298,6 +328,8 @@ def main(argv=None):
                     r = web_run(pool, urls[side], kinds[side], msgs, {**web_params, "max_new_tokens": tokens}, n)
                 r["cpu"] = tree_cpu(mine, tree) - cpu0
                 r["cpu_top"] = tree_cpu(mine, False) - top0     # the server process itself (not its engine's)
+                if not tree:                                    # collections met in this process
+                    r["gc_longest"], r["gc_over_50ms"] = gct.longest, gct.over_50ms
                 return r
 
             # every side's engine meets each batch size once before the clock runs: the first steps at
@@ -357,6 +389,9 @@ def main(argv=None):
             tok_s = ref_tokens / statistics.median(rd[s][n]["seconds"] for rd in rounds) if ref_tokens else None
             cpu_ms = (statistics.median(rd[s][n]["cpu"] for rd in rounds) * 1000 / ref_tokens) if ref_tokens else None
             top_ms = (statistics.median(rd[s][n]["cpu_top"] for rd in rounds) * 1000 / ref_tokens) if ref_tokens else None
+            gcs = [rd[s][n] for rd in rounds if "gc_longest" in rd[s][n]]
+            gc_ms = max(g["gc_longest"] for g in gcs) * 1000 if gcs else None
+            gc_slow = sum(g["gc_over_50ms"] for g in gcs) if gcs else None
             spreads = [rd[s][n].get("start_spread") for rd in rounds if rd[s][n].get("start_spread") is not None]
             spread = statistics.median(spreads) * 1000 if spreads else None
             report["sides"].setdefault(s, {})[n] = {
@@ -364,15 +399,27 @@ def main(argv=None):
                 "ttft_p50_ms": ttft50 * 1000, "ttft_p99_ms": p99(pooled) * 1000 if pooled and p99s else None,
                 "ttft_p99_worst_round_ms": max(p99s) * 1000 if p99s else None, "tok_s": tok_s,
                 "same_text": same, "errors": errors, "cpu_ms_per_token": cpu_ms, "cpu_ms_per_token_top": top_ms,
-                "start_spread_ms": spread}
+                "start_spread_ms": spread, "gc_longest_ms": gc_ms, "gc_over_50ms": gc_slow}
             parts.append(f"{s} x{statistics.median(ratios):.3f} [{q[0]:.2f}-{q[2]:.2f}] ttft {ttft50 * 1000:.0f}"
                          + (f"/p99 {p99(pooled) * 1000:.0f} (worst round {max(p99s) * 1000:.0f})"
                             if p99s and pooled else "") + " ms"
                          + (f" cpu {cpu_ms:.3f}" if cpu_ms is not None else "")
                          + (f" (web {top_ms:.3f})" if s in side_pids and top_ms is not None else "")
                          + (f" spread {spread:.0f} ms" if spread is not None else "")
+                         + (f" gc longest {gc_ms:.0f} ms, {gc_slow} over 50" if gc_ms is not None else "")
                          + ("" if same else " (text differs)") + (f" ERRORS {errors}" if errors else ""))
         print(f"users {n:3d} ({ref_tokens} tokens):\n  " + "\n  ".join(parts), flush=True)
+    # each app's collections over 100 ms, as its log said (engines/heap.watch), over the whole run
+    report["apps_slow_collections"] = {}
+    for name, sp in spawned.items():
+        try:
+            with open(sp[2], errors="replace") as f:
+                report["apps_slow_collections"][name] = sum(SLOW_GC in line for line in f)
+        except OSError:
+            pass
+    if report["apps_slow_collections"]:
+        print("collections over 100 ms logged by each server: " +
+              ", ".join(f"{k} {v}" for k, v in report["apps_slow_collections"].items()), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -9,5 +9,4 @@ step gc_tm 280 python3 -m bench.bench_raw --model $M18 --backend turbomind --use
 step gc_pt 280 python3 -m bench.bench_raw --model $M18 --backend pytorch --users 16 --new-tokens 256 \
   --rounds 8 --sides raw,v1,chat,v1-nofreeze,chat-nofreeze --variant nofreeze:TURBOSTUDIO_GC_FREEZE=0 \
   --json $OUT/raw-pytorch-gc.json --port 7991
-grep -c "garbage collection" /tmp/bench-app-*.log 2>/dev/null | sort | uniq -c | sort -rn | head -5
 tail -8 $OUT/gc_tm.log; tail -8 $OUT/gc_pt.log; cat $OUT/steps.txt
