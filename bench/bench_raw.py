@@ -51,34 +51,12 @@ sys.path.insert(0, ROOT)
 
 from bench.bench_app import _users_in_process, _warm_worker, spawn_server, streams_at_once, wait_server  # noqa: E402
 from bench.bench_engines import build_engine, one_stream, prompt_of  # noqa: E402
+from engines import heap  # noqa: E402
 from engines.base import GenParams  # noqa: E402
 
 SIDES = ("raw", "adapter", "chat", "v1", "chat-inproc", "v1-inproc", "server")
-SLOW_GC = "a garbage collection (generation"     # engines/heap.watch's warning in an app's log
 
 
-class GcTimer:
-    """Python's garbage collections in this process (raw and the adapter run here), timed: the
-    longest and how many took over 50 ms since ``reset``. Raw LMDeploy's first-token p99 on the
-    H200 spread 89-402 ms between runs (session 12); full collections of a process holding torch and
-    LMDeploy stop it for that long (engines/heap.py), so each run says what it met."""
-
-    def __init__(self):
-        import gc
-
-        self.longest, self.over_50ms, self._t0 = 0.0, 0, 0.0
-        gc.callbacks.append(self)
-
-    def reset(self) -> None:
-        self.longest, self.over_50ms = 0.0, 0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._t0 = time.perf_counter()
-            return
-        took = time.perf_counter() - self._t0
-        self.longest = max(self.longest, took)
-        self.over_50ms += took >= 0.05
 APPS = {"chat": "on", "v1": "on", "chat-inproc": "off", "v1-inproc": "off"}   # side -> --engine-process
 ADAPTER_SIDES = ("adapter", "adapter-spread")
 
@@ -312,7 +290,11 @@ def main(argv=None):
                                   8, start_at) for _ in range(workers)]
                 [f.result() for f in fs]
 
-            gct = GcTimer()
+            # Python's collections in this process (raw and the adapter run here), timed: raw
+            # LMDeploy's first-token p99 on the H200 spread 89-402 ms between runs (session 12),
+            # and a full collection of a process holding torch and LMDeploy stops it that long
+            # (engines/heap.py); each run says the longest it met and how many took over 50 ms
+            gct = heap.watch(0.05)
 
             def run(side, n, tokens=a.new_tokens):
                 # raw and the adapter: this process alone (its children are the servers and clients)
@@ -329,7 +311,7 @@ def main(argv=None):
                 r["cpu"] = tree_cpu(mine, tree) - cpu0
                 r["cpu_top"] = tree_cpu(mine, False) - top0     # the server process itself (not its engine's)
                 if not tree:                                    # collections met in this process
-                    r["gc_longest"], r["gc_over_50ms"] = gct.longest, gct.over_50ms
+                    r["gc_longest"], r["gc_over_50ms"] = gct.longest, gct.slow
                 return r
 
             # every side's engine meets each batch size once before the clock runs: the first steps at
@@ -414,7 +396,7 @@ def main(argv=None):
     for name, sp in spawned.items():
         try:
             with open(sp[2], errors="replace") as f:
-                report["apps_slow_collections"][name] = sum(SLOW_GC in line for line in f)
+                report["apps_slow_collections"][name] = sum(heap.SLOW_LOG in line for line in f)
         except OSError:
             pass
     if report["apps_slow_collections"]:

@@ -23,9 +23,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from bench.bench_web import _cpu_s, _machine, _load, _start, _tree, _variants, users_in_process
+from engines import heap
 from engines.base import ChatMessage
 
-SLOW_GC = "a garbage collection (generation"
 
 
 def _burst(pool, url, path, msgs, params, n) -> list[float]:
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     for lab, (_, _, port) in procs.items():
         with open(f"/tmp/bench-web-{port}.log", errors="replace") as f:
             f.seek(logs0[lab])
-            slow_gc = sum(SLOW_GC in line for line in f)
+            slow_gc = sum(heap.SLOW_LOG in line for line in f)
         for path in paths:
             rows = figures[(lab, path)]
             late = sum(mx * 1000 > a.late_ms for _, mx in rows)

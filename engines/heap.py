@@ -3,9 +3,9 @@
 Why: CPython's cyclic collector walks every tracked object of the process on a full (oldest
 generation) collection, and it runs one whenever enough objects have survived the younger ones:
 during a burst of requests, that is, while users wait. A process that has imported Gradio, torch
-and Transformers holds about two million such objects, and a full collection stops every thread
-of it for as long as the walk takes. Measured in the web process (``bench_web``'s server, engine
-process on, 2-core CPU, 2026-12-03, ``gc.callbacks``): full collections of 155-189 ms during
+and Transformers holds some 370 000 such objects, and a full collection stops every thread of it
+for as long as the walk takes. Measured in the web process (``bench_web``'s server, engine
+process on, 2-core CPU, 2026-12-03, ``gc.callbacks``): full collections of 146-189 ms during
 bursts of 64 simultaneous requests, and the bursts that met one had their first tokens 150-200 ms
 late (p50 ~80 ms -> 230-280 ms): that was the 64-user first-token p99 of issue #19 on this machine.
 LMDeploy's process (torch, the model's Python objects) pays the same, mid-decode.
@@ -72,6 +72,7 @@ def collect() -> None:
 
 
 REFREEZE_S = 0.02     # a full collection longer than this: the heap grew since the last freeze
+SLOW_LOG = "a garbage collection (generation"    # how a slow one's warning starts (benchmarks count them)
 
 
 class _Watch:
@@ -82,6 +83,10 @@ class _Watch:
         self.slow = 0               # collections over the threshold
         self.grown = False          # a full collection took over refreeze_s since the last freeze
         self._t0 = 0.0
+
+    def reset(self) -> None:
+        """Start counting ``longest`` and ``slow`` again (a benchmark's run)."""
+        self.longest, self.slow = 0.0, 0
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -94,8 +99,8 @@ class _Watch:
             self.grown = True
         if took >= self.threshold_s:
             self.slow += 1
-            log.warning("a garbage collection (generation %d) stopped this process for %.0f ms",
-                        info.get("generation", -1), took * 1000)
+            log.warning(SLOW_LOG + " %d) stopped this process for %.0f ms", info.get("generation", -1),
+                        took * 1000)
 
 
 _watch: _Watch | None = None
