@@ -147,8 +147,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
     heap.freeze("web process")   # the app as built, out of the collector's full walks (engines/heap.py)
-    heap.watch()                 # from now on a collection over 100 ms is logged
-    # and frozen again once it grew (a full collection over 20 ms), while no reply is being made
+    # from now on a collection over 100 ms is logged, and the heap frozen again once it grew (a full
+    # collection over 20 ms), while no reply is being made
     heap.keep_frozen(lambda: not (manager.running or ctx.compare.running or ctx.vision.manager.running))
     local = f"http://{'127.0.0.1' if s.server_name == '0.0.0.0' else s.server_name}:{s.server_port}"
     print(f"TurboStudio is running at {local}{s.root_path or ''}/", flush=True)

@@ -117,6 +117,11 @@ def client_stream(client, messages, params):
 _EXTRA_INPUTS: dict[str, list] = {}   # url -> /chat's inputs after (messages, params): their defaults
 
 
+def per_process(n: int) -> list[int]:
+    """N users split over load-generator processes, 8 each (the last takes the rest)."""
+    return [8] * (n // 8) + ([n % 8] if n % 8 else [])
+
+
 def http_stream(url, messages, params):
     """One streamed reply through Gradio's plain REST API (POST /gradio_api/call/chat, then its
     server-sent events): what a thin HTTP client sees, with no client library in the way. Every
@@ -236,7 +241,7 @@ def app_runs(url, messages, params, users, tokens_by_users, kind="gradio_client"
         if len(warmed) < workers:
             print(f"note: {len(warmed)} of {workers} load-generator processes warmed", flush=True)
         for n in users:
-            per = [8] * (n // 8) + ([n % 8] if n % 8 else [])
+            per = per_process(n)
             start_at = time.time() + 3.0   # every worker has its clients ready by then
             futs = [pool.submit(_users_in_process, url, kind, messages, p, k, start_at) for k in per]
             res = [r for f in futs for r in f.result()]

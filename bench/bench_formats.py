@@ -43,7 +43,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.bench_app import http_stream  # noqa: E402
+from bench.bench_app import http_stream, per_process  # noqa: E402
 from bench.bench_engines import prompt_of  # noqa: E402
 
 
@@ -150,7 +150,7 @@ def _users(url, path, messages, params, count, start_at, model_path=None):
 
 def run_users(pool, url, path, messages, params, n, model_path: str) -> dict:
     """``n`` users at once on one app and path."""
-    per = [8] * (n // 8) + ([n % 8] if n % 8 else [])
+    per = per_process(n)
     start_at = time.time() + 2.0
     res = [r for f in [pool.submit(_users, url, path, messages, params, k, start_at, model_path) for k in per]
            for r in f.result()]

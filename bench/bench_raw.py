@@ -49,7 +49,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.bench_app import _users_in_process, _warm_worker, spawn_server, streams_at_once, wait_server  # noqa: E402
+from bench.bench_app import (_users_in_process, _warm_worker, per_process, spawn_server,  # noqa: E402
+                             streams_at_once, wait_server)
 from bench.bench_engines import build_engine, one_stream, prompt_of  # noqa: E402
 from engines import heap  # noqa: E402
 from engines.base import GenParams  # noqa: E402
@@ -146,7 +147,7 @@ def tree_cpu(pids, children: bool = True) -> float:
 
 
 def web_run(pool, url: str, kind: str, messages, params: dict, n: int) -> dict:
-    per = [8] * (n // 8) + ([n % 8] if n % 8 else [])
+    per = per_process(n)
     start_at = time.time() + 0.5       # every load-generator process is warm and waiting
     futs = [pool.submit(_users_in_process, url, kind, messages, params, k, start_at) for k in per]
     res = [r for f in futs for r in f.result()]

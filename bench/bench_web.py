@@ -282,7 +282,9 @@ def _nice_worker(nice: int) -> None:
 def _users(pool, url, path, msgs, p, n, server_pid, client_pids, expect) -> dict:
     """N users at once through ``path`` ("chat" or "v1"); the server's and the clients' CPU seconds
     measured around the run."""
-    per = [8] * (n // 8) + ([n % 8] if n % 8 else [])
+    from bench.bench_app import per_process
+
+    per = per_process(n)
     load = os.getloadavg()[0]
     start_at = time.time() + 1.0      # every worker has its users' threads ready by then
     server = _tree(server_pid)        # the app's processes: itself, its engine core, its history writer

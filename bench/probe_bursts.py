@@ -22,14 +22,14 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from bench.bench_web import _cpu_s, _machine, _load, _start, _tree, _variants, users_in_process
+from bench.bench_app import per_process
+from bench.bench_web import _cpu_s, _load, _machine, _start, _tree, _variants, users_in_process
 from engines import heap
 from engines.base import ChatMessage
 
 
-
 def _burst(pool, url, path, msgs, params, n) -> list[float]:
-    per = [8] * (n // 8) + ([n % 8] if n % 8 else [])
+    per = per_process(n)
     start_at = time.time() + 0.5
     futs = [pool.submit(users_in_process, url, path, msgs, params, k, start_at) for k in per]
     res = [r for f in futs for r in f.result()]

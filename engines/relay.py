@@ -8,11 +8,10 @@ a sync generator's every item through ``anyio.to_thread`` (one thread-pool hop a
 update per user, on the loop that writes every user's SSE), and the OpenAI endpoint had its own pump
 thread and queue. Here each stream gets one pump thread for its whole life (threads are kept and
 reused: :class:`_Pumps`); the pump reads the blocking iterator and leaves its items for the event
-loop, which takes *everything that arrived
-since it last looked* at once, merged by ``merge``. For :class:`~engines.base.Delta` streams that is
-concatenated text with the latest token count, so when the loop falls behind under load, updates
-coalesce into fewer, larger ones and no text is ever dropped: the load on the loop adapts to what
-it can take.
+loop, which takes *everything that arrived since it last looked* at once, merged by ``merge``. For
+:class:`~engines.base.Delta` streams that is concatenated text with the latest token count, so when
+the loop falls behind under load, updates coalesce into fewer, larger ones and no text is ever
+dropped: the load on the loop adapts to what it can take.
 
 Cancellation: if the consumer stops early (Stop, a closed tab, a vanished HTTP client: the task is
 cancelled or the async generator closed), ``on_cancel`` is called at once (the manager's abort of
@@ -123,8 +122,9 @@ async def relay(gen: Iterator[T], on_cancel: Callable[[], None] | None = None,
                 nap: Callable[[float], None] | None = None) -> AsyncIterator[T]:
     """Yield ``gen``'s items on the running event loop, the ones that arrived together merged.
 
-    ``gen`` runs in its own thread (a pump kept and reused: :class:`_Pumps`) and is closed there. Nothing is lost: a merge covers every item
-    that arrived, and an error raised by ``gen`` is raised here after the items before it.
+    ``gen`` runs in its own thread (a pump kept and reused: :class:`_Pumps`) and is closed there.
+    Nothing is lost: a merge covers every item that arrived, and an error raised by ``gen`` is raised
+    here after the items before it.
 
     ``interval`` (seconds, or a function giving them, read after each yield): the least time between
     two of the consumer's reads. 0 reads as soon as anything arrived. A consumer that coalesces
